@@ -1,0 +1,1 @@
+"""The tailord application: daemon loop, CLI, settings, logs, metrics, HTTP API, checkpoints."""

@@ -1,0 +1,157 @@
+"""`tailord` command line. Exit codes: 0 ok, 2 usage or config error, 1 runtime failure.
+
+Errors are one line on stderr; set TAILORD_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from deploy.settings import SettingsError, load_settings
+
+
+class UsageError(Exception):
+    """A mistake in how a command was called (exit 2)."""
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from streamer.broker import run_foreground
+
+    return run_foreground(port=args.port, data_dir=args.data_dir)
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from streamer.produce import produce
+
+    try:
+        sent = produce(args.source, topic=args.topic, bootstrap=args.bootstrap, domain=args.domain,
+                       limit=args.limit, batch=args.batch, probe_every=args.probe_every)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from exc
+    print(json.dumps({"sent": sent, "topic": args.topic, "source": args.source}))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    from deploy.daemon import run
+    from deploy.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
+    return run(settings)
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from deploy.snapshot_client import request_snapshot
+
+    result = request_snapshot(target=args.target, labels=args.labels, out=args.out, strategy=args.strategy,
+                              budget=args.budget, state_dir=args.state_dir, url=args.url, token=args.token,
+                              config=args.config)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from deploy.snapshot_client import admin_get, resolve_endpoint
+
+    url, token = resolve_endpoint(args.url, args.token, args.config)
+    print(json.dumps(admin_get(url, "/admin/status", token), indent=2))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from deploy.report import write_report
+
+    state_dir = args.state_dir or load_settings(args.config).state_dir
+    print(write_report(Path(state_dir), Path(args.out)))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from deploy.demo import run_demo
+
+    return run_demo(quick=args.quick, state_dir=Path(args.state_dir), keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, one subcommand per ARCHITECTURE.md's command table."""
+    parser = argparse.ArgumentParser(prog="tailord", description="Streaming continual-pretraining daemon.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("broker", help="run the embedded Kafka-protocol broker in the foreground")
+    p.add_argument("--port", type=int, default=9092)
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("produce", help="publish images to a topic")
+    p.add_argument("source", help="a directory, a .tar, or builtin:NAME (digits, fashion, textures, photos)")
+    p.add_argument("--topic", required=True)
+    p.add_argument("--bootstrap", default=os.environ.get("TAILORD_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
+    p.add_argument("--domain", default=None, help="domain header (default: the source's name)")
+    p.add_argument("--limit", type=int, default=None, help="send at most N images")
+    p.add_argument("--batch", type=int, default=1, help="images per record (K>1 sends tar batches)")
+    p.add_argument("--probe-every", type=int, default=0, help="mark every N-th image probe=1 (0: none)")
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("run", help="run the daemon (configured by TAILORD_* / .env / --config)")
+    p.add_argument("--config", type=Path, default=None, help="a TOML file of settings")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("snapshot", help="export a checkpoint tailored to a target task")
+    p.add_argument("--target", required=True, help="folder of target images (under TAILORD_TARGETS_DIR, or uploaded)")
+    p.add_argument("--labels", default=None, help="CSV of filename,label for the target images")
+    p.add_argument("--out", required=True, help="folder to copy the snapshot into")
+    p.add_argument("--strategy", choices=["route", "sept", "route+sept"], default="route+sept")
+    p.add_argument("--budget", type=int, default=None, help="samples retrieved for sept")
+    p.add_argument("--state-dir", type=Path, default=None, help="work offline on a stopped daemon's state")
+    p.add_argument("--url", default=None, help="daemon URL (default from TAILORD_HTTP_HOST/PORT)")
+    p.add_argument("--token", default=None, help="admin token (default TAILORD_ADMIN_TOKEN)")
+    p.add_argument("--config", type=Path, default=None)
+    p.set_defaults(func=cmd_snapshot)
+
+    p = sub.add_parser("status", help="daemon status as JSON")
+    p.add_argument("--url", default=None)
+    p.add_argument("--token", default=None)
+    p.add_argument("--config", type=Path, default=None)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("report", help="plot accuracy matrix, forgetting and throughput")
+    p.add_argument("--out", default="report.png")
+    p.add_argument("--state-dir", type=Path, default=None)
+    p.add_argument("--config", type=Path, default=None)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="the whole story on one machine")
+    p.add_argument("--quick", action="store_true", help="about 2 minutes instead of about 8")
+    p.add_argument("--state-dir", default="demo-state")
+    p.add_argument("--keep", action="store_true", help="keep the previous demo state instead of starting fresh")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `tailord` console script."""
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (SettingsError, UsageError) as exc:
+        print(f"tailord: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if os.environ.get("TAILORD_DEBUG"):
+            traceback.print_exc()
+        print(f"tailord: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""The daemon loop: consume -> decode -> batch -> train step -> experience boundaries -> checkpoint.
+
+Read it top to bottom: set-up (broker, learner, resume from the last good checkpoint,
+stream, HTTP), then one loop over batches. `streamer`, `learners` and `replay` are
+libraries; this file is the one place that wires them together.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections import deque
+
+import structlog
+import torch
+
+from deploy.checkpoints import clean_temporaries, load_latest, write_checkpoint
+from deploy.evaluate import evaluate_row
+from deploy.history import History
+from deploy.learner import Learner, build_learner, learner_writers, load_learner_state
+from deploy.metrics import Metrics
+from deploy.probes import ProbeSet, hashed_probe, read_probe_sets, write_probe_set
+from deploy.progress import Progress, read_offsets, write_offsets
+from deploy.service import DaemonService
+from deploy.settings import Settings
+from replay.balanced import BalancedBuffer
+from replay.buffer import ReservoirBuffer
+from streamer.broker import EmbeddedBroker
+from streamer.decode import decode_record
+from streamer.dlq import DeadLetterQueue
+from streamer.kafka_client import client_config
+from streamer.limits import DecodeLimits
+from streamer.prefetch import Prefetcher
+from streamer.records import Batch, RawRecord, RejectedRecord, Sample
+from streamer.source import KafkaSource
+from streamer.topics import ensure_topic
+
+log = structlog.get_logger()
+
+LAG_EVERY_S = 5.0
+RECENT_BATCHES = 8  # recent stream batches kept for the regularizer's experience-end statistics
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop finishes its step, checkpoints and exits 0."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _frame: self._set(signum))
+
+    def _set(self, signum: int) -> None:
+        log.info("stop_requested", signal=signal.Signals(signum).name)
+        self.event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+
+def run(settings: Settings) -> int:
+    """Run until stopped; 0 on a clean stop."""
+    stop = StopFlag()
+    stop.install()
+    state_dir = settings.state_dir
+    ckpt_root = state_dir / "checkpoints"
+    (state_dir / "metrics").mkdir(parents=True, exist_ok=True)
+    clean_temporaries(ckpt_root)
+    metrics = Metrics()
+
+    # ---- broker: the configured cluster, or an embedded one on a free port
+    broker = None
+    bootstrap = settings.bootstrap_servers
+    if not bootstrap:
+        broker = EmbeddedBroker()
+        broker.start()
+        bootstrap = broker.bootstrap
+        log.info("embedded_broker_started", bootstrap=bootstrap,
+                 note="no TAILORD_BOOTSTRAP_SERVERS set; produce to this address")
+    client = client_config(kafka_security(settings))
+    ensure_topic(bootstrap, settings.topic, settings.topic_partitions, **client)
+
+    # ---- learner, replay buffer, probes and progress: fresh, or from the last good checkpoint
+    learner = build_learner(settings)
+    buffer = build_buffer(settings) if learner.use_replay else None
+    progress = Progress()
+    history = History()
+    probes = ProbeSet(1, settings.probe_max_images)
+    checkpoint = load_latest(ckpt_root)
+    if checkpoint is not None:
+        load_learner_state(learner, checkpoint.path)
+        progress = Progress.from_json(checkpoint.manifest["progress"])
+        progress.positions = read_offsets(checkpoint.path / "offsets.json")
+        history = History.from_json(checkpoint.manifest["history"])
+        if buffer is not None and (checkpoint.path / "replay").is_dir():
+            buffer.load(checkpoint.path / "replay")
+        if (checkpoint.path / "probes.safetensors").is_file():
+            probes = ProbeSet.load(checkpoint.path / "probes.safetensors")
+        log.info("resumed", checkpoint=checkpoint.name, experience=progress.experience,
+                 images_total=progress.images_total, positions=progress.positions)
+    else:
+        log.info("fresh_start", state_dir=str(state_dir))
+    probe_sets = read_probe_sets(state_dir / "metrics" / "probes")
+    probe_sets = {j: p for j, p in probe_sets.items() if j < progress.experience}
+    log.info("learner", device=str(learner.device), **learner.describe()["backbone"]["kwargs"],
+             preset=learner.preset.name, method=settings.method, strategy=settings.strategy,
+             batch_size=learner.preset.batch_size, resolution=learner.preset.resolution)
+
+    # ---- stream: seek to the checkpoint's offsets, decode off the training thread
+    dlq = DeadLetterQueue.connect(bootstrap, client)
+    limits = DecodeLimits(max_record_bytes=settings.max_record_bytes, max_pixels=settings.max_pixels)
+
+    def decode(record: RawRecord):
+        return decode_record(record.value, record.headers, limits, learner.preset.resolution)
+
+    def on_reject(record: RawRecord, error: RejectedRecord) -> None:
+        metrics.records_rejected.labels(error.reason).inc()
+        log.warning("record_rejected", reason=error.reason, detail=error.detail[:200],
+                    partition=record.partition, offset=record.offset)
+        dlq.send(record, error.reason, error.detail)
+
+    source = KafkaSource(bootstrap, settings.topic, settings.group_id, client)
+    source.seek(progress.positions)
+    stream_batch = stream_batch_size(learner.preset.batch_size, settings.replay_share if buffer else 0.0)
+    prefetcher = Prefetcher(source, decode, on_reject, batch_size=stream_batch,
+                            split_on_domain=settings.split_on_domain, workers=settings.decode_workers)
+
+    # ---- HTTP: metrics, health, admin
+    service = DaemonService(settings, metrics, learner, progress, history, prefetcher, checkpoint_name=checkpoint.name
+                            if checkpoint else None)
+    server = service.start_http()
+    log.info("http_listening", url=f"http://{settings.http_host}:{server.port}", metrics="/metrics",
+             admin="/admin/status")
+
+    def save(kind: str) -> None:
+        """Checkpoint everything that must agree: model, optimizer, buffer, probes, progress, offsets."""
+        started = time.perf_counter()
+        finished = progress.experience - 1
+        name = f"exp-{finished:06d}" if kind == "experience" else f"exp-{finished:06d}-step-{progress.steps:09d}"
+        writers = learner_writers(learner)
+        writers["offsets.json"] = lambda p: write_offsets(p, settings.topic, progress.positions)
+        writers["probes.safetensors"] = lambda p: probes.save(p)
+        if buffer is not None:
+            writers["replay/.keep"] = lambda p: buffer.save(p.parent)
+        manifest = {"kind": kind, "experience": finished, "progress": progress.to_json(),
+                    "history": history.to_json(), "topic": settings.topic, "strategy": settings.strategy,
+                    **learner.describe()}
+        try:
+            saved = write_checkpoint(ckpt_root, name, writers, manifest)
+        except OSError as exc:
+            metrics.checkpoint_errors.labels(type(exc).__name__).inc()
+            log.error("checkpoint_failed", checkpoint=name, error=str(exc))
+            return
+        elapsed = time.perf_counter() - started
+        metrics.checkpoint_seconds.observe(elapsed)
+        metrics.last_checkpoint_timestamp.set(time.time())
+        service.checkpoint_name = saved.name
+        history.export(state_dir / "metrics", service.throughput)
+        prefetcher.commit(progress.positions)
+        log.info("checkpoint", checkpoint=name, kind=kind, seconds=round(elapsed, 3),
+                 images_total=progress.images_total)
+
+    def end_experience() -> None:
+        """Close the experience: regularizer statistics, probe set, one row of R, checkpoint."""
+        nonlocal probes
+        ended = progress.experience
+        if learner.regularizer is not None and recent:
+            learner.regularizer.on_experience_end(learner.backbone, paired_views_loss(learner),
+                                                  paired_views(learner, recent))
+        write_probe_set(probes, state_dir / "metrics" / "probes")
+        probe_sets[ended] = probes
+        row = evaluate_row(learner, probe_sets, ended, state_dir / "metrics" / "probe_features")
+        history.add_row(ended, row.accuracy, row.cka, row.probe_loss,
+                        {"domain": progress.domain, "images": progress.images_in_experience,
+                         "images_total": progress.images_total, "time": time.time(),
+                         "images_per_second": rate.value})
+        service.publish_evaluation(history)
+        progress.experience += 1
+        progress.images_in_experience = 0
+        probes = ProbeSet(progress.experience, settings.probe_max_images)
+        recent.clear()
+        save("experience")
+        log.info("experience_end", experience=ended, accuracy=row.accuracy, **history.summary())
+
+    # ---- the loop
+    audit = open(state_dir / "metrics" / "trained_ids.log", "a") if settings.audit_trained_ids else None  # noqa: SIM115
+    recent: deque[torch.Tensor] = deque(maxlen=RECENT_BATCHES)
+    last_checkpoint = time.monotonic()
+    last_data = time.monotonic()
+    rate = Throughput()
+    metrics.experience.set(progress.experience)
+    service.publish_evaluation(history)
+    prefetcher.start()
+    exit_code = 0
+    try:
+        while not stop.requested:
+            batch = prefetcher.get(timeout=0.5)
+            if batch is None:
+                idle = time.monotonic() - last_data
+                if settings.exit_when_idle_s and idle > settings.exit_when_idle_s and prefetcher.caught_up():
+                    log.info("idle_exit", idle_seconds=round(idle, 1))
+                    break
+                continue
+            last_data = time.monotonic()
+            metrics.records_consumed.labels(settings.topic).inc(batch_records(batch))
+            train = split_probes(batch.samples, probes, settings.probe_fraction)
+
+            if train and boundary_before(train[0].domain, progress, settings):
+                end_experience()
+            if train:
+                progress.domain = train[0].domain
+                images = torch.stack([s.image for s in train])  # (B,3,S,S) uint8
+                replay = buffer.sample(replay_count(len(train), settings.replay_share)) if buffer else None
+                result = learner.step(images, replay)
+                if result.skipped:
+                    progress.steps_skipped += 1
+                    metrics.steps_skipped.inc()
+                    log.warning("step_skipped", reason="non-finite loss", steps_skipped=progress.steps_skipped)
+                else:
+                    metrics.ssl_loss.set(result.loss)
+                    metrics.regularizer_penalty.set(result.penalty)
+                metrics.train_step_seconds.observe(result.seconds)
+                metrics.images_per_second.set(rate.update(result.images))
+                metrics.images_trained.inc(len(train))
+                if buffer is not None:
+                    buffer.add([s.sample_id for s in train], images, [s.domain for s in train])
+                    metrics.replay_buffer_images.set(len(buffer))
+                recent.append(images)
+                if audit is not None:
+                    audit.write("".join(f"{s.sample_id}\n" for s in train))
+                    audit.flush()
+                progress.steps += 1
+                progress.images_total += len(train)
+                progress.images_in_experience += len(train)
+            progress.positions.update(batch.positions)
+            service.record_throughput(rate.value, progress.images_total)
+
+            if progress.images_in_experience >= settings.experience_images:
+                end_experience()
+            elif time.monotonic() - last_checkpoint > settings.checkpoint_interval_s:
+                save("interval")
+                last_checkpoint = time.monotonic()
+            metrics.experience.set(progress.experience)
+            if settings.stop_after_images and progress.images_total >= settings.stop_after_images:
+                log.info("stop_after_images", images_total=progress.images_total)
+                break
+    except Exception:
+        log.exception("daemon_failed")
+        exit_code = 1
+    finally:
+        prefetcher.stop()
+        if exit_code == 0:
+            save("interval")
+        server.stop()
+        if audit is not None:
+            audit.close()
+        dlq.close()
+        source.close()
+        if broker is not None:
+            broker.stop()
+    log.info("stopped", exit_code=exit_code, images_total=progress.images_total)
+    return exit_code
+
+
+def kafka_security(settings: Settings) -> dict:
+    """The TAILORD_KAFKA_* settings as a plain dict for `client_config`."""
+    password = settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None
+    return {"security_protocol": settings.kafka_security_protocol,
+            "ssl_cafile": str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None,
+            "ssl_certfile": str(settings.kafka_ssl_certfile) if settings.kafka_ssl_certfile else None,
+            "ssl_keyfile": str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None,
+            "sasl_mechanism": settings.kafka_sasl_mechanism,
+            "sasl_plain_username": settings.kafka_sasl_username, "sasl_plain_password": password}
+
+
+def build_buffer(settings: Settings) -> ReservoirBuffer | BalancedBuffer:
+    """The replay buffer named by the settings."""
+    kind = BalancedBuffer if settings.replay_buffer == "balanced" else ReservoirBuffer
+    return kind(settings.replay_max_images, settings.replay_max_bytes, seed=settings.seed)
+
+
+def stream_batch_size(batch_size: int, replay_share: float) -> int:
+    """Stream images per step; the rest of the batch comes from the replay buffer."""
+    return max(1, round(batch_size * (1 - replay_share)))
+
+
+def replay_count(stream_images: int, replay_share: float) -> int:
+    """Replay images to add to `stream_images` so replay takes `replay_share` of the batch."""
+    return round(stream_images * replay_share / (1 - replay_share))
+
+
+def paired_views(learner: Learner, batches: deque[torch.Tensor]) -> list[torch.Tensor]:
+    """Two augmented views of each recent batch, concatenated: (2B,3,R,R) per batch."""
+    with torch.no_grad():
+        out = []
+        for images in batches:
+            images = images.to(learner.device)
+            out.append(torch.cat([learner.augment(images), learner.augment(images)]))
+        return out
+
+
+def paired_views_loss(learner: Learner):
+    """The SSL loss of a `paired_views` batch (first half vs second half), for Fisher/MAS."""
+    def loss(views: torch.Tensor) -> torch.Tensor:
+        half = len(views) // 2
+        return learner.method(views[:half], views[half:]).loss
+    return loss
+
+
+def split_probes(samples: list[Sample], probes: ProbeSet, fraction: float) -> list[Sample]:
+    """Put probe samples (header or hash) into the probe set; return the ones to train on."""
+    train = []
+    for sample in samples:
+        if sample.probe or hashed_probe(sample.sample_id, fraction):
+            probes.add(sample.sample_id, sample.image, sample.label, sample.domain)
+        else:
+            train.append(sample)
+    return train
+
+
+def boundary_before(domain: str, progress: Progress, settings: Settings) -> bool:
+    """True when a batch of `domain` starts a new experience (domain change)."""
+    return (settings.split_on_domain and progress.domain is not None and domain != progress.domain
+            and progress.images_in_experience > 0)
+
+
+def batch_records(batch: Batch) -> int:
+    """Distinct records behind a batch's samples."""
+    return len({(s.partition, s.offset) for s in batch.samples})
+
+
+class Throughput:
+    """Images per second over a sliding window of steps."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self.events: deque[tuple[float, int]] = deque()
+        self.value = 0.0
+
+    def update(self, images: int) -> float:
+        now = time.monotonic()
+        self.events.append((now, images))
+        while len(self.events) > 2 and now - self.events[0][0] > self.window_s:
+            self.events.popleft()
+        span = now - self.events[0][0]
+        if span > 0:
+            self.value = sum(n for _, n in list(self.events)[1:]) / span
+        return self.value
+

@@ -1,0 +1,135 @@
+"""The one HTTP server: /metrics, /healthz, /readyz and the token-protected /admin/* API.
+
+The server knows nothing of training: it calls the `AdminBackend` it is given.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST
+
+log = structlog.get_logger()
+
+
+class ApiError(Exception):
+    """An error answered as JSON with an HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class AdminBackend(Protocol):
+    """What the daemon offers the HTTP server."""
+
+    def metrics_text(self) -> bytes: ...
+    def ready(self) -> tuple[bool, dict[str, Any]]: ...
+    def status(self) -> dict[str, Any]: ...
+    def create_snapshot(self, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]: ...
+    def get_snapshot(self, name: str) -> dict[str, Any]: ...
+
+
+@dataclass
+class HttpServer:
+    """A running server; `port` is the bound port (useful with port 0)."""
+
+    server: ThreadingHTTPServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def start_http(host: str, port: int, backend: AdminBackend, admin_token: str | None,
+               upload_max_bytes: int) -> HttpServer:
+    """Bind and serve in a daemon thread."""
+    handler = _make_handler(backend, admin_token, upload_max_bytes)
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    thread.start()
+    return HttpServer(server, thread)
+
+
+def _make_handler(backend: AdminBackend, admin_token: str | None, upload_max_bytes: int) -> type:
+    token = admin_token.encode() if admin_token else None
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "tailord"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+            log.debug("http", request=self.requestline, code=args[1] if len(args) > 1 else None)
+
+        def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, status: int, payload: dict[str, Any]) -> None:
+            self._send(status, json.dumps(payload, indent=2, default=str).encode() + b"\n")
+
+        def _authorized(self) -> bool:
+            if token is None:
+                return True
+            got = self.headers.get("Authorization", "")
+            expected = b"Bearer " + token
+            return hmac.compare_digest(got.encode("utf-8", "replace"), expected)
+
+        def _dispatch(self, method: str) -> None:
+            path = self.path.split("?", 1)[0]
+            try:
+                if method == "GET" and path == "/metrics":
+                    return self._send(200, backend.metrics_text(), CONTENT_TYPE_LATEST)
+                if method == "GET" and path == "/healthz":
+                    return self._json(200, {"status": "alive"})
+                if method == "GET" and path == "/readyz":
+                    ok, detail = backend.ready()
+                    return self._json(200 if ok else 503, {"ready": ok, **detail})
+                if path.startswith("/admin/"):
+                    if not self._authorized():
+                        return self._json(401, {"error": "missing or wrong bearer token"})
+                    return self._admin(method, path)
+                raise ApiError(404, f"no route {method} {path}")
+            except ApiError as exc:
+                self._json(exc.status, {"error": exc.message})
+            except Exception as exc:  # a bug must not kill the server thread
+                log.exception("http_error", path=path)
+                self._json(500, {"error": f"internal error: {type(exc).__name__}"})
+
+        def _admin(self, method: str, path: str) -> None:
+            if method == "GET" and path == "/admin/status":
+                return self._json(200, backend.status())
+            if method == "POST" and path == "/admin/snapshots":
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > upload_max_bytes:
+                    raise ApiError(413, f"upload of {length} bytes is over the limit of {upload_max_bytes}")
+                body = self.rfile.read(length)
+                status, payload = backend.create_snapshot(self.headers.get("Content-Type", ""), body)
+                return self._json(status, payload)
+            if method == "GET" and path.startswith("/admin/snapshots/"):
+                return self._json(200, backend.get_snapshot(path.removeprefix("/admin/snapshots/")))
+            raise ApiError(404, f"no route {method} {path}")
+
+        def do_GET(self) -> None:  # noqa: N802 - stdlib name
+            self._dispatch("GET")
+
+        def do_POST(self) -> None:  # noqa: N802 - stdlib name
+            self._dispatch("POST")
+
+    return Handler

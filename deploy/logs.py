@@ -1,0 +1,37 @@
+"""structlog set-up: JSON lines for machines, readable console output on a terminal."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+SECRET_KEYS = ("password", "token", "secret", "sasl_plain_password", "ssl_password")
+
+
+def _redact(_logger: object, _name: str, event: dict) -> dict:
+    """Never let a secret reach a log line, whatever a caller passes."""
+    for key in list(event):
+        if any(s in key.lower() for s in SECRET_KEYS):
+            event[key] = "***"
+    return event
+
+
+def configure_logging(fmt: str = "auto", level: str = "info") -> None:
+    """Configure structlog once for the process; `fmt` is auto|json|console."""
+    use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    renderer = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,50 @@
+"""Prometheus metrics, with the names fixed by ARCHITECTURE.md (dashboards and alerts use them)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    """All of the daemon's metrics on one private registry (so tests can make several)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.records_consumed = Counter("tailord_records_consumed", "Kafka records consumed", ["topic"], registry=r)
+        self.records_rejected = Counter("tailord_records_rejected", "records sent to the DLQ", ["reason"], registry=r)
+        self.images_trained = Counter("tailord_images_trained", "stream images trained on", registry=r)
+        self.steps_skipped = Counter("tailord_steps_skipped", "steps skipped for a non-finite loss", registry=r)
+        self.train_step_seconds = Histogram(
+            "tailord_train_step_seconds", "seconds per training step", registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.images_per_second = Gauge("tailord_images_per_second", "training throughput (EMA)", registry=r)
+        self.ssl_loss = Gauge("tailord_ssl_loss", "self-supervised loss of the last step", registry=r)
+        self.regularizer_penalty = Gauge("tailord_regularizer_penalty", "regularizer penalty of the last step", registry=r)
+        self.replay_buffer_images = Gauge("tailord_replay_buffer_images", "images in the replay buffer", registry=r)
+        self.index_vectors = Gauge("tailord_index_vectors", "vectors in the FAISS index", ["encoder_version"], registry=r)
+        self.experience = Gauge("tailord_experience", "current experience number", registry=r)
+        self.consumer_lag = Gauge("tailord_consumer_lag", "records behind the end of the topic", ["partition"], registry=r)
+        self.checkpoint_seconds = Histogram(
+            "tailord_checkpoint_seconds", "seconds to write a checkpoint", registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.last_checkpoint_timestamp = Gauge(
+            "tailord_last_checkpoint_timestamp_seconds", "unix time of the last checkpoint", registry=r)
+        self.checkpoint_errors = Counter("tailord_checkpoint_errors", "checkpoints that failed to write", ["reason"], registry=r)
+        self.knn_accuracy = Gauge("tailord_knn_accuracy", "kNN accuracy on a probe set", ["probe_experience"], registry=r)
+        self.probe_ssl_loss = Gauge("tailord_probe_ssl_loss", "SSL loss on a probe set", ["probe_experience"], registry=r)
+        self.representation_drift_cka = Gauge(
+            "tailord_representation_drift_cka", "linear CKA of probe features now vs at their experience's end",
+            ["probe_experience"], registry=r)
+        self.average_accuracy = Gauge("tailord_average_accuracy", "ACC: mean kNN accuracy over probe sets", registry=r)
+        self.average_forgetting = Gauge("tailord_average_forgetting", "average forgetting over earlier probe sets", registry=r)
+        self.backward_transfer = Gauge("tailord_backward_transfer", "backward transfer (BWT)", registry=r)
+        self.snapshot_requests = Counter("tailord_snapshot_requests", "snapshot requests", ["strategy", "outcome"], registry=r)
+        self.snapshot_seconds = Histogram(
+            "tailord_snapshot_seconds", "seconds to build a snapshot", registry=r,
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self.state_dir_bytes = Gauge("tailord_state_dir_bytes", "disk used by the state dir", registry=r)
+        self.broker_up = Gauge("tailord_broker_up", "1 when the broker answered recently", registry=r)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,91 @@
+"""Probe sets: per-experience images kept out of training and used to measure forgetting.
+
+A sample is a probe if its record says `probe=1` or if the hash of its sample id falls
+under `TAILORD_PROBE_FRACTION` (deterministic: the same id is a probe after a restart).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def hashed_probe(sample_id: str, fraction: float) -> bool:
+    """True for a stable `fraction` of sample ids."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(b"probe:" + sample_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+@dataclass
+class ProbeSet:
+    """The probe images of one experience, bounded by `max_images` (first come, kept)."""
+
+    experience: int
+    max_images: int
+    sample_ids: list[str] = field(default_factory=list)
+    labels: list[str | None] = field(default_factory=list)
+    domains: list[str] = field(default_factory=list)
+    images: list[torch.Tensor] = field(default_factory=list)  # each (3,S,S) uint8
+
+    def add(self, sample_id: str, image: torch.Tensor, label: str | None, domain: str) -> None:
+        if len(self.sample_ids) >= self.max_images or sample_id in self._ids():
+            return
+        self.sample_ids.append(sample_id)
+        self.images.append(image)
+        self.labels.append(label)
+        self.domains.append(domain)
+
+    def _ids(self) -> set[str]:
+        return set(self.sample_ids)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def stacked(self) -> torch.Tensor:
+        """All images as one (N,3,S,S) uint8 tensor."""
+        return torch.stack(self.images) if self.images else torch.empty(0, dtype=torch.uint8)
+
+    @property
+    def labelled(self) -> bool:
+        """True when every image has a label and there are at least two classes."""
+        return bool(self.labels) and all(lbl is not None for lbl in self.labels) and len(set(self.labels)) > 1
+
+    def save(self, path: Path) -> None:
+        """Write `path` (.safetensors) and its `.json` sidecar."""
+        save_file({"images": self.stacked().contiguous()}, str(path))
+        meta = {"experience": self.experience, "max_images": self.max_images, "sample_ids": self.sample_ids,
+                "labels": self.labels, "domains": self.domains}
+        path.with_suffix(".json").write_text(json.dumps(meta))
+
+    @classmethod
+    def load(cls, path: Path) -> ProbeSet:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        images = load_file(str(path))["images"]
+        return cls(meta["experience"], meta["max_images"], meta["sample_ids"], meta["labels"], meta["domains"],
+                   list(images.unbind(0)) if images.numel() else [])
+
+
+def write_probe_set(probes: ProbeSet, folder: Path) -> None:
+    """Persist a finished experience's probe set under `folder` atomically (tmp, then rename)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"exp-{probes.experience:06d}"
+    tmp = folder / f".{name}.tmp.safetensors"
+    probes.save(tmp)
+    tmp.with_suffix(".json").replace(folder / f"{name}.json")
+    tmp.replace(folder / f"{name}.safetensors")
+
+
+def read_probe_sets(folder: Path) -> dict[int, ProbeSet]:
+    """All finished experiences' probe sets, by experience."""
+    sets = {}
+    for path in sorted(folder.glob("exp-*.safetensors")):
+        probes = ProbeSet.load(path)
+        sets[probes.experience] = probes
+    return sets

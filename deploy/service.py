@@ -1,0 +1,114 @@
+"""What the daemon shows the outside: readiness, status, evaluation gauges, the admin API."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from deploy.history import History
+from deploy.http_api import ApiError, HttpServer, start_http
+from deploy.learner import Learner
+from deploy.metrics import Metrics
+from deploy.progress import Progress
+from deploy.settings import Settings
+
+THROUGHPUT_POINTS = 2000  # images/s samples kept for the report (one per ~5 s)
+
+
+class DaemonService:
+    """The daemon's state as the HTTP server and the gauges see it."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, learner: Learner, progress: Progress,
+                 history: History, stream: Any, checkpoint_name: str | None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.learner = learner
+        self.progress = progress
+        self.history = history
+        self.stream = stream  # has reachable() and lag(), safe to call from any thread
+        self.checkpoint_name = checkpoint_name
+        self.started_at = time.time()
+        self.throughput: list[dict] = []
+        self.snapshots: Any = None  # set by the daemon once the snapshot engine exists
+        self._last_point = 0.0
+
+    def start_http(self) -> HttpServer:
+        token = self.settings.admin_token.get_secret_value() if self.settings.admin_token else None
+        return start_http(self.settings.http_host, self.settings.http_port, self, token,
+                          self.settings.upload_max_bytes)
+
+    # ---- gauges
+    def publish_evaluation(self, history: History) -> None:
+        """Export the latest row of R, CKA and probe losses, and the summary metrics."""
+        self.history = history
+        if not history.accuracy:
+            return
+        for values, gauge in ((history.accuracy[-1], self.metrics.knn_accuracy),
+                              (history.cka[-1], self.metrics.representation_drift_cka),
+                              (history.probe_loss[-1], self.metrics.probe_ssl_loss)):
+            for j, value in enumerate(values, start=1):
+                if value is not None:
+                    gauge.labels(str(j)).set(value)
+        summary = history.summary()
+        for key, gauge in (("acc", self.metrics.average_accuracy), ("bwt", self.metrics.backward_transfer),
+                           ("avg_forgetting", self.metrics.average_forgetting)):
+            if summary[key] is not None:
+                gauge.set(summary[key])
+
+    def record_throughput(self, images_per_second: float, images_total: int) -> None:
+        """Keep one throughput point every few seconds (for `tailord report`)."""
+        now = time.time()
+        if now - self._last_point < 5.0:
+            return
+        self._last_point = now
+        self.throughput.append({"time": now, "images_per_second": images_per_second, "images_total": images_total})
+        del self.throughput[:-THROUGHPUT_POINTS]
+
+    def refresh_lag(self) -> dict[int, int]:
+        lag = self.stream.lag()
+        for partition, value in lag.items():
+            self.metrics.consumer_lag.labels(str(partition)).set(value)
+        return lag
+
+    # ---- AdminBackend
+    def metrics_text(self) -> bytes:
+        self.refresh_lag()
+        self.metrics.broker_up.set(1 if self.stream.reachable() else 0)
+        return self.metrics.render()
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        broker = bool(self.stream.reachable())
+        return broker, {"broker_reachable": broker, "model_loaded": True}
+
+    def status(self) -> dict[str, Any]:
+        p = self.progress
+        lag = self.refresh_lag()
+        return {
+            "experience": p.experience,
+            "images_in_experience": p.images_in_experience,
+            "images_total": p.images_total,
+            "step": p.steps,
+            "steps_skipped": p.steps_skipped,
+            "domain": p.domain,
+            "positions": {str(k): v for k, v in p.positions.items()},
+            "lag": {str(k): v for k, v in lag.items()},
+            "broker_reachable": bool(self.stream.reachable()),
+            "last_checkpoint": self.checkpoint_name,
+            "index_size": self.snapshots.index_size() if self.snapshots else 0,
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "topic": self.settings.topic,
+            "strategy": self.settings.strategy,
+            "device": str(self.learner.device),
+            **self.learner.describe(),
+            **{k: v for k, v in self.history.summary().items()},
+        }
+
+    def create_snapshot(self, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        if self.snapshots is None:
+            raise ApiError(503, "snapshots are not available yet: the sample store is still opening")
+        return self.snapshots.create_from_request(content_type, body)
+
+    def get_snapshot(self, name: str) -> dict[str, Any]:
+        if self.snapshots is None:
+            raise ApiError(404, f"no snapshot {name!r}")
+        return self.snapshots.describe(name)

@@ -1,0 +1,151 @@
+"""The daemon's settings: `TAILORD_*` environment variables, `.env`, and `--config FILE.toml`.
+
+Precedence, highest first: environment, `.env`, the TOML file, the defaults below.
+A bad value is reported in one line naming the setting (see `SettingsError`).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "TAILORD_"
+STRATEGIES = ("naive", "replay", "ewc", "mas", "si", "l2", "distill", "replay+ewc", "replay+mas",
+              "replay+si", "replay+l2", "replay+distill")
+
+
+class SettingsError(Exception):
+    """A setting with a bad value; `str()` is the one line shown to the user."""
+
+
+class Settings(BaseSettings):
+    """Everything the daemon can be told. Field `x` is set by `TAILORD_X`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore",
+                                      validate_default=True)
+
+    # stream
+    bootstrap_servers: str | None = Field(None, description="Kafka bootstrap servers; unset: start the embedded broker")
+    topic: str = Field("tailord.images", description="topic of image records")
+    topic_partitions: int = Field(1, ge=1, le=1024, description="partitions when the daemon creates the topic")
+    group_id: str = Field("tailord", description="consumer group used to commit offsets for monitoring")
+    max_record_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest record value accepted")
+    max_pixels: int = Field(40_000_000, ge=64, description="largest image (width*height) accepted")
+    decode_workers: int = Field(1, ge=1, le=32, description="threads decoding records off the training thread")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol for every client")
+    kafka_ssl_cafile: Path | None = Field(None, description="CA bundle to verify the brokers")
+    kafka_ssl_certfile: Path | None = Field(None, description="client certificate (mutual TLS)")
+    kafka_ssl_keyfile: Path | None = Field(None, description="client private key (mutual TLS)")
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism")
+    kafka_sasl_username: str | None = Field(None, description="SASL user")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (never logged)")
+
+    # learning
+    preset: Literal["auto", "cpu", "gpu"] = Field("auto", description="model/resolution preset; auto: gpu when CUDA is present")
+    method: Literal["simsiam", "byol", "simclr"] = Field("simsiam", description="self-supervised method")
+    strategy: str = Field("replay", description="anti-forgetting strategy: " + ", ".join(STRATEGIES))
+    regularizer_lambda: float | None = Field(None, ge=0, description="regularizer weight; unset: the strategy's default")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="training device")
+    batch_size: int | None = Field(None, ge=2, le=8192, description="images per step (stream part); unset: preset")
+    resolution: int | None = Field(None, ge=16, le=1024, description="training resolution; unset: preset")
+    lr: float | None = Field(None, gt=0, description="learning rate; unset: preset")
+    seed: int = Field(0, description="seed for augmentation, probes and buffers")
+    compile: bool = Field(False, description="torch.compile the model (faster steps, slow start)")
+
+    # experiences
+    experience_images: int = Field(2000, ge=1, description="trained images per experience")
+    split_on_domain: bool = Field(True, description="also end an experience when the domain header changes")
+    probe_fraction: float = Field(0.1, ge=0, le=0.5, description="hash fraction of records kept out for evaluation")
+    probe_max_images: int = Field(400, ge=0, description="probe images kept per experience")
+
+    # replay
+    replay_buffer: Literal["reservoir", "balanced"] = Field("reservoir", description="replay buffer kind")
+    replay_share: float = Field(0.5, ge=0, le=0.9, description="share of each batch drawn from the replay buffer")
+    replay_max_images: int = Field(2000, ge=1, description="replay buffer capacity in images")
+    replay_max_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="replay buffer capacity in bytes")
+
+    # state and checkpoints
+    state_dir: Path = Field(Path("state"), description="where checkpoints, samples, index and metrics live")
+    checkpoint_interval_s: float = Field(300, gt=0, description="seconds between mid-experience checkpoints")
+    store_max_bytes: int = Field(1024**3, ge=1024, description="disk budget of the sample store")
+    index_exact_max: int = Field(200_000, ge=1, description="vectors before the index turns approximate")
+    index_kind: Literal["ivf", "hnsw"] = Field("ivf", description="approximate index past index_exact_max")
+
+    # service
+    http_host: str = Field("127.0.0.1", description="bind address of the HTTP server")
+    http_port: int = Field(8080, ge=0, le=65535, description="HTTP port (0: any free port)")
+    admin_token: SecretStr | None = Field(None, description="bearer token for /admin/*; required off loopback")
+    targets_dir: Path | None = Field(None, description="folder whose subfolders may be named as snapshot targets")
+    upload_max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest snapshot upload")
+    log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a TTY, else JSON")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    stop_after_images: int | None = Field(None, ge=1, description="exit 0 after training this many images (demos, benchmarks)")
+    audit_trained_ids: bool = Field(False, description="append every trained sample id to metrics/trained_ids.log")
+    exit_when_idle_s: float | None = Field(None, gt=0, description="exit 0 after this long with no new records")
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        if value not in STRATEGIES:
+            raise ValueError(f"must be one of {', '.join(STRATEGIES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> Settings:
+        if self.http_host not in ("127.0.0.1", "localhost", "::1") and self.admin_token is None:
+            raise ValueError("http_host: binding off loopback needs TAILORD_ADMIN_TOKEN")
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        return env_settings, dotenv_settings, init_settings, file_secret_settings
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from env, `.env` and an optional TOML file; raise `SettingsError`."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            values = tomllib.loads(Path(config_file).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"--config {config_file}: {exc}") from exc
+        unknown = sorted(set(values) - set(Settings.model_fields))
+        if unknown:
+            raise SettingsError(f"--config {config_file}: unknown setting {unknown[0]!r}")
+    values.update(overrides)
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise SettingsError(describe_error(exc)) from exc
+
+
+def describe_error(exc: ValidationError) -> str:
+    """One line naming the first bad setting, its value and what is allowed."""
+    err = exc.errors()[0]
+    loc = [str(part) for part in err.get("loc", ()) if part]
+    msg = err["msg"].removeprefix("Value error, ")
+    if not loc and ":" in msg:
+        name, msg = msg.split(":", 1)
+        loc = [name]
+    name = ENV_PREFIX + loc[0].upper() if loc else "settings"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) or value is None else f"={str(value)[:60]!r}"
+    return f"invalid setting {name}{shown}: {msg.strip()}"
+
+
+def settings_table() -> str:
+    """The configuration table for the README, generated from the model."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "unset" if default is None else f"`{default}`"
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {shown} | {field.description or ''} |")
+    return "\n".join(rows)
