@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tailord` console script."""
     args = build_parser().parse_args(argv)
+    from deploy.logs import configure_logging
+
+    configure_logging(os.environ.get("TAILORD_LOG_FORMAT", "auto"), os.environ.get("TAILORD_LOG_LEVEL", "info"))
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

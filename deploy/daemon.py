@@ -34,7 +34,7 @@ from streamer.limits import DecodeLimits
 from streamer.prefetch import Prefetcher
 from streamer.records import Batch, RawRecord, RejectedRecord, Sample
 from streamer.source import KafkaSource
-from streamer.topics import ensure_topic
+from streamer.topics import ensure_topic, wait_for_broker
 
 log = structlog.get_logger()
 
@@ -81,6 +81,10 @@ def run(settings: Settings) -> int:
         log.info("embedded_broker_started", bootstrap=bootstrap,
                  note="no TAILORD_BOOTSTRAP_SERVERS set; produce to this address")
     client = client_config(kafka_security(settings))
+    while not wait_for_broker(bootstrap, timeout=10, **client):
+        log.warning("waiting_for_broker", bootstrap=bootstrap)
+        if stop.requested:
+            return 0
     ensure_topic(bootstrap, settings.topic, settings.topic_partitions, **client)
 
     # ---- learner, replay buffer, probes and progress: fresh, or from the last good checkpoint
@@ -117,12 +121,14 @@ def run(settings: Settings) -> int:
         return decode_record(record.value, record.headers, limits, learner.preset.resolution)
 
     def on_reject(record: RawRecord, error: RejectedRecord) -> None:
+        metrics.records_consumed.labels(settings.topic).inc()
         metrics.records_rejected.labels(error.reason).inc()
         log.warning("record_rejected", reason=error.reason, detail=error.detail[:200],
                     partition=record.partition, offset=record.offset)
         dlq.send(record, error.reason, error.detail)
 
-    source = KafkaSource(bootstrap, settings.topic, settings.group_id, client)
+    source = KafkaSource(bootstrap, settings.topic, settings.group_id, client,
+                         max_record_bytes=settings.max_record_bytes)
     source.seek(progress.positions)
     stream_batch = stream_batch_size(learner.preset.batch_size, settings.replay_share if buffer else 0.0)
     prefetcher = Prefetcher(source, decode, on_reject, batch_size=stream_batch,
@@ -159,7 +165,7 @@ def run(settings: Settings) -> int:
         metrics.last_checkpoint_timestamp.set(time.time())
         service.checkpoint_name = saved.name
         history.export(state_dir / "metrics", service.throughput)
-        prefetcher.commit(progress.positions)
+        prefetcher.request_commit(progress.positions)
         log.info("checkpoint", checkpoint=name, kind=kind, seconds=round(elapsed, 3),
                  images_total=progress.images_total)
 
@@ -200,7 +206,7 @@ def run(settings: Settings) -> int:
             batch = prefetcher.get(timeout=0.5)
             if batch is None:
                 idle = time.monotonic() - last_data
-                if settings.exit_when_idle_s and idle > settings.exit_when_idle_s and prefetcher.caught_up():
+                if settings.exit_when_idle_s and idle > settings.exit_when_idle_s and not any(prefetcher.lag().values()):
                     log.info("idle_exit", idle_seconds=round(idle, 1))
                     break
                 continue
@@ -214,6 +220,8 @@ def run(settings: Settings) -> int:
                 progress.domain = train[0].domain
                 images = torch.stack([s.image for s in train])  # (B,3,S,S) uint8
                 replay = buffer.sample(replay_count(len(train), settings.replay_share)) if buffer else None
+                if len(images) + (len(replay) if replay is not None else 0) < 2:
+                    images = images.repeat(2, 1, 1, 1)  # BatchNorm needs two samples; a lone straggler
                 result = learner.step(images, replay)
                 if result.skipped:
                     progress.steps_skipped += 1

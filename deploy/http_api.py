@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hmac
 import json
+import shutil
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
@@ -35,6 +37,7 @@ class AdminBackend(Protocol):
     def status(self) -> dict[str, Any]: ...
     def create_snapshot(self, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]: ...
     def get_snapshot(self, name: str) -> dict[str, Any]: ...
+    def snapshot_file(self, name: str, filename: str) -> Path: ...
 
 
 @dataclass
@@ -81,6 +84,14 @@ def _make_handler(backend: AdminBackend, admin_token: str | None, upload_max_byt
             self.end_headers()
             self.wfile.write(body)
 
+        def _send_file(self, path: Path) -> None:
+            with open(path, "rb") as fh:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(path.stat().st_size))
+                self.end_headers()
+                shutil.copyfileobj(fh, self.wfile)
+
         def _json(self, status: int, payload: dict[str, Any]) -> None:
             self._send(status, json.dumps(payload, indent=2, default=str).encode() + b"\n")
 
@@ -123,7 +134,10 @@ def _make_handler(backend: AdminBackend, admin_token: str | None, upload_max_byt
                 status, payload = backend.create_snapshot(self.headers.get("Content-Type", ""), body)
                 return self._json(status, payload)
             if method == "GET" and path.startswith("/admin/snapshots/"):
-                return self._json(200, backend.get_snapshot(path.removeprefix("/admin/snapshots/")))
+                name, _, filename = path.removeprefix("/admin/snapshots/").partition("/")
+                if filename:
+                    return self._send_file(backend.snapshot_file(name, filename))
+                return self._json(200, backend.get_snapshot(name))
             raise ApiError(404, f"no route {method} {path}")
 
         def do_GET(self) -> None:  # noqa: N802 - stdlib name

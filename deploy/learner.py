@@ -64,7 +64,7 @@ def build_learner(settings: Settings) -> Learner:
     torch.manual_seed(settings.seed)
     device = pick_device(settings.device)
     preset = resolve_preset(settings, device)
-    backbone = ResNet18(**preset.backbone)
+    backbone = ResNet18(**preset.backbone_kwargs)
     method = build_method(settings.method, backbone).to(device)
     use_replay, reg_name = parse_strategy(settings.strategy)
     regularizer = build_regularizer(reg_name, settings.regularizer_lambda, feature_dim=backbone.feature_dim) \

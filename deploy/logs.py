@@ -20,6 +20,7 @@ def _redact(_logger: object, _name: str, event: dict) -> dict:
 
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     """Configure structlog once for the process; `fmt` is auto|json|console."""
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # it logs every reconnect; we log outages ourselves
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
     structlog.configure(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from deploy.history import History
@@ -112,3 +113,8 @@ class DaemonService:
         if self.snapshots is None:
             raise ApiError(404, f"no snapshot {name!r}")
         return self.snapshots.describe(name)
+
+    def snapshot_file(self, name: str, filename: str) -> Path:
+        if self.snapshots is None:
+            raise ApiError(404, f"no snapshot {name!r}")
+        return self.snapshots.file_path(name, filename)

@@ -149,3 +149,7 @@ def settings_table() -> str:
         shown = "unset" if default is None else f"`{default}`"
         rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {shown} | {field.description or ''} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())

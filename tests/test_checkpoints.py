@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from deploy.checkpoints import clean_temporaries, load_latest, verify, write_checkpoint
 
 
@@ -45,10 +47,8 @@ def test_failed_write_leaves_previous(tmp_path):
         path.write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    try:
+    with pytest.raises(OSError):
         write_checkpoint(tmp_path, "exp-000002", {"model.bin": boom}, {})
-    except OSError:
-        pass
     assert not (tmp_path / "exp-000002").exists()
     assert list(tmp_path.glob(".tmp-*")) == []
     assert load_latest(tmp_path).name == "exp-000001"

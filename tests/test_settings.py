@@ -60,3 +60,10 @@ def test_table_lists_every_setting():
     table = settings_table()
     for name in Settings.model_fields:
         assert f"TAILORD_{name.upper()}" in table
+
+
+def test_readme_table_is_current():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert settings_table() in readme, "regenerate with: python -m deploy.settings"

@@ -1,0 +1,168 @@
+"""One SSL training step on a uint8 batch, plus the optimizer builder.
+
+``TrainStep`` is the whole inner loop of the daemon: augment two views on the
+training device, run the method, add the continual-learning penalty, skip
+the step if the loss is not finite, else backward + optimizer step + hooks::
+
+    step = TrainStep(method, BatchAugment(preset.resolution), build_optimizer(method, preset),
+                     device, amp=default_amp(device), channels_last=use_channels_last(device))
+    for batch_u8 in stream:                  # (B, 3, S, S) uint8
+        result = step(batch_u8, replay_u8)   # StepResult(loss, penalty, images, skipped, seconds)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from learners.augment import BatchAugment
+from learners.device import autocast
+from learners.methods import SSLMethod
+from learners.presets import Preset
+
+
+class StepHooks(Protocol):
+    """The part of a continual-learning regularizer that the train step calls.
+
+    (The full interface lives in ``learners/regularizers/base.py``.)
+    """
+
+    def penalty(self, backbone: nn.Module, views: torch.Tensor, features: torch.Tensor) -> torch.Tensor: ...
+
+    def after_backward(self, backbone: nn.Module) -> None: ...
+
+    def after_step(self, backbone: nn.Module) -> None: ...
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # SSL loss of the step (nan/inf if skipped)
+    penalty: float  # regularizer penalty (0.0 without a regularizer)
+    images: int  # images in the step, stream + replay
+    skipped: bool  # True if the loss was not finite and no update was made
+    seconds: float  # wall time of the step, including the final device sync
+
+
+class TrainStep:
+    """Callable doing one optimization step of ``method`` on a uint8 batch.
+
+    Args:
+        method: an SSL method (``learners.methods``); moved to ``device`` here
+            (and to channels_last if asked).
+        augment: per-image batch augmentation producing the two views.
+        optimizer: built over the method's (and regularizer's) parameters.
+        device: training device; images are copied there without blocking.
+        amp: bf16 autocast for the forward pass (see ``learners.device``).
+        channels_last: run convolutions in NHWC layout.
+        regularizer: optional continual-learning hooks (EWC, SI, distillation...).
+        grad_clip: max global gradient norm, or None for no clipping.
+    """
+
+    def __init__(
+        self,
+        method: SSLMethod,
+        augment: BatchAugment,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        amp: bool,
+        channels_last: bool,
+        regularizer: StepHooks | None = None,
+        grad_clip: float | None = None,
+    ) -> None:
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.method = method.to(device=device, memory_format=memory_format)
+        self.augment = augment.to(device)
+        self.optimizer = optimizer
+        self.device = device
+        self.amp = amp
+        self.memory_format = memory_format
+        self.regularizer = regularizer
+        self.grad_clip = grad_clip
+        self._params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def __call__(self, images_u8: torch.Tensor, replay_u8: torch.Tensor | None = None) -> StepResult:
+        start = time.perf_counter()
+        if replay_u8 is not None and replay_u8.numel() > 0:
+            images_u8 = torch.cat([images_u8, replay_u8])  # (B + R, 3, S, S)
+        x = images_u8.to(self.device, non_blocking=True)
+        v1 = self.augment(x).contiguous(memory_format=self.memory_format)  # (N, 3, R, R)
+        v2 = self.augment(x).contiguous(memory_format=self.memory_format)
+
+        self.method.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, enabled=self.amp):
+            out = self.method(v1, v2)
+            penalty = (
+                self.regularizer.penalty(self.method.backbone, v1, out.features)
+                if self.regularizer is not None
+                else torch.zeros((), device=self.device)
+            )
+        total = out.loss.float() + penalty.float()
+        # One device sync for the three numbers the step needs on the host.
+        loss, penalty_value, total_value = torch.stack(
+            [out.loss.detach().float(), penalty.detach().float(), total.detach()]
+        ).tolist()
+        if not math.isfinite(total_value):
+            # Never let a NaN/inf reach the weights (or a checkpoint): drop this step.
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss, penalty_value, len(x), True, time.perf_counter() - start)
+
+        total.backward()
+        if self.regularizer is not None:
+            self.regularizer.after_backward(self.method.backbone)
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
+        self.optimizer.step()
+        if self.regularizer is not None:
+            self.regularizer.after_step(self.method.backbone)
+        self.method.after_step()
+        return StepResult(loss, penalty_value, len(x), False, time.perf_counter() - start)
+
+
+def build_optimizer(
+    method: SSLMethod, preset: Preset, extra_params: Iterable[nn.Parameter] = ()
+) -> torch.optim.Optimizer:
+    """Optimizer over the method's trainable parameters plus ``extra_params``.
+
+    ``extra_params`` are trainable parameters owned elsewhere, e.g. a
+    regularizer's distillation predictor (``regularizer.parameters()``).
+    SGD (momentum 0.9) uses ``preset.lr * preset.batch_size / 256``; AdamW
+    uses ``preset.lr``. Parameters without ``requires_grad`` (BYOL's target)
+    are left out.
+    """
+    params = [p for p in method.parameters() if p.requires_grad]
+    seen = {id(p) for p in params}
+    params += [p for p in extra_params if p.requires_grad and id(p) not in seen]
+    if preset.optimizer == "sgd":
+        lr = preset.lr * preset.batch_size / 256
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=preset.weight_decay)
+    if preset.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=preset.lr, weight_decay=preset.weight_decay)
+    raise ValueError(f"unknown optimizer {preset.optimizer!r}; use 'sgd' or 'adamw'")
+
+
+def ssl_loss(
+    method: SSLMethod,
+    augment: BatchAugment,
+    images_u8: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """SSL loss of ``method`` on one uint8 batch, without any optimizer step.
+
+    Used for the probe-set SSL loss (call under ``torch.no_grad()``; pass a
+    seeded ``generator`` so every evaluation sees the same views) and for
+    gradient-based importance (EWC's Fisher, MAS), where the graph is needed.
+    Runs in fp32 on the method's device, in whatever train/eval mode the
+    method is in (the caller decides how BatchNorm behaves).
+    """
+    device = next(method.parameters()).device
+    augment = augment.to(device)
+    x = images_u8.to(device, non_blocking=True)
+    v1, v2 = augment(x, generator=generator), augment(x, generator=generator)
+    return method(v1, v2).loss

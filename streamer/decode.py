@@ -1,0 +1,365 @@
+"""Turn one untrusted Kafka record value into decoded, resized RGB images.
+
+A value is one encoded image or a tar batch of them (see "Wire format" in ARCHITECTURE.md).
+Everything about it is hostile until checked: the format is sniffed from magic bytes (never
+from headers or names), sizes are bounded before anything is allocated, tar members are read
+in memory (never extracted) and Pillow only ever sees the six allowed formats. Any failure
+raises `RejectedRecord` with one of `REASONS`, so the caller can send the record to the DLQ
+and go on.
+
+Pixel limits come in two tiers:
+- `too_many_pixels`: width*height declared by the header is over `limits.max_pixels` (the
+  operator's setting), checked before any pixel is decoded;
+- `decompression_bomb`: a size over `BOMB_PIXELS`, a hard ceiling no setting can lift. It is
+  Pillow's own guard (`Image.MAX_IMAGE_PIXELS`), set once here at import, never per call
+  (prefetch threads would race); its warning is turned into an error, so Pillow's internal
+  checks (TIFF tiles, ...) reject too.
+
+Functions here keep no state between calls and are safe to call from several threads.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import warnings
+from collections.abc import Iterator
+from pathlib import PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image
+
+from streamer.limits import DecodeLimits
+from streamer.records import DecodedImage, RejectedRecord
+
+REASONS = (
+    "empty",
+    "too_large",
+    "bad_header",
+    "unknown_format",
+    "corrupt_image",
+    "too_many_pixels",
+    "decompression_bomb",
+    "corrupt_tar",
+    "unsafe_tar",
+    "tar_bomb",
+    "empty_tar",
+    "bad_member_json",
+)
+"""Every `RejectedRecord.reason` this module raises (stable: they are metric labels)."""
+
+BOMB_PIXELS = 1 << 27
+"""Hard ceiling on width*height (134M pixels, about 400 MB as RGB), whatever the limits say."""
+
+MAX_HEADERS = 64
+"""Most headers one record (or one tar member's KEY.json) may carry."""
+
+MAX_PAX_BYTES = 512
+"""Largest pax extended header in a tar batch (one block: room for a long or non-ASCII name)."""
+
+# Pillow plugin name for each sniffed format: Image.open never tries any other plugin.
+_PILLOW_FORMATS = {
+    "jpeg": "JPEG",
+    "png": "PNG",
+    "webp": "WEBP",
+    "bmp": "BMP",
+    "tiff": "TIFF",
+    "ppm": "PPM",
+}
+
+# Member suffixes that claim to be an image; their bytes are still sniffed.
+_IMAGE_SUFFIXES = frozenset(
+    {"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "pnm", "gif"}
+)
+
+Image.init()  # register every plugin now, not lazily from several threads at once
+Image.MAX_IMAGE_PIXELS = BOMB_PIXELS
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format of `data` from its magic bytes: an image format, "tar", or None.
+
+    Strong magics come first; "tar" (ustar at offset 257) goes before the two weak
+    ones ("BM", "P6\\n"), which a tar's first member name could start with.
+    """
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if data[257:262] == b"ustar":
+        return "tar"
+    if data.startswith(b"BM"):
+        return "bmp"
+    if data[:1] == b"P" and data[1:2] in (b"2", b"3", b"5", b"6") and data[2:3].isspace():
+        return "ppm"
+    return None
+
+
+def decode_record(
+    value: bytes | None,
+    headers: list[tuple[str, bytes]],
+    limits: DecodeLimits,
+    size: int,
+) -> list[DecodedImage]:
+    """Decode a record value into (3, size, size) uint8 RGB images with their headers.
+
+    Checks run cheapest first: empty, too_large, bad_header, then the format. A tar batch
+    yields one image per image member (any bad member rejects the whole record); a single
+    image yields one. Raises `RejectedRecord` for anything that cannot be trained on.
+    """
+    if not value:
+        raise RejectedRecord("empty", "record has no value")
+    if len(value) > limits.max_record_bytes:
+        raise RejectedRecord(
+            "too_large", f"{len(value)} bytes > max_record_bytes {limits.max_record_bytes}"
+        )
+    record_headers = _decode_headers(headers, limits)
+    fmt = sniff_format(value)
+    if fmt is None:
+        raise RejectedRecord("unknown_format", f"magic bytes {value[:8]!r}")
+    if fmt == "tar":
+        return _decode_tar(value, record_headers, limits, size)
+    image = _decode_image(value, fmt, limits, size)
+    return [DecodedImage(image, value, fmt, None, record_headers)]
+
+
+def _decode_headers(headers: list[tuple[str, bytes]], limits: DecodeLimits) -> dict[str, str]:
+    """Record headers as a dict with lowercased keys; later duplicates win.
+
+    A null header value (allowed by Kafka) reads as "".
+    """
+    if len(headers) > MAX_HEADERS:
+        raise RejectedRecord("bad_header", f"{len(headers)} headers > {MAX_HEADERS}")
+    decoded: dict[str, str] = {}
+    for key, raw in headers:
+        raw = raw or b""
+        if len(key) > limits.max_header_bytes or len(raw) > limits.max_header_bytes:
+            raise RejectedRecord(
+                "bad_header", f"header {key[:64]!r} over {limits.max_header_bytes} bytes"
+            )
+        try:
+            decoded[key.lower()] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RejectedRecord("bad_header", f"header {key[:64]!r} is not UTF-8") from None
+    return decoded
+
+
+def _decode_image(data: bytes, fmt: str, limits: DecodeLimits, size: int) -> torch.Tensor:
+    """Decode one encoded image fully (no truncated images) into a (3, size, size) tensor.
+
+    Pillow raises many exception types on hostile input (OSError, ValueError, SyntaxError,
+    struct.error, ...), so anything it raises becomes `corrupt_image`.
+    """
+    try:
+        with Image.open(io.BytesIO(data), formats=[_PILLOW_FORMATS[fmt]]) as img:
+            _check_pixels(img.size, limits)
+            if fmt == "jpeg":
+                img.draft("RGB", (size, size))  # let libjpeg decode at 1/2..1/8 scale
+            img.load()
+            return _to_tensor(_resize_crop(_to_rgb(img), size))
+    except RejectedRecord:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RejectedRecord("decompression_bomb", str(exc)) from None
+    except Image.UnidentifiedImageError:  # its message holds a memory address
+        raise RejectedRecord("corrupt_image", f"{fmt}: Pillow cannot read the header") from None
+    except Exception as exc:
+        raise RejectedRecord("corrupt_image", f"{fmt}: {type(exc).__name__}: {exc}") from None
+
+
+def _check_pixels(dims: tuple[int, int], limits: DecodeLimits) -> None:
+    """Reject an empty, oversized or bomb-sized image from its declared dimensions."""
+    width, height = dims
+    pixels = width * height
+    if pixels == 0:
+        raise RejectedRecord("corrupt_image", f"empty image {width}x{height}")
+    if pixels > BOMB_PIXELS:
+        raise RejectedRecord("decompression_bomb", f"{width}x{height} > {BOMB_PIXELS} pixels")
+    if pixels > limits.max_pixels:
+        raise RejectedRecord(
+            "too_many_pixels", f"{width}x{height} > max_pixels {limits.max_pixels}"
+        )
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded mode as 8-bit RGB; alpha is dropped, high bit depths are scaled, not clipped."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        return _high_depth_to_l(img).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # Pillow warns on palette transparency straight to RGB
+    return img.convert("RGB")
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    """16/32-bit integer or float grey as 8-bit "L" (Pillow's own convert clips at 255).
+
+    Integers are taken as 16-bit (PNG/TIFF/PPM deep greys); floats are stretched min..max.
+    """
+    pixels = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        pixels = np.nan_to_num(pixels - np.nanmin(pixels))
+        scale = 255.0 / max(float(pixels.max()), 1e-12)
+    else:
+        pixels = np.clip(pixels, 0, 65535)
+        scale = 255.0 / 65535.0
+    return Image.fromarray(np.rint(pixels * scale).astype(np.uint8), mode="L")
+
+
+def _resize_crop(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size`, then the centred size x size square, in one bilinear resize.
+
+    Pillow's resize antialiases when it shrinks; `box` takes the centre square of the source.
+    """
+    width, height = img.size
+    if width == height == size:
+        return img
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    box = (left, top, left + side, top + side)
+    return img.resize((size, size), Image.Resampling.BILINEAR, box=box)
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB image as a contiguous (3, H, W) uint8 tensor."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def _decode_tar(
+    value: bytes, record_headers: dict[str, str], limits: DecodeLimits, size: int
+) -> list[DecodedImage]:
+    """Decode a WebDataset-style tar batch held in memory: `KEY.<image ext>` + `KEY.json`.
+
+    Every member header is checked (count, declared sizes, names, types) before any member
+    is read; then the JSON members are parsed and the images decoded in archive order.
+    """
+    try:
+        with tarfile.open(fileobj=io.BytesIO(value), mode="r:", tarinfo=_BoundedTarInfo) as archive:
+            members = _checked_members(archive, limits)
+            images = [(key, m) for key, suffix, m in members if suffix in _IMAGE_SUFFIXES]
+            if not images:
+                raise RejectedRecord("empty_tar", "no image members")
+            key_headers = {
+                key: _member_json(_read_member(archive, m), key, limits)
+                for key, suffix, m in members
+                if suffix == "json"
+            }
+            merged = {key: record_headers | key_headers.get(key, {}) for key, _ in images}
+            return [
+                _decode_member(_read_member(archive, m), key, merged[key], limits, size)
+                for key, m in images
+            ]
+    # tarfile lets some malformed fields through as other errors: a GNU sparse map that is
+    # not numbers (ValueError), an offset too large to seek to (OverflowError), a chain of
+    # hundreds of extended headers (each parsed by a recursive call: RecursionError).
+    except (tarfile.TarError, ValueError, OverflowError, RecursionError) as exc:
+        raise RejectedRecord("corrupt_tar", f"{type(exc).__name__}: {exc}") from None
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses a pax extended header over `MAX_PAX_BYTES` before parsing it.
+
+    CPython before 3.11.10 / 3.12.6 parses pax headers with regular expressions that take
+    quadratic time (CVE-2024-6232): a few MB of crafted header would hold a decode thread
+    for hours. `_proc_pax` is tarfile's (private) hook for those headers.
+    """
+
+    def _proc_pax(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.size > MAX_PAX_BYTES:
+            raise RejectedRecord("unsafe_tar", f"pax header of {self.size} bytes > {MAX_PAX_BYTES}")
+        return super()._proc_pax(archive)
+
+
+def _checked_members(
+    archive: tarfile.TarFile, limits: DecodeLimits
+) -> list[tuple[str, str, tarfile.TarInfo]]:
+    """(key, suffix, member) for each regular file, after checking every member header.
+
+    Stops reading headers as soon as a limit is crossed, so a tar bomb is never walked.
+    Directories are skipped; links, devices, fifos and sparse files are `unsafe_tar`.
+    """
+    files: list[tuple[str, str, tarfile.TarInfo]] = []
+    declared = 0
+    for count, member in enumerate(_iter_members(archive), start=1):
+        if count > limits.max_tar_members:
+            raise RejectedRecord("tar_bomb", f"more than {limits.max_tar_members} members")
+        if member.size < 0:  # tarfile would seek backwards: re-read headers, or fail
+            raise RejectedRecord("corrupt_tar", f"{member.name!r}: size {member.size}")
+        declared += member.size
+        if declared > limits.max_tar_bytes:
+            raise RejectedRecord(
+                "tar_bomb", f"declared member sizes > max_tar_bytes {limits.max_tar_bytes}"
+            )
+        _check_member_safe(member)
+        if member.isfile():
+            files.append((*_split_name(member.name), member))
+    return files
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """WebDataset naming: "dir/KEY.seg.jpg" -> ("dir/KEY", "jpg") (key ends at the first dot
+    of the file name; the suffix that counts is the last one, lowercased)."""
+    head, slash, base = name.rpartition("/")
+    stem, _, suffix = base.partition(".")
+    return head + slash + stem, suffix.rpartition(".")[2].lower()
+
+
+def _iter_members(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The archive's member headers, read one at a time (never all up front)."""
+    while (member := archive.next()) is not None:
+        yield member
+
+
+def _check_member_safe(member: tarfile.TarInfo) -> None:
+    """Reject a member that tarfile's "data" extraction filter would refuse, and more.
+
+    The record is never extracted, but a batch that would be unsafe to extract is hostile.
+    Stricter than the filter: no links at all (a batch has no use for them) and no
+    backslashes (a Windows path separator).
+    """
+    if not (member.isfile() or member.isdir()) or member.issparse():
+        raise RejectedRecord("unsafe_tar", f"{member.name!r}: not a regular file or directory")
+    path = PurePosixPath(member.name)
+    if path.is_absolute() or ".." in path.parts or "\\" in member.name:
+        raise RejectedRecord("unsafe_tar", f"{member.name!r}: path leaves the archive")
+
+
+def _read_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """A regular member's bytes, read from the in-memory archive."""
+    stream = archive.extractfile(member)
+    assert stream is not None, "extractfile returns None only for non-files"
+    return stream.read()
+
+
+def _member_json(data: bytes, key: str, limits: DecodeLimits) -> dict[str, str]:
+    """Per-sample headers from `KEY.json`: a JSON object of string values, as header rules."""
+    try:
+        parsed = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise RejectedRecord("bad_member_json", f"{key}.json: {exc}") from None
+    if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
+        raise RejectedRecord("bad_member_json", f"{key}.json: not an object of strings")
+    try:
+        return _decode_headers([(k, v.encode("utf-8")) for k, v in parsed.items()], limits)
+    except UnicodeEncodeError as exc:  # a lone surrogate such as "\ud800"
+        raise RejectedRecord("bad_member_json", f"{key}.json: {exc}") from None
+    except RejectedRecord as exc:
+        raise RejectedRecord("bad_member_json", f"{key}.json: {exc.detail}") from None
+
+
+def _decode_member(
+    data: bytes, key: str, headers: dict[str, str], limits: DecodeLimits, size: int
+) -> DecodedImage:
+    """Decode one image member (a nested tar is not an image: `unknown_format`)."""
+    fmt = sniff_format(data)
+    if fmt is None or fmt == "tar":
+        raise RejectedRecord("unknown_format", f"member {key!r}: magic bytes {data[:8]!r}")
+    return DecodedImage(_decode_image(data, fmt, limits, size), data, fmt, key, headers)

@@ -1,0 +1,212 @@
+"""Built-in data sets from installed packages, each a distinct visual domain.
+
+digits    scikit-learn's 8x8 digits upscaled to 32x32 PNG; label = the digit.
+fashion   Fashion-MNIST test split (10,000 28x28 PNG, Debian dataset-fashion-mnist);
+          `fashion-train` is the 60,000-image training split; label = class name.
+textures  64x64 crops of GIMP patterns (Debian gimp-data) and of scikit-image's brick,
+          grass and gravel; label = pattern family (folder) or pattern name.
+photos    128x128 JPEG crops of OpenCV's sample photos (scaled to <= 512 px) (Debian opencv-doc) and of
+          scikit-image's photos; label = source photo name.
+
+Order and crops are seeded, so every run yields the same items with the same keys.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from streamer.sources import Item, MissingDataError
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+GIMP_PATTERNS = Path("/usr/share/gimp/2.0/patterns")
+OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
+FASHION_CLASSES = (
+    "tshirt", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle_boot",
+)  # fmt: skip
+SKIMAGE_TEXTURES = ("brick", "grass", "gravel")
+SKIMAGE_PHOTOS = (
+    "astronaut", "camera", "chelsea", "coffee", "coins",
+    "hubble_deep_field", "immunohistochemistry", "moon", "rocket", "retina",
+)  # fmt: skip
+SEED = 0
+PHOTO_MAX_SIDE = 512  # photos are scaled down to this first, so crops show whole objects
+
+
+def _require(path: Path, package: str) -> None:
+    if not path.is_dir():
+        raise MissingDataError(f"{path} is missing: run `apt-get install {package}`")
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _jpeg(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _rgb(pixels: np.ndarray) -> np.ndarray:
+    """uint8 HxWx3 from grey, grey+alpha, RGB or RGBA pixels (alpha dropped)."""
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pixels.shape[2] in (2, 4):
+        pixels = pixels[:, :, :-1]
+    return np.ascontiguousarray(np.broadcast_to(pixels, (*pixels.shape[:2], 3)), dtype=np.uint8)
+
+
+def digits() -> Iterator[Item]:
+    """scikit-learn's 1,797 handwritten digits, 32x32 grey PNG."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    for i, (pixels, target) in enumerate(zip(data.images, data.target, strict=True)):
+        image = Image.fromarray((pixels * (255 / 16)).round().astype(np.uint8))
+        pixels32 = np.asarray(image.resize((32, 32), Image.BILINEAR))
+        yield Item(_png(pixels32), "png", str(target), f"digits-{i:06d}")
+
+
+def _idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format): big-endian magic with the rank, sizes, uint8 data."""
+    with gzip.open(path, "rb") as file:
+        data = file.read()
+    rank = data[3]
+    shape = struct.unpack(f">{rank}I", data[4 : 4 + 4 * rank])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(shape)
+
+
+def fashion(split: str = "t10k") -> Iterator[Item]:
+    """Fashion-MNIST `split` ("t10k" or "train"), 28x28 grey PNG."""
+    _require(FASHION_DIR, "dataset-fashion-mnist")
+    images = _idx(FASHION_DIR / f"{split}-images-idx3-ubyte.gz")
+    labels = _idx(FASHION_DIR / f"{split}-labels-idx1-ubyte.gz")
+    prefix = "fashion" if split == "t10k" else f"fashion-{split}"
+    return (
+        Item(_png(pixels), "png", FASHION_CLASSES[label], f"{prefix}-{i:06d}")
+        for i, (pixels, label) in enumerate(zip(images, labels, strict=True))
+    )
+
+
+def read_gimp_pattern(data: bytes) -> np.ndarray:
+    """Pixels (HxWxC uint8) of a GIMP .pat file.
+
+    Header (big-endian u32s): header size, version (1), width, height, bytes per pixel,
+    magic "GPAT", then the NUL-terminated name up to the header size; raw pixels follow.
+    """
+    header_size, version, width, height, depth = struct.unpack(">5I", data[:20])
+    if data[20:24] != b"GPAT" or version != 1 or depth not in (1, 2, 3, 4):
+        raise ValueError("not a GIMP pattern (version 1, GPAT)")
+    pixels = np.frombuffer(data, dtype=np.uint8, count=width * height * depth, offset=header_size)
+    return pixels.reshape(height, width, depth)
+
+
+def _crop(pixels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A random size x size crop; a smaller image is tiled first (patterns are seamless)."""
+    height, width = pixels.shape[:2]
+    if height < size or width < size:
+        pixels = np.tile(pixels, (-(-size // height), -(-size // width), 1))
+        height, width = pixels.shape[:2]
+    y = rng.integers(0, height - size + 1)
+    x = rng.integers(0, width - size + 1)
+    return pixels[y : y + size, x : x + size]
+
+
+def _skimage(names: tuple[str, ...]) -> list[tuple[str, np.ndarray]]:
+    """scikit-image's bundled images by name, skipping any this install lacks."""
+    import skimage.data
+
+    found = []
+    for name in names:
+        try:
+            found.append((name, _rgb(getattr(skimage.data, name)())))
+        except (AttributeError, OSError, ValueError):
+            continue
+    return found
+
+
+def _round_robin(
+    sources: list[tuple[str, np.ndarray]],
+    rounds: int,
+    prefix: str,
+    ext: str,
+    crop: Callable[[np.ndarray, np.random.Generator], bytes],
+) -> Iterator[Item]:
+    """`rounds` crops of each (label, pixels), interleaved so any prefix mixes labels."""
+    rng = np.random.default_rng(SEED)
+    for r in range(rounds):
+        for j, (label, pixels) in enumerate(sources):
+            yield Item(crop(pixels, rng), ext, label, f"{prefix}-{r * len(sources) + j:06d}")
+
+
+def textures(rounds: int = 16, size: int = 64) -> Iterator[Item]:
+    """64x64 PNG crops of every GIMP pattern and three scikit-image textures."""
+    _require(GIMP_PATTERNS, "gimp-data")
+    sources = []
+    for path in sorted(GIMP_PATTERNS.rglob("*.pat")):
+        family = path.parent.name if path.parent != GIMP_PATTERNS else path.stem
+        sources.append((family.lower(), _rgb(read_gimp_pattern(path.read_bytes()))))
+    sources += _skimage(SKIMAGE_TEXTURES)
+    return _round_robin(
+        sources, rounds, "textures", "png", lambda p, rng: _png(_crop(p, size, rng))
+    )
+
+
+def _shrink(image: Image.Image, longest: int = PHOTO_MAX_SIDE) -> np.ndarray:
+    """RGB pixels with the longer side at most `longest` (JPEGs decode scaled down: fast)."""
+    image.draft("RGB", (longest, longest))
+    image = image.convert("RGB")
+    image.thumbnail((longest, longest), Image.BILINEAR)
+    return np.asarray(image)
+
+
+def photos(rounds: int = 16, size: int = 128) -> Iterator[Item]:
+    """128x128 JPEG crops (a random quarter to all of the short side) of sample photos."""
+    _require(OPENCV_DATA, "opencv-doc")
+    sources = []
+    for path in sorted(OPENCV_DATA.iterdir()):
+        if path.suffix.lower() in (".jpg", ".png"):
+            with Image.open(path) as image:
+                sources.append((path.stem.lower(), _shrink(image)))
+    sources += [
+        (name, _shrink(Image.fromarray(pixels))) for name, pixels in _skimage(SKIMAGE_PHOTOS)
+    ]
+
+    def crop(pixels: np.ndarray, rng: np.random.Generator) -> bytes:
+        short = min(pixels.shape[:2])
+        side = max(min(size, short), int(short * rng.uniform(0.25, 1.0)))
+        region = Image.fromarray(_crop(pixels, side, rng)).resize((size, size), Image.BILINEAR)
+        return _jpeg(np.asarray(region))
+
+    return _round_robin(sources, rounds, "photos", "jpg", crop)
+
+
+BUILTINS: dict[str, tuple[Callable[[], Iterator[Item]], Path | None]] = {
+    "digits": (digits, None),
+    "fashion": (fashion, FASHION_DIR),
+    "fashion-train": (lambda: fashion("train"), FASHION_DIR),
+    "textures": (textures, GIMP_PATTERNS),
+    "photos": (photos, OPENCV_DATA),
+}
+
+
+def available_builtins() -> list[str]:
+    """Names of the built-in data sets whose data is installed."""
+    return [name for name, (_, data) in BUILTINS.items() if data is None or data.is_dir()]
+
+
+def builtin(name: str) -> Iterator[Item]:
+    """Items of built-in data set `name`; MissingDataError names the package to install."""
+    if name not in BUILTINS:
+        raise ValueError(f"unknown builtin {name!r}; known: {', '.join(BUILTINS)}")
+    return BUILTINS[name][0]()

@@ -1,0 +1,141 @@
+"""Image sources for `tailord produce`: builtins, directories, tar archives."""
+
+from __future__ import annotations
+
+import io
+import struct
+import tarfile
+from itertools import islice
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from streamer.decode import decode_record, sniff_format
+from streamer.limits import DecodeLimits
+from streamer.produce import produce
+from streamer.sources import MissingDataError, open_source
+from streamer.sources import builtin as builtin_module
+from streamer.sources.builtin import (
+    BUILTINS,
+    available_builtins,
+    builtin,
+    read_gimp_pattern,
+)
+from streamer.sources.directory import directory
+from streamer.sources.tarball import tarball
+
+PACKAGES = {"fashion": "dataset-fashion-mnist", "textures": "gimp-data", "photos": "opencv-doc"}
+FORMATS = {"png": "png", "jpg": "jpeg"}
+
+
+def encoded(fmt: str, shade: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (6, 5), (shade, 0, 0)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "count", "some_labels"),
+    [
+        ("digits", 60, {str(d) for d in range(10)}),
+        ("fashion", 60, {"ankle_boot", "tshirt", "trouser"}),
+        ("textures", 180, {"3dweave", "stone", "wood", "brick", "grass", "gravel"}),
+        ("photos", 120, {"baboon", "happyfish", "astronaut", "coffee"}),
+    ],
+)
+def test_builtin_yields_decodable_labelled_images(name: str, count: int, some_labels: set) -> None:
+    if name not in available_builtins():
+        pytest.skip(f"apt-get install {PACKAGES[name]} to test builtin:{name}")
+    items = list(islice(builtin(name), count))
+    assert len(items) == count
+    assert len({item.key for item in items}) == count
+    assert all(item.key.startswith(f"{name}-") for item in items)
+    assert some_labels <= {item.label for item in items}
+    for item in items[:10]:
+        assert sniff_format(item.encoded) == FORMATS[item.fmt_ext]
+        (image,) = decode_record(item.encoded, [], DecodeLimits(), 32)
+        assert tuple(image.image.shape) == (3, 32, 32)
+
+
+@pytest.mark.parametrize("name", ["digits", "textures"])
+def test_builtin_is_deterministic(name: str) -> None:
+    if name not in available_builtins():
+        pytest.skip(f"apt-get install {PACKAGES[name]} to test builtin:{name}")
+    first, second = (list(islice(builtin(name), 5)) for _ in range(2))
+    assert first == second
+
+
+def test_digit_labels_match_the_data_set() -> None:
+    assert [item.label for item in islice(builtin("digits"), 10)] == [str(i) for i in range(10)]
+
+
+def test_missing_package_names_the_install_command(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(builtin_module, "FASHION_DIR", tmp_path / "absent")
+    with pytest.raises(MissingDataError, match="apt-get install dataset-fashion-mnist"):
+        builtin("fashion")
+    monkeypatch.setattr(builtin_module, "GIMP_PATTERNS", tmp_path / "absent")
+    with pytest.raises(MissingDataError, match="apt-get install gimp-data"):
+        builtin("textures")
+
+
+def test_unknown_builtin_and_source() -> None:
+    with pytest.raises(ValueError, match="known: digits"):
+        builtin("nope")
+    with pytest.raises(ValueError, match="neither builtin:NAME"):
+        open_source("/no/such/place")
+    with pytest.raises(ValueError, match="neither builtin:NAME"):
+        produce("/no/such/place", "t", "127.0.0.1:1")
+    assert set(available_builtins()) <= set(BUILTINS)
+
+
+def test_gimp_pattern_reader() -> None:
+    name = b"tiny\0"
+    header = struct.pack(">5I", 24 + len(name), 1, 3, 2, 3) + b"GPAT" + name
+    pixels = bytes(range(18))
+    array = read_gimp_pattern(header + pixels)
+    assert array.shape == (2, 3, 3)
+    assert array[1, 2].tolist() == [15, 16, 17]
+    with pytest.raises(ValueError, match="GPAT"):
+        read_gimp_pattern(header.replace(b"GPAT", b"XXXX") + pixels)
+
+
+def test_directory_labels_first_level_folders(tmp_path) -> None:
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "dog" / "deep").mkdir(parents=True)
+    (tmp_path / "cat" / "a.png").write_bytes(encoded("png", 1))
+    (tmp_path / "dog" / "deep" / "b.JPG").write_bytes(encoded("jpeg", 2))
+    (tmp_path / "c.bmp").write_bytes(encoded("bmp", 3))
+    (tmp_path / "notes.txt").write_text("not an image")
+    items = list(directory(tmp_path))
+    assert [(i.key, i.fmt_ext, i.label) for i in items] == [
+        ("c", "bmp", None),
+        ("cat/a", "png", "cat"),
+        ("dog/deep/b", "jpg", "dog"),
+    ]
+    assert items[1].encoded == encoded("png", 1)
+    source = open_source(str(tmp_path))
+    assert source.name == tmp_path.name
+
+
+def test_tarball_reads_image_members(tmp_path) -> None:
+    path = tmp_path / "set.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in [
+            ("./x/1.png", encoded("png")),
+            ("2.webp", encoded("webp")),
+            ("r.txt", b"t"),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("y/3.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        archive.addfile(link)
+    items = list(tarball(path))
+    assert [(i.key, i.fmt_ext, i.label) for i in items] == [
+        ("x/1", "png", "x"),
+        ("2", "webp", None),
+    ]
+    assert np.asarray(Image.open(io.BytesIO(items[0].encoded))).shape == (5, 6, 3)
+    assert open_source(str(path)).name == "set"
