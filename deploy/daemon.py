@@ -223,6 +223,7 @@ def run(settings: Settings) -> int:
                 if len(images) + (len(replay) if replay is not None else 0) < 2:
                     images = images.repeat(2, 1, 1, 1)  # BatchNorm needs two samples; a lone straggler
                 result = learner.step(images, replay)
+                rate.images_stepped += result.images
                 if result.skipped:
                     progress.steps_skipped += 1
                     metrics.steps_skipped.inc()
@@ -269,7 +270,9 @@ def run(settings: Settings) -> int:
         source.close()
         if broker is not None:
             broker.stop()
-    log.info("stopped", exit_code=exit_code, images_total=progress.images_total)
+    log.info("stopped", exit_code=exit_code, images_total=progress.images_total,
+             images_stepped=rate.images_stepped, train_seconds=round(rate.elapsed(), 3),
+             images_per_second_overall=round(rate.images_stepped / max(rate.elapsed(), 1e-9), 2))
     return exit_code
 
 
@@ -347,9 +350,20 @@ class Throughput:
         self.window_s = window_s
         self.events: deque[tuple[float, int]] = deque()
         self.value = 0.0
+        self.images_stepped = 0  # stream + replay images through the step, this process
+        self.first_at: float | None = None  # when the first step of this process ended
+        self.last_at: float | None = None
+
+    def elapsed(self) -> float:
+        """Seconds from the end of the first step to the end of the last (0 before two steps)."""
+        return (self.last_at - self.first_at) if self.first_at is not None and self.last_at else 0.0
 
     def update(self, images: int) -> float:
         now = time.monotonic()
+        if self.first_at is None:
+            self.first_at = now
+            self.images_stepped = 0  # the first step includes warm-up; measure from its end
+        self.last_at = now
         self.events.append((now, images))
         while len(self.events) > 2 and now - self.events[0][0] > self.window_s:
             self.events.popleft()

@@ -1,0 +1,105 @@
+"""Daemon throughput through the real broker vs the bare train step, same model and batch.
+
+1. bare: `TrainStep` on tensors already in memory (stream part + replay part, as the daemon).
+2. daemon: an embedded broker is filled with real images first, then `tailord run` consumes
+   them (decode, prefetch, probes, replay, experience ends, checkpoints) and exits when idle;
+   its own log reports images through the step and the seconds from first to last step.
+
+The last line printed is one JSON object. Run: `python benchmarks/stream_efficiency.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def bare_images_per_second(preset_name: str, method: str, batch_size: int, steps: int, device: str) -> float:
+    """Images/s of the train step alone (the daemon's batch: stream + replay images)."""
+    from learners.augment import BatchAugment
+    from learners.backbones import ResNet18
+    from learners.device import pick_device
+    from learners.methods import build_method
+    from learners.presets import PRESETS
+    from learners.train_step import TrainStep, build_optimizer
+
+    torch.manual_seed(0)
+    dev = pick_device(device)
+    preset = PRESETS[preset_name]
+    model = build_method(method, ResNet18(**preset.backbone_kwargs)).to(dev)
+    step = TrainStep(model, BatchAugment(preset.resolution).to(dev), build_optimizer(model, preset), dev,
+                     amp=dev.type == "cuda", channels_last=True)
+    half = batch_size // 2
+    images = torch.randint(0, 256, (half, 3, preset.resolution, preset.resolution), dtype=torch.uint8)
+    replay = torch.randint(0, 256, (batch_size - half, 3, preset.resolution, preset.resolution), dtype=torch.uint8)
+    for _ in range(3):
+        step(images, replay)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step(images, replay)
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def daemon_run(images_per_domain: int, preset: str, method: str, batch_size: int, device: str,
+               experience_images: int) -> dict:
+    """Fill a broker, run the daemon over it until idle, return its own throughput report."""
+    from streamer.broker import EmbeddedBroker
+    from streamer.produce import produce
+
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
+        topic = "bench"
+        for source in ("builtin:digits", "builtin:fashion"):
+            produce(source, topic, broker.bootstrap, None, images_per_domain, batch=8, progress=False)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TAILORD_")}
+        env.update({"TAILORD_BOOTSTRAP_SERVERS": broker.bootstrap, "TAILORD_TOPIC": topic,
+                    "TAILORD_STATE_DIR": str(Path(tmp) / "state"), "TAILORD_HTTP_PORT": "0",
+                    "TAILORD_PRESET": preset, "TAILORD_METHOD": method, "TAILORD_BATCH_SIZE": str(batch_size),
+                    "TAILORD_DEVICE": device, "TAILORD_EXPERIENCE_IMAGES": str(experience_images),
+                    "TAILORD_EXIT_WHEN_IDLE_S": "3", "TAILORD_LOG_FORMAT": "json"})
+        proc = subprocess.run([sys.executable, "-m", "deploy.cli", "run"], env=env, capture_output=True,
+                              text=True, timeout=3600)
+        events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+        stopped = [e for e in events if e.get("event") == "stopped"]
+        if proc.returncode != 0 or not stopped:
+            raise SystemExit(f"daemon failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        checkpoints = [e for e in events if e.get("event") == "checkpoint"]
+        return {"images_per_second": stopped[-1]["images_per_second_overall"],
+                "images_stepped": stopped[-1]["images_stepped"], "train_seconds": stopped[-1]["train_seconds"],
+                "stream_images_trained": stopped[-1]["images_total"], "checkpoints": len(checkpoints),
+                "checkpoint_seconds": round(sum(e["seconds"] for e in checkpoints), 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--method", default="simsiam")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--images-per-domain", type=int, default=2500)
+    parser.add_argument("--experience-images", type=int, default=2000)
+    parser.add_argument("--bare-steps", type=int, default=60)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    bare = bare_images_per_second(args.preset, args.method, args.batch_size, args.bare_steps, args.device)
+    daemon = daemon_run(args.images_per_domain, args.preset, args.method, args.batch_size, args.device,
+                        args.experience_images)
+    print(json.dumps({
+        "daemon_images_per_second": daemon["images_per_second"],
+        "bare_step_images_per_second": round(bare, 2),
+        "ratio": round(daemon["images_per_second"] / bare, 3),
+        "daemon": daemon,
+        "config": {**vars(args), "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+                   "loadavg_1m": os.getloadavg()[0]},
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Forgetting metrics end to end: three labelled domains -> R rows on /metrics, kept across a restart."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+
+import pytest
+
+from tests.e2e.daemon_proc import DaemonProcess
+from tests.e2e.streams import metric, produce
+from tests.kafka_fixtures import unique_topic
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def knn_series(text: str) -> dict[str, float]:
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r'^tailord_knn_accuracy{probe_experience="(\d+)"} (\S+)$', text, re.M)}
+
+
+@pytest.mark.parametrize("strategy", ["replay+distill"])
+def test_three_domains_forgetting_metrics_survive_restart(broker, tmp_path, strategy):
+    topic = unique_topic("continual")
+    for source in ("builtin:digits", "builtin:fashion", "builtin:textures"):
+        produce(broker.bootstrap, topic, source, 120, batch=8)
+    state = tmp_path / "state"
+    settings = dict(experience_images=100_000, probe_fraction=0.25, batch_size=32, strategy=strategy,
+                    checkpoint_interval_s=3600)
+    daemon = DaemonProcess(state, broker.bootstrap, topic, **settings).start()
+    try:
+        # digits and fashion end on the domain change; textures stays the experience in progress
+        daemon.wait_for(lambda: daemon.status().get("experience", 0) >= 3, 300, "two finished experiences")
+        text = daemon.metrics()
+        assert set(knn_series(text)) == {"1", "2"}
+        assert all(0.0 <= v <= 1.0 for v in knn_series(text).values())
+        for name in ("tailord_average_forgetting", "tailord_backward_transfer",
+                     'tailord_representation_drift_cka{probe_experience="1"}',
+                     'tailord_probe_ssl_loss{probe_experience="2"}'):
+            assert name in text, name
+        forgetting = metric(text, "tailord_average_forgetting")
+        matrix = json.loads((state / "metrics" / "accuracy_matrix.json").read_text())
+        assert len(matrix["R"]) == 2 and len(matrix["R"][1]) == 2
+        assert forgetting == pytest.approx(matrix["R"][0][0] - matrix["R"][1][0], abs=1e-6)
+        assert metric(text, "tailord_backward_transfer") == pytest.approx(matrix["R"][1][0] - matrix["R"][0][0],
+                                                                          abs=1e-6)
+        assert metric(text, "tailord_regularizer_penalty") >= 0
+        assert daemon.stop(signal.SIGTERM) == 0
+    finally:
+        daemon.kill()
+
+    daemon = DaemonProcess(state, broker.bootstrap, topic, **settings).start()
+    try:
+        text = daemon.metrics()
+        assert knn_series(text) == pytest.approx({"1": matrix["R"][1][0], "2": matrix["R"][1][1]})
+        assert metric(text, "tailord_average_forgetting") == pytest.approx(forgetting)
+        assert daemon.stop(signal.SIGTERM) == 0
+    finally:
+        daemon.kill()
