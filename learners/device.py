@@ -9,6 +9,8 @@ development machine, ResNet-18 width 16 at 32 px, batch 64, SimSiam step:
 
 On CUDA both are on: bf16 autocast uses the tensor cores and needs no loss
 scaling, and channels_last is the layout cuDNN's fast convolutions use.
+Measured on one H100, ResNet-18 at 224 px, batch 256, SimSiam step: fp32
+~2.2k images/s, bf16 ~2.4k, channels_last ~3.3k, both ~4.4k.
 """
 
 from __future__ import annotations

@@ -40,12 +40,15 @@ CPU = Preset(
     weight_decay=5e-4,
     description="""ResNet-18 at width 16 (features 128-d), CIFAR stem at stride 1, 32 px, batch 64.
 
-Measured bare SimSiam train step (2 augmented views, fwd + bwd + SGD,
-channels_last, fp32) on 2 AVX2 cores, mostly idle: ~250 images/s
-(200 contiguous). Width 64 is ~14 images/s and width 32 with stem stride 2
-~230 images/s; cutting width keeps the full 32x32 feature map of the stem
-(CIFAR-style SSL relies on it), so width 16 / stride 1 is the smallest
-reduction meeting 200 images/s with headroom. lr/wd follow SimSiam's CIFAR
+Bare SimSiam train step (2 augmented views, fwd + bwd + SGD, channels_last,
+fp32; benchmarks/train_step.py), 2 cores, machine otherwise idle:
+~245-255 images/s on the dev AMD EPYC (AVX2; ~200 without channels_last),
+~210-245 on a Xeon pinned to 2 cores. For comparison the width-64 CIFAR
+ResNet-18 does ~14-17 images/s and width 32 with stem stride 2 ~235.
+Cutting width keeps the full 32x32 map after the stem (which CIFAR-size SSL
+relies on), so width 16 / stride 1 is the smallest reduction reaching
+200 images/s with ~25% headroom. Other busy processes lower this a lot
+(oversubscribed OpenMP threads). lr/wd follow SimSiam's CIFAR
 recipe (base lr 0.06 per 256 images, weight decay 5e-4).""",
 )
 
@@ -58,7 +61,9 @@ GPU = Preset(
     weight_decay=1e-4,
     description="""Standard ResNet-18 (torchvision shapes, 512-d features), ImageNet stem, 224 px, batch 256.
 
-SimSiam's ImageNet recipe: SGD, base lr 0.05 per 256 images, weight decay 1e-4.""",
+Bare SimSiam train step on one H100 (bf16 autocast, channels_last): ~4.4k
+images/s (~5.7k with torch.compile; fp32 contiguous ~2.2k). SimSiam's
+ImageNet recipe: SGD, base lr 0.05 per 256 images, weight decay 1e-4.""",
 )
 
 PRESETS: dict[str, Preset] = {"cpu": CPU, "gpu": GPU}

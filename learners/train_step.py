@@ -109,8 +109,8 @@ class TrainStep:
             [out.loss.detach().float(), penalty.detach().float(), total.detach()]
         ).tolist()
         if not math.isfinite(total_value):
-            # Never let a NaN/inf reach the weights (or a checkpoint): drop this step.
-            self.optimizer.zero_grad(set_to_none=True)
+            # Never let a NaN/inf reach the weights (or a checkpoint): no backward, no step
+            # (gradients are still None from the zero_grad above).
             return StepResult(loss, penalty_value, len(x), True, time.perf_counter() - start)
 
         total.backward()

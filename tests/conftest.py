@@ -4,4 +4,4 @@ import torch
 
 from tests.kafka_fixtures import broker  # noqa: F401 - a fixture
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tests share 2 cores with daemon subprocesses
