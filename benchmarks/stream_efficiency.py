@@ -48,22 +48,46 @@ def bare_images_per_second(preset_name: str, method: str, batch_size: int, steps
     return steps * batch_size / (time.perf_counter() - started)
 
 
+def write_photo_jpegs(folder: Path, count: int, side: int = 256) -> Path:
+    """`count` JPEG crops (side x side, quality 90) of scikit-image's sample photos: a stream
+    whose decode cost is that of real camera images, for the 224 px GPU preset."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    photos = [np.asarray(Image.fromarray(getattr(skimage.data, name)()).convert("RGB"))
+              for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")]
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        crop = rng.integers(side // 2, min(photo.shape[:2]) + 1)
+        y, x = rng.integers(0, photo.shape[0] - crop + 1), rng.integers(0, photo.shape[1] - crop + 1)
+        image = Image.fromarray(photo[y:y + crop, x:x + crop]).resize((side, side), Image.BILINEAR)
+        image.save(folder / f"photo-{i:06d}.jpg", quality=90)
+    return folder
+
+
 def daemon_run(images_per_domain: int, preset: str, method: str, batch_size: int, device: str,
-               experience_images: int) -> dict:
+               experience_images: int, photos: bool, decode_workers: int) -> dict:
     """Fill a broker, run the daemon over it until idle, return its own throughput report."""
     from streamer.broker import EmbeddedBroker
     from streamer.produce import produce
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
         topic = "bench"
-        for source in ("builtin:digits", "builtin:fashion"):
-            produce(source, topic, broker.bootstrap, None, images_per_domain, batch=8, progress=False)
+        sources = [str(write_photo_jpegs(Path(tmp) / "photos", 2 * images_per_domain))] if photos else \
+            ["builtin:digits", "builtin:fashion"]
+        for source in sources:
+            produce(source, topic, broker.bootstrap, None, images_per_domain * (2 if photos else 1), batch=16,
+                    progress=False)
         env = {k: v for k, v in os.environ.items() if not k.startswith("TAILORD_")}
         env.update({"TAILORD_BOOTSTRAP_SERVERS": broker.bootstrap, "TAILORD_TOPIC": topic,
                     "TAILORD_STATE_DIR": str(Path(tmp) / "state"), "TAILORD_HTTP_PORT": "0",
                     "TAILORD_PRESET": preset, "TAILORD_METHOD": method, "TAILORD_BATCH_SIZE": str(batch_size),
                     "TAILORD_DEVICE": device, "TAILORD_EXPERIENCE_IMAGES": str(experience_images),
-                    "TAILORD_EXIT_WHEN_IDLE_S": "3", "TAILORD_LOG_FORMAT": "json"})
+                    "TAILORD_EXIT_WHEN_IDLE_S": "3", "TAILORD_LOG_FORMAT": "json",
+                    "TAILORD_DECODE_WORKERS": str(decode_workers)})
         proc = subprocess.run([sys.executable, "-m", "deploy.cli", "run"], env=env, capture_output=True,
                               text=True, timeout=3600)
         events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
@@ -86,11 +110,13 @@ def main() -> None:
     parser.add_argument("--experience-images", type=int, default=2000)
     parser.add_argument("--bare-steps", type=int, default=60)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--photos", action="store_true", help="stream 256 px JPEG photo crops (GPU preset)")
+    parser.add_argument("--decode-workers", type=int, default=1)
     args = parser.parse_args()
 
     bare = bare_images_per_second(args.preset, args.method, args.batch_size, args.bare_steps, args.device)
     daemon = daemon_run(args.images_per_domain, args.preset, args.method, args.batch_size, args.device,
-                        args.experience_images)
+                        args.experience_images, args.photos, args.decode_workers)
     print(json.dumps({
         "daemon_images_per_second": daemon["images_per_second"],
         "bare_step_images_per_second": round(bare, 2),

@@ -62,6 +62,8 @@ def resolve_preset(settings: Settings, device: torch.device) -> Preset:
 def build_learner(settings: Settings) -> Learner:
     """A fresh learner for `settings` (weights from the seed; a checkpoint may overwrite them)."""
     torch.manual_seed(settings.seed)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     device = pick_device(settings.device)
     preset = resolve_preset(settings, device)
     backbone = ResNet18(**preset.backbone_kwargs)
@@ -78,7 +80,7 @@ def build_learner(settings: Settings) -> Learner:
     amp = device.type == "cuda"
     step = TrainStep(method, augment, optimizer, device, amp=amp, channels_last=True, regularizer=regularizer)
     if settings.compile:
-        step.compile()
+        step.method = torch.compile(method)  # same parameters; checkpoints keep using `method`
     return Learner(preset, device, method, augment, eval_transform, regularizer, optimizer, step, use_replay)
 
 

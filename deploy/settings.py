@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     resolution: int | None = Field(None, ge=16, le=1024, description="training resolution; unset: preset")
     lr: float | None = Field(None, gt=0, description="learning rate; unset: preset")
     seed: int = Field(0, description="seed for augmentation, probes and buffers")
+    torch_threads: int | None = Field(None, ge=1, le=256, description="CPU threads for torch; unset: torch's default")
     compile: bool = Field(False, description="torch.compile the model (faster steps, slow start)")
 
     # experiences
