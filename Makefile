@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEB_PACKAGES := dataset-fashion-mnist opencv-doc gimp-data gimp-data-extras prometheus stunnel4
 
-.PHONY: install demo test test-fast lint bench clean data
+.PHONY: install demo test test-fast lint bench clean data docs
 
 install: $(STAMP) data
 
@@ -33,6 +33,9 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow and not e2e" tests
+
+docs: install
+	$(BIN)/python -m deploy.settings --update README.md
 
 lint: install
 	$(BIN)/ruff check .

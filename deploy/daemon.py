@@ -23,6 +23,7 @@ from deploy.metrics import Metrics
 from deploy.probes import ProbeSet, hashed_probe, read_probe_sets, write_probe_set
 from deploy.progress import Progress, read_offsets, write_offsets
 from deploy.service import DaemonService
+from deploy.retention import directory_bytes, prune_checkpoints
 from deploy.settings import Settings
 from replay.balanced import BalancedBuffer
 from replay.buffer import ReservoirBuffer
@@ -164,6 +165,8 @@ def run(settings: Settings) -> int:
         metrics.checkpoint_seconds.observe(elapsed)
         metrics.last_checkpoint_timestamp.set(time.time())
         service.checkpoint_name = saved.name
+        prune_checkpoints(state_dir, settings.keep_experiences, saved.name)
+        metrics.state_dir_bytes.set(directory_bytes(state_dir))
         history.export(state_dir / "metrics", service.throughput)
         prefetcher.request_commit(progress.positions)
         log.info("checkpoint", checkpoint=name, kind=kind, seconds=round(elapsed, 3),

@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     # state and checkpoints
     state_dir: Path = Field(Path("state"), description="where checkpoints, samples, index and metrics live")
     checkpoint_interval_s: float = Field(300, gt=0, description="seconds between mid-experience checkpoints")
+    keep_experiences: int | None = Field(None, ge=1, description="experience checkpoints kept (newest N + snapshot-chosen); unset: all")
     store_max_bytes: int = Field(1024**3, ge=1024, description="disk budget of the sample store")
     index_exact_max: int = Field(200_000, ge=1, description="vectors before the index turns approximate")
     index_kind: Literal["ivf", "hnsw"] = Field("ivf", description="approximate index past index_exact_max")
@@ -152,5 +153,19 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
+def update_readme(path: Path) -> None:
+    """Rewrite the table between the settings-table markers of a README."""
+    text = path.read_text()
+    start, end = "<!-- settings-table -->", "<!-- /settings-table -->"
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    path.write_text(f"{head}{start}\n{settings_table()}\n{end}{tail}")
+
+
 if __name__ == "__main__":
-    print(settings_table())
+    import sys
+
+    if sys.argv[1:2] == ["--update"]:
+        update_readme(Path(sys.argv[2]))
+    else:
+        print(settings_table())

@@ -1,0 +1,75 @@
+"""Checkpoint retention: which checkpoint folders stay on disk as the daemon runs for weeks.
+
+- Interval checkpoints (`exp-000003-step-…`) only matter until the next one: the newest
+  two after the newest experience checkpoint are kept, older ones go.
+- Experience checkpoints (`exp-000003`) are routing candidates for snapshots. With
+  `TAILORD_KEEP_EXPERIENCES=N` the newest N stay, plus every one a snapshot chose.
+  Unset keeps all. The sample store and the index keep the samples of a dropped
+  experience (they still serve retrieval); routing only offers kept checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import structlog
+
+from deploy.checkpoints import list_checkpoints
+
+log = structlog.get_logger()
+KEEP_INTERVAL = 2
+
+
+def is_experience_checkpoint(path: Path) -> bool:
+    return "-step-" not in path.name
+
+
+def chosen_by_snapshots(state_dir: Path) -> set[int]:
+    """Experiences that a stored snapshot was built from (never dropped)."""
+    chosen = set()
+    for manifest in (state_dir / "snapshots").glob("*/manifest.json"):
+        try:
+            experience = json.loads(manifest.read_text()).get("chosen_experience")
+        except (OSError, ValueError):
+            continue
+        if isinstance(experience, int):
+            chosen.add(experience)
+    return chosen
+
+
+def prune_checkpoints(state_dir: Path, keep_experiences: int | None, current: str) -> list[str]:
+    """Delete checkpoints the policy no longer needs; never `current` (the one just written)."""
+    root = state_dir / "checkpoints"
+    folders = list_checkpoints(root)
+    experiences = [p for p in folders if is_experience_checkpoint(p)]
+    newest_experience = experiences[-1].name if experiences else ""
+    intervals = [p for p in folders if not is_experience_checkpoint(p)]
+    drop = [p for p in intervals if p.name < newest_experience]
+    drop += [p for p in intervals if p.name > newest_experience][:-KEEP_INTERVAL]
+    if keep_experiences is not None and len(experiences) > keep_experiences:
+        protected = chosen_by_snapshots(state_dir)
+        drop += [p for p in experiences[:-keep_experiences] if int(p.name.removeprefix("exp-")) not in protected]
+    removed = []
+    for path in drop:
+        if path.name == current:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    if removed:
+        log.info("checkpoints_pruned", removed=removed)
+    return removed
+
+
+def directory_bytes(path: Path) -> int:
+    """Disk use of a folder tree (apparent size of its files)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total
