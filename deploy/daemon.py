@@ -151,15 +151,16 @@ def run(settings: Settings) -> int:
         writers["offsets.json"] = lambda p: write_offsets(p, settings.topic, progress.positions)
         writers["probes.safetensors"] = lambda p: probes.save(p)
         if buffer is not None:
-            writers["replay/.keep"] = lambda p: buffer.save(p.parent)
+            writers["replay/buffer"] = lambda p: buffer.save(p.parent)  # writes replay/buffer.{safetensors,json}
         manifest = {"kind": kind, "experience": finished, "progress": progress.to_json(),
                     "history": history.to_json(), "topic": settings.topic, "strategy": settings.strategy,
                     **learner.describe()}
         try:
             saved = write_checkpoint(ckpt_root, name, writers, manifest)
-        except OSError as exc:
+        except Exception as exc:  # ENOSPC and friends (safetensors wraps them): keep training
             metrics.checkpoint_errors.labels(type(exc).__name__).inc()
-            log.error("checkpoint_failed", checkpoint=name, error=str(exc))
+            log.error("checkpoint_failed", checkpoint=name, error=str(exc),
+                      kept=service.checkpoint_name, note="the previous checkpoint stays valid")
             return
         elapsed = time.perf_counter() - started
         metrics.checkpoint_seconds.observe(elapsed)
@@ -167,7 +168,8 @@ def run(settings: Settings) -> int:
         service.checkpoint_name = saved.name
         prune_checkpoints(state_dir, settings.keep_experiences, saved.name)
         metrics.state_dir_bytes.set(directory_bytes(state_dir))
-        history.export(state_dir / "metrics", service.throughput)
+        if not durable("metrics_export", lambda: history.export(state_dir / "metrics", service.throughput)):
+            metrics.checkpoint_errors.labels("metrics_export").inc()
         prefetcher.request_commit(progress.positions)
         log.info("checkpoint", checkpoint=name, kind=kind, seconds=round(elapsed, 3),
                  images_total=progress.images_total)
@@ -179,7 +181,7 @@ def run(settings: Settings) -> int:
         if learner.regularizer is not None and recent:
             learner.regularizer.on_experience_end(learner.backbone, paired_views_loss(learner),
                                                   paired_views(learner, recent))
-        write_probe_set(probes, state_dir / "metrics" / "probes")
+        durable("probe_set", lambda: write_probe_set(probes, state_dir / "metrics" / "probes"))
         probe_sets[ended] = probes
         row = evaluate_row(learner, probe_sets, ended, state_dir / "metrics" / "probe_features")
         history.add_row(ended, row.accuracy, row.cka, row.probe_loss,
@@ -277,6 +279,16 @@ def run(settings: Settings) -> int:
              images_stepped=rate.images_stepped, train_seconds=round(rate.elapsed(), 3),
              images_per_second_overall=round(rate.images_stepped / max(rate.elapsed(), 1e-9), 2))
     return exit_code
+
+
+def durable(what: str, write) -> bool:
+    """Run a state-dir write; a failure (disk full…) is logged, not fatal: the checkpoint holds the truth."""
+    try:
+        write()
+        return True
+    except Exception as exc:
+        log.error("write_failed", what=what, error=str(exc))
+        return False
 
 
 def kafka_security(settings: Settings) -> dict:

@@ -59,7 +59,10 @@ def evaluate_row(learner: Learner, probe_sets: dict[int, ProbeSet], experience: 
         feats = embed(learner.backbone, images, learner.eval_transform, device=learner.device).cpu()
         ref_path = features_dir / f"exp-{j:06d}.safetensors"
         if j == experience:
-            save_file({"features": feats.contiguous()}, str(ref_path))
+            try:
+                save_file({"features": feats.contiguous()}, str(ref_path))
+            except Exception:  # disk full: this row still gets accuracy and loss, CKA waits
+                ref_path.unlink(missing_ok=True)
         row.accuracy.append(two_fold_knn(feats, probes.labels) if probes.labelled and len(probes) >= 4 else None)
         row.cka.append(linear_cka(feats, load_file(str(ref_path))["features"]) if ref_path.is_file() else None)
         row.probe_loss.append(probe_ssl_loss(learner, images))
