@@ -22,8 +22,8 @@ from deploy.learner import Learner, build_learner, learner_writers, load_learner
 from deploy.metrics import Metrics
 from deploy.probes import ProbeSet, hashed_probe, read_probe_sets, write_probe_set
 from deploy.progress import Progress, read_offsets, write_offsets
-from deploy.service import DaemonService
 from deploy.retention import directory_bytes, prune_checkpoints
+from deploy.service import DaemonService
 from deploy.settings import Settings
 from replay.balanced import BalancedBuffer
 from replay.buffer import ReservoirBuffer
