@@ -5,7 +5,7 @@ Usage::
     reg = Distill(lam=1.0, feature_dim=512)
     optimizer = SGD([*method.parameters(), *reg.parameters()], lr=0.05)
     loss = ssl_loss + reg.penalty(backbone, views, features)
-    ...
+    loss.backward(); optimizer.step()
     reg.on_experience_end(backbone, loss_fn, batches)  # freezes a copy of backbone
     # restart: reg.load_state_dict(load_file("regularizer.safetensors"), backbone=backbone)
 

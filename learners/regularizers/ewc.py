@@ -4,7 +4,7 @@ Usage::
 
     reg = OnlineEWC(lam=100.0, gamma=0.9)
     loss = ssl_loss + reg.penalty(backbone, views, features)
-    ...
+    loss.backward(); optimizer.step()
     reg.on_experience_end(backbone, loss_fn=method_loss_on_views, batches=view_batches)
 
 References: Kirkpatrick et al. 2017 (EWC); Schwarz et al. 2018 (online EWC / progress & compress).

@@ -4,7 +4,7 @@ Usage::
 
     reg = L2(lam=0.01)
     loss = ssl_loss + reg.penalty(backbone, views, features)
-    ...
+    loss.backward(); optimizer.step()
     reg.on_experience_end(backbone, loss_fn, batches)  # only re-anchors
 
 References: the uniform-importance L2 baseline of Kirkpatrick et al. 2017 (EWC).

@@ -4,7 +4,7 @@ Usage::
 
     reg = MAS(lam=1.0)
     loss = ssl_loss + reg.penalty(backbone, views, features)
-    ...
+    loss.backward(); optimizer.step()
     reg.on_experience_end(backbone, loss_fn=method_loss_on_views, batches=view_batches)
 
 References: Aljundi et al. 2018 (Memory Aware Synapses), as implemented in Avalanche's ``MASPlugin``.

@@ -6,7 +6,6 @@ Usage::
     loss = ssl_loss + reg.penalty(backbone, views, features)
     loss.backward(); reg.after_backward(backbone)
     optimizer.step(); reg.after_step(backbone)
-    ...
     reg.on_experience_end(backbone, loss_fn, batches)  # loss_fn/batches unused
 
 References: Zenke, Poole & Ganguli 2017 (Continual Learning Through Synaptic Intelligence).
