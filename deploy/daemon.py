@@ -18,6 +18,7 @@ import torch
 from deploy.checkpoints import clean_temporaries, load_latest, write_checkpoint
 from deploy.evaluate import evaluate_row
 from deploy.history import History
+from deploy.indexer import Indexer
 from deploy.learner import Learner, build_learner, learner_writers, load_learner_state
 from deploy.metrics import Metrics
 from deploy.probes import ProbeSet, hashed_probe, read_probe_sets, write_probe_set
@@ -25,6 +26,7 @@ from deploy.progress import Progress, read_offsets, write_offsets
 from deploy.retention import directory_bytes, prune_checkpoints
 from deploy.service import DaemonService
 from deploy.settings import Settings
+from deploy.snapshots import SnapshotEngine
 from replay.balanced import BalancedBuffer
 from replay.buffer import ReservoirBuffer
 from streamer.broker import EmbeddedBroker
@@ -114,9 +116,23 @@ def run(settings: Settings) -> int:
              preset=learner.preset.name, method=settings.method, strategy=settings.strategy,
              batch_size=learner.preset.batch_size, resolution=learner.preset.resolution)
 
+    # ---- sample store + FAISS index (a background thread), and the snapshot engine on top of them
+    limits = DecodeLimits(max_record_bytes=settings.max_record_bytes, max_pixels=settings.max_pixels)
+
+    def publish_index(sizes: dict[int, int]) -> None:
+        metrics.index_vectors.clear()
+        for version, count in sizes.items():
+            metrics.index_vectors.labels(str(version)).set(count)
+
+    indexer = Indexer(state_dir, settings.store_max_bytes, settings.index_exact_max, settings.index_kind,
+                      learner.backbone.feature_dim, learner.device, learner.preset.resolution, publish_index,
+                      limits=limits, seed=settings.seed)
+    indexer.start()
+    snapshots = SnapshotEngine(state_dir, indexer.store, indexer.index, learner.device,
+                               learner.preset.resolution, metrics, settings.targets_dir, limits)
+
     # ---- stream: seek to the checkpoint's offsets, decode off the training thread
     dlq = DeadLetterQueue.connect(bootstrap, client)
-    limits = DecodeLimits(max_record_bytes=settings.max_record_bytes, max_pixels=settings.max_pixels)
 
     def decode(record: RawRecord):
         return decode_record(record.value, record.headers, limits, learner.preset.resolution)
@@ -138,11 +154,12 @@ def run(settings: Settings) -> int:
     # ---- HTTP: metrics, health, admin
     service = DaemonService(settings, metrics, learner, progress, history, prefetcher, checkpoint_name=checkpoint.name
                             if checkpoint else None)
+    service.indexer, service.snapshots = indexer, snapshots
     server = service.start_http()
     log.info("http_listening", url=f"http://{settings.http_host}:{server.port}", metrics="/metrics",
              admin="/admin/status")
 
-    def save(kind: str) -> None:
+    def save(kind: str) -> bool:
         """Checkpoint everything that must agree: model, optimizer, buffer, probes, progress, offsets."""
         started = time.perf_counter()
         finished = progress.experience - 1
@@ -161,7 +178,7 @@ def run(settings: Settings) -> int:
             metrics.checkpoint_errors.labels(type(exc).__name__).inc()
             log.error("checkpoint_failed", checkpoint=name, error=str(exc),
                       kept=service.checkpoint_name, note="the previous checkpoint stays valid")
-            return
+            return False
         elapsed = time.perf_counter() - started
         metrics.checkpoint_seconds.observe(elapsed)
         metrics.last_checkpoint_timestamp.set(time.time())
@@ -173,6 +190,7 @@ def run(settings: Settings) -> int:
         prefetcher.request_commit(progress.positions)
         log.info("checkpoint", checkpoint=name, kind=kind, seconds=round(elapsed, 3),
                  images_total=progress.images_total)
+        return True
 
     def end_experience() -> None:
         """Close the experience: regularizer statistics, probe set, one row of R, checkpoint."""
@@ -193,7 +211,8 @@ def run(settings: Settings) -> int:
         progress.images_in_experience = 0
         probes = ProbeSet(progress.experience, settings.probe_max_images)
         recent.clear()
-        save("experience")
+        if save("experience"):
+            indexer.new_encoder(ended, ckpt_root / f"exp-{ended:06d}")  # re-embed the store, swap the index
         log.info("experience_end", experience=ended, accuracy=row.accuracy, **history.summary())
 
     # ---- the loop
@@ -217,7 +236,9 @@ def run(settings: Settings) -> int:
                 continue
             last_data = time.monotonic()
             metrics.records_consumed.labels(settings.topic).inc(batch_records(batch))
-            train = split_probes(batch.samples, probes, settings.probe_fraction)
+            train, probe_samples = split_probes(batch.samples, probes, settings.probe_fraction)
+            if probe_samples:
+                submit(indexer, probe_samples, progress.experience, probe=True)
 
             if train and boundary_before(train[0].domain, progress, settings):
                 end_experience()
@@ -243,6 +264,7 @@ def run(settings: Settings) -> int:
                     buffer.add([s.sample_id for s in train], images, [s.domain for s in train])
                     metrics.replay_buffer_images.set(len(buffer))
                 recent.append(images)
+                submit(indexer, train, progress.experience, probe=False)
                 if audit is not None:
                     audit.write("".join(f"{s.sample_id}\n" for s in train))
                     audit.flush()
@@ -269,6 +291,7 @@ def run(settings: Settings) -> int:
         if exit_code == 0:
             save("interval")
         server.stop()
+        indexer.stop()
         if audit is not None:
             audit.close()
         dlq.close()
@@ -336,15 +359,22 @@ def paired_views_loss(learner: Learner):
     return loss
 
 
-def split_probes(samples: list[Sample], probes: ProbeSet, fraction: float) -> list[Sample]:
-    """Put probe samples (header or hash) into the probe set; return the ones to train on."""
-    train = []
+def split_probes(samples: list[Sample], probes: ProbeSet, fraction: float) -> tuple[list[Sample], list[Sample]]:
+    """Put probe samples (header or hash) into the probe set; return (to train on, probes)."""
+    train, held_out = [], []
     for sample in samples:
         if sample.probe or hashed_probe(sample.sample_id, fraction):
             probes.add(sample.sample_id, sample.image, sample.label, sample.domain)
+            held_out.append(sample)
         else:
             train.append(sample)
-    return train
+    return train, held_out
+
+
+def submit(indexer: Indexer, samples: list[Sample], experience: int, probe: bool) -> None:
+    """Hand samples to the sample store / index thread (never blocks training unless far behind)."""
+    indexer.submit([s.sample_id for s in samples], [s.encoded for s in samples], experience,
+                   [s.domain for s in samples], [s.label for s in samples], probes=probe)
 
 
 def boundary_before(domain: str, progress: Progress, settings: Settings) -> bool:

@@ -30,7 +30,8 @@ class DaemonService:
         self.checkpoint_name = checkpoint_name
         self.started_at = time.time()
         self.throughput: list[dict] = []
-        self.snapshots: Any = None  # set by the daemon once the snapshot engine exists
+        self.snapshots: Any = None  # the SnapshotEngine, set by the daemon
+        self.indexer: Any = None  # the Indexer (sample store + FAISS index), set by the daemon
         self._last_point = 0.0
 
     def start_http(self) -> HttpServer:
@@ -95,7 +96,9 @@ class DaemonService:
             "lag": {str(k): v for k, v in lag.items()},
             "broker_reachable": bool(self.stream.reachable()),
             "last_checkpoint": self.checkpoint_name,
-            "index_size": self.snapshots.index_size() if self.snapshots else 0,
+            "index_size": self.indexer.index_size() if self.indexer else 0,
+            "encoder_version": self.indexer.encoder_version if self.indexer else None,
+            "store": self.indexer.store.stats() if self.indexer else None,
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "topic": self.settings.topic,
             "strategy": self.settings.strategy,

@@ -1,7 +1,7 @@
-"""Tiny tailord state dirs for the indexer/snapshot tests: coloured PNGs and width-4 checkpoints.
+"""Tiny tailord state dirs for the indexer/snapshot tests: coloured PNGs and width-8 checkpoints.
 
 Experience N stores noisy images of one colour; `exp-00000N/` holds a SimSiam method
-on `ResNet18(width=4, small_stem=True)` (random weights: colour alone separates the
+on `ResNet18(width=8, small_stem=True)` (random weights: colour alone separates the
 experiences), written with `deploy.checkpoints.write_checkpoint` like the daemon does.
 """
 
@@ -22,7 +22,7 @@ from learners.backbones import ResNet18
 from learners.methods import build_method
 
 RES = 16
-KWARGS = {"width": 4, "small_stem": True, "stem_stride": 1}
+KWARGS = {"width": 8, "small_stem": True, "stem_stride": 1}
 COLOURS = {"red": (210, 40, 40), "green": (40, 190, 40), "blue": (40, 40, 210),
            "dark-blue": (10, 10, 90), "light-blue": (120, 120, 255)}
 

@@ -1,0 +1,371 @@
+"""The indexer: a background thread owning the sample store and the FAISS index of the daemon.
+
+The training loop hands every trained batch (and every probe sample) to `Indexer.submit`;
+the thread writes the encoded bytes to the `SampleStore` and, once an encoder exists,
+embeds the new non-probe samples and adds them to the live `VectorIndex`. After each
+experience checkpoint, `Indexer.new_encoder` makes the thread load that checkpoint's
+backbone (a frozen copy read from disk, never the live training model), re-embed every
+stored non-probe sample, build a new index version to the side and swap it in. The
+encoder version is the experience number of its checkpoint.
+
+Everything runs on one worker thread, so the encoder and the live index version always
+agree; during a re-embed the thread keeps storing (and indexing, with the old encoder)
+new batches between its own batches, so training never waits for a refresh.
+
+Also here, shared with the snapshot engine: finding experience checkpoints, loading an
+encoder from one, and decoding stored bytes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import structlog
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from deploy.checkpoints import MANIFEST, sha256_file
+from learners.augment import EvalTransform
+from learners.backbones import build_backbone
+from learners.evaluation import embed
+from replay.index import VectorIndex
+from replay.store import SampleStore
+from streamer.decode import decode_record
+from streamer.limits import DecodeLimits
+from streamer.records import RejectedRecord
+
+log = structlog.get_logger()
+
+EXPERIENCE_DIR = re.compile(r"^exp-(\d{6})$")
+LOCK_FILE = ".store.lock"
+EMBED_BATCH = 256  # stored samples decoded and embedded at a time during a refresh
+MAX_PENDING = 64  # submitted batches waiting before `submit` blocks (the thread is badly behind)
+
+
+# ---- helpers shared with the snapshot engine
+
+def experience_checkpoints(checkpoint_root: Path) -> dict[int, Path]:
+    """End-of-experience checkpoint folders by experience number (mid-experience ones excluded)."""
+    found: dict[int, Path] = {}
+    if not checkpoint_root.is_dir():
+        return found
+    for path in checkpoint_root.iterdir():
+        match = EXPERIENCE_DIR.match(path.name)
+        if not match or not path.is_dir():
+            continue
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue
+        if manifest.get("kind") == "experience":
+            found[int(match.group(1))] = path
+    return found
+
+
+def read_checkpoint(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The SSL method's weights of a checkpoint and its manifest.
+
+    `model.safetensors` is checked against the manifest's sha256 first: a torn file is refused.
+    """
+    manifest = json.loads((checkpoint_dir / MANIFEST).read_text())
+    weights = checkpoint_dir / "model.safetensors"
+    expected = manifest.get("files", {}).get("model.safetensors")
+    if expected is not None and sha256_file(weights) != expected:
+        raise ValueError(f"{weights}: sha256 does not match its manifest")
+    return load_file(str(weights)), manifest
+
+
+def backbone_from_checkpoint(checkpoint_dir: Path, device: torch.device | str) -> tuple[nn.Module, dict]:
+    """The backbone of a checkpoint (the `backbone.*` weights) in eval mode on `device`, and the manifest."""
+    state, manifest = read_checkpoint(checkpoint_dir)
+    spec = manifest["backbone"]
+    backbone = build_backbone(spec["name"], spec.get("kwargs", {}))
+    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()
+                              if k.startswith("backbone.")})
+    return backbone.to(device).eval(), manifest
+
+
+@dataclass
+class Encoder:
+    """A frozen backbone of one checkpoint and its evaluation transform."""
+
+    version: int
+    backbone: nn.Module
+    transform: EvalTransform
+    manifest: dict
+
+    @classmethod
+    def load(cls, version: int, checkpoint_dir: Path, device: torch.device | str) -> Encoder:
+        backbone, manifest = backbone_from_checkpoint(checkpoint_dir, device)
+        backbone.requires_grad_(False)
+        spec = manifest["input"]
+        transform = EvalTransform(spec["resolution"], spec["mean"], spec["std"]).to(device)
+        return cls(version, backbone, transform, manifest)
+
+    def __call__(self, images_u8: torch.Tensor) -> np.ndarray:
+        """(N,3,S,S) uint8 -> (N,D) float32 unit-norm features."""
+        return embed(self.backbone, images_u8, self.transform).numpy()
+
+
+def decode_images(encoded: list[bytes], size: int, limits: DecodeLimits) -> tuple[torch.Tensor, list[int]]:
+    """Decode encoded images to (M,3,size,size) uint8; also returns which inputs decoded (indices)."""
+    images, kept = [], []
+    for i, data in enumerate(encoded):
+        try:
+            images.append(decode_record(data, [], limits, size)[0].image)
+        except RejectedRecord:
+            continue
+        kept.append(i)
+    if not images:
+        return torch.empty(0, 3, size, size, dtype=torch.uint8), kept
+    return torch.stack(images), kept
+
+
+def lock_state(state_dir: Path) -> int:
+    """Take the exclusive lock on the state dir's sample store; returns the fd that holds it.
+
+    The daemon's indexer holds it while running, so an offline snapshot cannot open (and
+    crash-recover) the store under a live daemon. Raises `BlockingIOError` when held.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    return fd
+
+
+# ---- the indexer
+
+@dataclass(frozen=True)
+class _Batch:
+    sample_ids: list[str]
+    encoded: list[bytes]
+    experience: int
+    domains: list[str]
+    labels: list[str | None] | None
+    probes: list[bool]
+
+
+class _Aborted(Exception):
+    """A refresh given up because the indexer is stopping (the next start redoes it)."""
+
+
+class Indexer:
+    """Background thread keeping the sample store and the FAISS index up to date.
+
+    Args:
+        state_dir: the daemon's state dir (`samples/`, `catalog.sqlite`, `index/`, `checkpoints/`).
+        store_max_bytes: disk budget of the sample store.
+        index_exact_max, index_kind: when the index turns approximate, and into what.
+        feature_dim: the backbone's feature size (the index's vector size).
+        device: where the frozen encoder embeds.
+        decode_size: side of decoded images (the training resolution).
+        metrics_callback: called with `sizes_by_version()` after the index changes.
+        limits: decode limits for stored bytes (they passed the daemon's limits once).
+    """
+
+    def __init__(self, state_dir: Path, store_max_bytes: int, index_exact_max: int, index_kind: str,
+                 feature_dim: int, device: torch.device | str, decode_size: int,
+                 metrics_callback: Callable[[dict[int, int]], None] | None = None, *,
+                 limits: DecodeLimits | None = None, seed: int = 0) -> None:
+        faiss.omp_set_num_threads(1)  # faiss threads thrash on a few shared cores
+        self.state_dir = Path(state_dir)
+        self.checkpoint_root = self.state_dir / "checkpoints"
+        self.device = torch.device(device)
+        self.decode_size = decode_size
+        self.limits = limits or DecodeLimits()
+        self.metrics_callback = metrics_callback
+        self._lock_fd = lock_state(self.state_dir)
+        self.index = VectorIndex(self.state_dir, feature_dim, exact_max=index_exact_max, kind=index_kind)
+        self.store = SampleStore(self.state_dir, store_max_bytes, seed=seed, on_evict=self._evicted)
+        self.index.load()
+        self.last_refresh_seconds: float | None = None
+        self._encoder: Encoder | None = None
+        self._pending: deque[_Batch] = deque()
+        self._refresh: tuple[int, Path] | None = None
+        self._busy = True  # until the thread has restored its encoder and scheduled any refresh
+        self._stopping = False
+        self._evicted_during_refresh: set[str] | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="indexer", daemon=True)
+
+    # ---- called from the daemon (any thread)
+    @property
+    def encoder_version(self) -> int | None:
+        """Version (experience number) of the encoder behind the live index, None before one."""
+        return self._encoder.version if self._encoder else None
+
+    def index_size(self) -> int:
+        return self.index.size
+
+    def sizes_by_version(self) -> dict[int, int]:
+        return self.index.sizes_by_version()
+
+    def start(self) -> None:
+        """Start the thread; it first restores the encoder and schedules any refresh missed by a crash."""
+        self._thread.start()
+
+    def submit(self, sample_ids: list[str], encoded: list[bytes], experience: int, domains: list[str],
+               labels: list[str | None] | None = None, probes: bool | list[bool] = False) -> None:
+        """Queue samples for the store (and the index, if not probes); blocks only when far behind."""
+        flags = [probes] * len(sample_ids) if isinstance(probes, bool) else list(probes)
+        batch = _Batch(list(sample_ids), list(encoded), experience, list(domains), labels, flags)
+        with self._cond:
+            while len(self._pending) >= MAX_PENDING and not self._stopping:
+                self._cond.wait()
+            self._pending.append(batch)
+            self._cond.notify_all()
+
+    def new_encoder(self, version: int, checkpoint_dir: Path) -> None:
+        """Re-embed the store with this experience checkpoint's backbone and swap the index in.
+
+        A newer request replaces one not started yet.
+        """
+        with self._cond:
+            self._refresh = (version, Path(checkpoint_dir))
+            self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted batch and requested refresh is done; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: not (self._pending or self._refresh or self._busy) or self._stopping, timeout)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Store what is queued, give up a running refresh, save the index, close the store."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._drain()
+        if self.index.current_version is not None:
+            self.index.save()
+        self.store.close()
+        os.close(self._lock_fd)
+
+    # ---- the thread
+    def _run(self) -> None:
+        self._restore()
+        while True:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+                self._cond.wait_for(lambda: self._pending or self._refresh or self._stopping)
+                if self._stopping:
+                    return
+                refresh, self._refresh = self._refresh, None
+                batch = None if refresh else self._pending.popleft()
+                self._busy = True
+                self._cond.notify_all()
+            try:
+                if refresh:
+                    self._do_refresh(*refresh)
+                else:
+                    self._store(batch)
+            except _Aborted:
+                log.info("index_refresh_aborted", note="redone on the next start")
+            except Exception:
+                log.exception("indexer_task_failed")
+
+    def _restore(self) -> None:
+        """Load the live index's encoder; schedule a refresh if the index is behind the checkpoints."""
+        checkpoints = experience_checkpoints(self.checkpoint_root)
+        version = self.index.current_version
+        if version is not None and version in checkpoints:
+            try:
+                self._encoder = Encoder.load(version, checkpoints[version], self.device)
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("index_encoder_unreadable", version=version, error=str(exc))
+        if not checkpoints:
+            return
+        latest = max(checkpoints)
+        # Stale: a crash lost index additions made since the last save (the store has more).
+        stale = self.index.size != len(self.store.sample_ids(probe=False))
+        if self._encoder is None or latest > version or stale:
+            log.info("index_refresh_scheduled", index_version=version, checkpoint=latest, stale=stale)
+            with self._cond:
+                if self._refresh is None:
+                    self._refresh = (latest, checkpoints[latest])
+
+    def _evicted(self, sample_ids: list[str]) -> None:
+        """The store dropped samples: drop them from the live index and from a refresh in progress."""
+        self.index.remove(sample_ids)
+        if self._evicted_during_refresh is not None:
+            self._evicted_during_refresh.update(sample_ids)
+
+    def _store(self, batch: _Batch) -> None:
+        """Write a batch to the store; embed its non-probe samples still stored into the live index."""
+        self.store.add(batch.sample_ids, batch.encoded, batch.experience, batch.domains,
+                       batch.labels, batch.probes)
+        if self._encoder is None:
+            return
+        stored = self.store.catalog.get(batch.sample_ids)
+        picked = [i for i, sid in enumerate(batch.sample_ids) if sid in stored and not batch.probes[i]]
+        images, kept = decode_images([batch.encoded[i] for i in picked], self.decode_size, self.limits)
+        if not kept:
+            return
+        ids = [batch.sample_ids[picked[i]] for i in kept]
+        self.index.add(self._encoder.version, self._encoder(images), ids, [batch.experience] * len(ids))
+        self._report()
+
+    def _drain(self) -> None:
+        """Store every queued batch now (between refresh batches, and on stop)."""
+        while True:
+            with self._cond:
+                if not self._pending:
+                    return
+                batch = self._pending.popleft()
+                self._cond.notify_all()
+            self._store(batch)
+
+    def _do_refresh(self, version: int, checkpoint_dir: Path) -> None:
+        """Re-embed every stored non-probe sample with checkpoint `version` and swap the index."""
+        started = time.perf_counter()
+        encoder = Encoder.load(version, checkpoint_dir, self.device)
+        vectors: list[np.ndarray] = []
+        ids: list[str] = []
+        experiences: list[int] = []
+        self._evicted_during_refresh = set()
+        try:
+            # Keyset paging also reaches the rows stored by `_drain` meanwhile: nothing is missed.
+            for rows, payloads in self.store.iter_records(probe=False, batch_size=EMBED_BATCH):
+                images, kept = decode_images(payloads, self.decode_size, self.limits)
+                if kept:
+                    vectors.append(encoder(images))
+                    ids += [rows[i].sample_id for i in kept]
+                    experiences += [rows[i].experience for i in kept]
+                self._drain()
+                if self._stopping:
+                    raise _Aborted
+            gone = self._evicted_during_refresh
+        finally:
+            self._evicted_during_refresh = None
+        keep = [i for i, sid in enumerate(ids) if sid not in gone]
+        matrix = np.concatenate(vectors) if vectors else np.zeros((0, self.index.dim), np.float32)
+        built = self.index.build(version, matrix[keep], [ids[i] for i in keep], [experiences[i] for i in keep])
+        self.index.swap(built)
+        self._encoder = encoder
+        self.last_refresh_seconds = time.perf_counter() - started
+        log.info("index_refreshed", encoder_version=version, vectors=built.size,
+                 seconds=round(self.last_refresh_seconds, 2))
+        self._report()
+
+    def _report(self) -> None:
+        if self.metrics_callback is not None:
+            self.metrics_callback(self.index.sizes_by_version())

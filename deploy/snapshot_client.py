@@ -1,0 +1,147 @@
+"""Client side of `tailord snapshot` and `tailord status`: the admin API, or a state dir offline.
+
+Online, the target images (and labels CSV) are uploaded as `multipart/form-data` to
+`POST /admin/snapshots`, and the finished snapshot's two files are downloaded into
+`--out`. With `--state-dir`, a `SnapshotEngine` works directly on a stopped daemon's
+state and the snapshot is copied into `--out`. Failures raise `AdminError`: one line
+that the CLI prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from deploy.multipart import encode_form_data
+
+SNAPSHOT_TIMEOUT_S = 3600.0  # a SEPT snapshot trains: allow it time
+REQUEST_TIMEOUT_S = 30.0
+
+
+class AdminError(RuntimeError):
+    """A failed admin request or offline snapshot; `str()` is one line for the user."""
+
+
+def resolve_endpoint(url: str | None, token: str | None, config: Path | None) -> tuple[str, str | None]:
+    """The daemon's base URL and admin token: as given, else from the settings (env, .env, --config)."""
+    if url is not None and token is not None:
+        return url.rstrip("/"), token
+    from deploy.settings import load_settings
+
+    settings = load_settings(config)
+    if url is None:
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.http_host, settings.http_host)
+        url = f"http://{f'[{host}]' if ':' in host else host}:{settings.http_port}"
+    if token is None and settings.admin_token is not None:
+        token = settings.admin_token.get_secret_value()
+    return url.rstrip("/"), token
+
+
+def _request(url: str, path: str, token: str | None, data: bytes | None = None,
+             content_type: str | None = None, timeout: float = REQUEST_TIMEOUT_S) -> bytes:
+    request = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            message = exc.reason
+        raise AdminError(f"{path}: HTTP {exc.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise AdminError(f"cannot reach the daemon at {url}: {reason}") from None
+
+
+def admin_get(url: str, path: str, token: str | None) -> dict[str, Any]:
+    """GET an admin JSON document, e.g. `/admin/status`."""
+    return json.loads(_request(url, path, token))
+
+
+def request_snapshot(target: str | Path, labels: str | Path | None, out: str | Path, strategy: str,
+                     budget: int | None, state_dir: Path | None, url: str | None, token: str | None,
+                     config: Path | None) -> dict[str, Any]:
+    """Build a snapshot for the images in folder `target` and put its files in `out`.
+
+    Online (default) it asks the running daemon; with `state_dir` it works offline.
+    Returns a summary: name, path, chosen_experience, strategy, retrieved_count, ...
+    """
+    from deploy.cli import UsageError
+    from deploy.snapshots import collect_images
+
+    folder, out = Path(target), Path(out)
+    if not folder.is_dir():
+        raise UsageError(f"--target {folder}: not a folder")
+    files = collect_images(folder)
+    if not files:
+        raise UsageError(f"--target {folder}: no image files in it")
+    labels_text = None
+    if labels is not None:
+        try:
+            labels_text = Path(labels).read_text(encoding="utf-8-sig")
+        except OSError as exc:
+            raise UsageError(f"--labels {labels}: {exc.strerror or exc}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    if state_dir is not None:
+        manifest = _offline(Path(state_dir), files, labels_text, out, strategy, budget)
+        mode = "offline"
+    else:
+        manifest = _online(files, labels_text, out, strategy, budget, *resolve_endpoint(url, token, config))
+        mode = "online"
+    return {"name": manifest["name"], "path": str(out.resolve()), "mode": mode,
+            "strategy": manifest["strategy"], "chosen_experience": manifest["chosen_experience"],
+            "candidates": manifest["candidates"], "retrieved_count": manifest["retrieved_count"],
+            "sept_steps": manifest["sept_steps"], "encoder_version": manifest["encoder_version"]}
+
+
+def _online(files: list[Path], labels_text: str | None, out: Path, strategy: str, budget: int | None,
+            url: str, token: str | None) -> dict[str, Any]:
+    fields = {"strategy": strategy, **({"budget": str(budget)} if budget is not None else {})}
+    uploads = [("images", path.name, path.read_bytes()) for path in files]
+    if labels_text is not None:
+        uploads.append(("labels", "labels.csv", labels_text.encode()))
+    content_type, body = encode_form_data(fields, uploads)
+    manifest = json.loads(_request(url, "/admin/snapshots", token, body, content_type, SNAPSHOT_TIMEOUT_S))
+    for filename in ("model.safetensors", "manifest.json"):
+        data = _request(url, f"/admin/snapshots/{manifest['name']}/{filename}", token, timeout=SNAPSHOT_TIMEOUT_S)
+        if filename == "model.safetensors" and hashlib.sha256(data).hexdigest() != manifest["files"][filename]:
+            raise AdminError(f"downloaded {filename} does not match the snapshot's sha256")
+        _write_file(out / filename, data)
+    return manifest
+
+
+def _offline(state_dir: Path, files: list[Path], labels_text: str | None, out: Path, strategy: str,
+             budget: int | None) -> dict[str, Any]:
+    from deploy.http_api import ApiError
+    from deploy.snapshots import SnapshotEngine, parse_labels_csv
+
+    try:
+        engine = SnapshotEngine.open_offline(state_dir)
+        try:
+            labels = parse_labels_csv(labels_text) if labels_text is not None else None
+            manifest = engine.create([(path.name, path.read_bytes()) for path in files], labels, strategy, budget)
+            for filename in ("model.safetensors", "manifest.json"):
+                _write_file(out / filename, engine.file_path(manifest["name"], filename).read_bytes())
+        finally:
+            engine.close()
+    except ApiError as exc:
+        raise AdminError(f"offline snapshot on {state_dir}: {exc.message}") from None
+    return manifest
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` (temporary file + rename: never a half-written model)."""
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+

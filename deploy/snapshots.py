@@ -1,0 +1,556 @@
+"""Task-tailored snapshots: route a target set to an experience checkpoint, optionally SEPT it.
+
+`SnapshotEngine.create` follows ARCHITECTURE.md "Snapshot":
+
+1. embed the target images with the encoder of the live index version;
+2. `route` (SDR-style): kNN of the targets among stored samples -> similarity-weighted
+   votes per experience -> ranked candidate checkpoints; with labels, two-fold kNN
+   accuracy of the top candidates on the labelled targets decides;
+3. `sept`: retrieve the `budget` nearest stored samples and continue SSL on them, from
+   the chosen checkpoint (`route+sept`) or the latest one (`sept`);
+4. write `snapshots/<name>/model.safetensors` (the backbone alone) and `manifest.json`
+   atomically (temporary folder + rename).
+
+The engine works online, on the daemon's `Indexer` store and index (HTTP threads, while
+training goes on; one snapshot at a time), and offline on a stopped daemon's state dir
+(`SnapshotEngine.open_offline`). Request parsing for `POST /admin/snapshots` is here too:
+uploads (`multipart/form-data`) or a folder under `TAILORD_TARGETS_DIR` (JSON).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from torch import nn
+
+from deploy.checkpoints import MANIFEST, fsync_dir, write_atomic
+from deploy.http_api import ApiError
+from deploy.indexer import (
+    Encoder,
+    backbone_from_checkpoint,
+    decode_images,
+    experience_checkpoints,
+    lock_state,
+    read_checkpoint,
+)
+from deploy.metrics import Metrics
+from deploy.multipart import MultipartError, parse_form_data
+from learners.augment import BatchAugment
+from learners.backbones import build_backbone
+from learners.device import default_amp, pick_device, use_channels_last
+from learners.evaluation import encode_labels, knn_accuracy
+from learners.methods import build_method
+from learners.presets import PRESETS
+from learners.snapshot import backbone_spec, save_backbone
+from learners.train_step import TrainStep, build_optimizer
+from replay.catalog import SampleRow
+from replay.index import VectorIndex
+from replay.retrieval import retrieve_budget
+from replay.routing import experience_votes, rank_experiences
+from replay.store import SampleStore
+from streamer.decode import decode_record, sniff_format
+from streamer.limits import DecodeLimits
+from streamer.records import RejectedRecord
+
+STRATEGIES = ("route", "sept", "route+sept")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+SNAPSHOT_FILES = ("model.safetensors", "manifest.json")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm"})
+MAX_TARGETS = 10_000
+MAX_BUDGET = 1_000_000
+ROUTE_K = 50  # neighbours per target image that vote
+LABEL_CANDIDATES = 3  # top candidates compared by kNN accuracy when labels are given
+KNN_K, KNN_TEMPERATURE = 20, 0.07
+BUDGET_SHARE, BUDGET_MIN, BUDGET_MAX = 0.05, 64, 2000  # default SEPT budget
+SEPT_EPOCHS, SEPT_MAX_STEPS, SEPT_LR_SCALE = 10, 200, 0.5
+ATTEMPTS = 3  # re-embed when the index swapped encoder versions under a snapshot
+
+
+# ---- request helpers (also used by the CLI client)
+
+def check_name(name: str) -> str:
+    """A snapshot name safe as one path component; ApiError(400) otherwise."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise ApiError(400, f"bad snapshot name {str(name)[:80]!r}: use 1-64 of A-Z a-z 0-9 . _ - "
+                            "starting with a letter or digit")
+    return name
+
+
+def collect_images(folder: Path) -> list[Path]:
+    """Image files directly in `folder` (by suffix or magic bytes), sorted; hidden files skipped."""
+    found = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            found.append(path)
+            continue
+        with open(path, "rb") as fh:
+            fmt = sniff_format(fh.read(512))
+        if fmt not in (None, "tar"):
+            found.append(path)
+    return found
+
+
+def parse_labels_csv(text: str) -> dict[str, str]:
+    """`filename,label` rows (an optional `filename,label` header; blank rows skipped)."""
+    labels: dict[str, str] = {}
+    for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        if len(row) != 2:
+            raise ApiError(400, f"labels CSV row {number}: expected filename,label, got {len(row)} columns")
+        filename, label = row[0].strip(), row[1].strip()
+        if number == 1 and (filename.lower(), label.lower()) == ("filename", "label"):
+            continue
+        if not filename or not label:
+            raise ApiError(400, f"labels CSV row {number}: empty filename or label")
+        labels[filename] = label
+    return labels
+
+
+@dataclass(frozen=True)
+class SnapshotRequest:
+    """A parsed `POST /admin/snapshots` body."""
+
+    targets: list[tuple[str, bytes]]
+    labels: dict[str, str] | None
+    strategy: str
+    budget: int | None
+    name: str | None
+
+
+def parse_strategy(value: Any) -> str:
+    if value not in STRATEGIES:
+        raise ApiError(400, f"strategy must be one of {', '.join(STRATEGIES)}, got {str(value)[:40]!r}")
+    return value
+
+
+def parse_budget(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BUDGET:
+        raise ApiError(400, f"budget must be an integer from 1 to {MAX_BUDGET}, got {str(value)[:40]!r}")
+    return value
+
+
+# ---- the engine
+
+class SnapshotEngine:
+    """Builds and serves snapshots under `state_dir/snapshots/` from a store and an index.
+
+    Args:
+        state_dir: the daemon's state dir (its `checkpoints/` are the candidates).
+        store, index: the sample store and the FAISS index (the daemon's Indexer's, or opened offline).
+        device: where targets are embedded and SEPT trains.
+        decode_size: side of decoded images (the training resolution).
+        metrics: counts `snapshot_requests{strategy,outcome}` and `snapshot_seconds`.
+        targets_dir: TAILORD_TARGETS_DIR; JSON requests may only name paths inside it.
+        limits: decode limits for target images.
+    """
+
+    def __init__(self, state_dir: Path, store: SampleStore, index: VectorIndex, device: torch.device | str,
+                 decode_size: int, metrics: Metrics | None = None, targets_dir: Path | None = None,
+                 limits: DecodeLimits | None = None) -> None:
+        self.state_dir = Path(state_dir)
+        self.checkpoint_root = self.state_dir / "checkpoints"
+        self.root = self.state_dir / "snapshots"
+        self.store = store
+        self.index = index
+        self.device = torch.device(device)
+        self.decode_size = decode_size
+        self.metrics = metrics
+        self.targets_dir = Path(targets_dir) if targets_dir is not None else None
+        self.limits = limits or DecodeLimits()
+        self._lock = threading.Lock()
+        self._encoder: Encoder | None = None
+        self._lock_fd: int | None = None  # held when opened offline
+        self.root.mkdir(parents=True, exist_ok=True)
+        for leftover in self.root.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    @classmethod
+    def open_offline(cls, state_dir: Path, device: torch.device | str = "auto") -> SnapshotEngine:
+        """An engine on a stopped daemon's state dir; ApiError(409) if it is running or has no index."""
+        state_dir = Path(state_dir)
+        if not (state_dir / "checkpoints").is_dir():
+            raise ApiError(404, f"{state_dir} is not a tailord state dir (no checkpoints/)")
+        try:
+            lock_fd = lock_state(state_dir)
+        except BlockingIOError:
+            raise ApiError(409, f"{state_dir} is in use by a running daemon: stop it or ask it over HTTP") from None
+        try:
+            dim = _index_dim(state_dir)
+            faiss.omp_set_num_threads(1)
+            index = VectorIndex(state_dir, dim)
+            index.load()
+            store = SampleStore(state_dir, max_bytes=1 << 62)  # read only here: the budget never applies
+            decode_size = _latest_resolution(state_dir)
+            engine = cls(state_dir, store, index, pick_device(str(device)), decode_size)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        engine._lock_fd = lock_fd
+        return engine
+
+    def close(self) -> None:
+        """Close the store and release the state dir (offline engines only)."""
+        if self._lock_fd is not None:
+            self.store.close()
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def index_size(self) -> int:
+        return self.index.size
+
+    # ---- HTTP entry points
+    def create_from_request(self, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        """`POST /admin/snapshots`: parse, build, count the outcome; (201, manifest)."""
+        started = time.perf_counter()
+        strategy = "invalid"
+        try:
+            request = self.parse_request(content_type, body)
+            strategy = request.strategy
+            manifest = self.create(request.targets, request.labels, request.strategy, request.budget,
+                                   request.name)
+        except ApiError as exc:
+            self._count(strategy, "rejected" if exc.status < 500 else "failed")
+            raise
+        except Exception:
+            self._count(strategy, "failed")
+            raise
+        self._count(strategy, "ok")
+        if self.metrics is not None:
+            self.metrics.snapshot_seconds.observe(time.perf_counter() - started)
+        return 201, manifest
+
+    def parse_request(self, content_type: str, body: bytes) -> SnapshotRequest:
+        """A multipart upload or a JSON body naming a folder under `targets_dir`."""
+        kind = content_type.split(";", 1)[0].strip().lower()
+        if kind == "multipart/form-data":
+            return self._parse_multipart(content_type, body)
+        if kind == "application/json":
+            return self._parse_json(body)
+        raise ApiError(415, "send multipart/form-data (images) or application/json (target_path)")
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """The manifest of snapshot `name`."""
+        path = self.root / check_name(name) / MANIFEST
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ApiError(404, f"no snapshot {name!r}") from None
+
+    def file_path(self, name: str, filename: str) -> Path:
+        """A downloadable file of snapshot `name` (model.safetensors or manifest.json)."""
+        path = self.root / check_name(name) / filename
+        if filename not in SNAPSHOT_FILES or not path.is_file():
+            raise ApiError(404, f"no file {filename[:80]!r} in snapshot {name!r}")
+        return path
+
+    # ---- building
+    def create(self, targets: list[tuple[str, bytes]], labels: dict[str, str] | None = None,
+               strategy: str = "route+sept", budget: int | None = None, name: str | None = None,
+               epochs: int = SEPT_EPOCHS) -> dict[str, Any]:
+        """Build snapshot `name` for `targets` (filename, encoded image); returns its manifest."""
+        strategy = parse_strategy(strategy)
+        budget = parse_budget(budget)
+        name = check_name(name) if name is not None else _default_name()
+        with self._lock:
+            started = time.perf_counter()
+            if (self.root / name).exists():
+                raise ApiError(409, f"snapshot {name!r} already exists")
+            images = self._decode_targets(targets)
+            labels = self._check_labels(labels, [filename for filename, _ in targets])
+            checkpoints = experience_checkpoints(self.checkpoint_root)
+            stored = len(self.store.sample_ids(probe=False))
+            if budget is None:
+                budget = max(BUDGET_MIN, min(round(BUDGET_SHARE * stored), BUDGET_MAX))
+            for _ in range(ATTEMPTS):
+                encoder = self._live_encoder(checkpoints)
+                queries = encoder(images)
+                candidates = self._candidates(queries, checkpoints)
+                retrieved = self._retrieve(queries, budget) if "sept" in strategy else []
+                if self.index.current_version == encoder.version:
+                    break
+            else:
+                raise ApiError(503, "the index kept changing encoder versions; retry")
+            if strategy == "sept":
+                chosen = max(checkpoints)
+            else:
+                chosen = self._choose(candidates, images, [filename for filename, _ in targets], labels,
+                                      checkpoints)
+            source = checkpoints[chosen]
+            rows: list[SampleRow] = []
+            if "sept" in strategy:
+                rows, encoded = self._read(retrieved)
+                backbone, steps = self._sept(source, encoded, epochs)
+            else:
+                backbone, steps = backbone_from_checkpoint(source, "cpu")[0], 0
+            manifest = {
+                "name": name, "strategy": strategy, "chosen_experience": chosen,
+                "source_checkpoint": source.name, "candidates": candidates,
+                "labels_used": any("knn_accuracy" in c for c in candidates),
+                "target_count": len(targets), "labelled_count": len(labels),
+                "budget": budget if "sept" in strategy else None,
+                "retrieved_count": len(rows), "retrieved_share": len(rows) / max(stored, 1),
+                "retrieved_by_experience": dict(Counter(str(row.experience) for row in rows)),
+                "sept_steps": steps, "sept_epochs": epochs if "sept" in strategy else 0,
+                "encoder_version": encoder.version,
+                "method": encoder.manifest.get("method"), "preset": encoder.manifest.get("preset"),
+                "backbone": backbone_spec(backbone), "input": encoder.manifest["input"],
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+            return self._write(name, backbone, manifest)
+
+    def _count(self, strategy: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.snapshot_requests.labels(strategy, outcome).inc()
+
+    def _decode_targets(self, targets: list[tuple[str, bytes]]) -> torch.Tensor:
+        if not targets:
+            raise ApiError(400, "no target images")
+        if len(targets) > MAX_TARGETS:
+            raise ApiError(400, f"{len(targets)} target images; at most {MAX_TARGETS}")
+        names = [filename for filename, _ in targets]
+        if len(set(names)) != len(names):
+            raise ApiError(400, "target file names must be distinct")
+        images = []
+        for filename, data in targets:
+            if sniff_format(data) == "tar":
+                raise ApiError(400, f"target {filename!r} is a tar archive: send the images themselves")
+            try:
+                images.append(decode_record(data, [], self.limits, self.decode_size)[0].image)
+            except RejectedRecord as exc:
+                raise ApiError(400, f"target {filename!r} cannot be decoded: {exc.reason}") from None
+        return torch.stack(images)
+
+    @staticmethod
+    def _check_labels(labels: dict[str, str] | None, names: list[str]) -> dict[str, str]:
+        labels = labels or {}
+        unknown = sorted(set(labels) - set(names))
+        if unknown:
+            raise ApiError(400, f"labels name {len(unknown)} file(s) not among the targets, e.g. {unknown[0]!r}")
+        return labels
+
+    def _live_encoder(self, checkpoints: dict[int, Path]) -> Encoder:
+        """The encoder of the live index version (cached while the version stays the same)."""
+        version = self.index.current_version
+        if version is None:
+            raise ApiError(409, "no experience finished yet: nothing is indexed to route or retrieve")
+        if version not in checkpoints:
+            raise ApiError(409, f"the checkpoint of encoder version {version} is gone; wait for the next experience")
+        if self._encoder is None or self._encoder.version != version:
+            self._encoder = Encoder.load(version, checkpoints[version], self.device)
+        return self._encoder
+
+    def _candidates(self, queries: np.ndarray, checkpoints: dict[int, Path]) -> list[dict[str, Any]]:
+        """Experiences ranked by similarity-weighted votes of the targets' neighbours."""
+        size = self.index.size
+        if size == 0:
+            raise ApiError(409, "no stored samples are indexed yet")
+        result = self.index.search(queries, min(ROUTE_K, size))
+        ranked = rank_experiences(experience_votes(result.scores, result.experiences))
+        candidates = [{"experience": exp, "vote_share": share} for exp, share in ranked if exp in checkpoints]
+        if not candidates:
+            raise ApiError(409, "no experience checkpoint is left for the experiences the targets resemble")
+        return candidates
+
+    def _choose(self, candidates: list[dict[str, Any]], images: torch.Tensor, names: list[str],
+                labels: dict[str, str], checkpoints: dict[int, Path]) -> int:
+        """Top vote; with labels (>= 2 classes, >= 4 images) the best kNN accuracy of the top few."""
+        labelled = [i for i, filename in enumerate(names) if filename in labels]
+        classes = {labels[names[i]] for i in labelled}
+        if len(labelled) < 4 or len(classes) < 2:
+            return candidates[0]["experience"]
+        y, _ = encode_labels([labels[names[i]] for i in labelled])
+        for candidate in candidates[:LABEL_CANDIDATES]:
+            exp = candidate["experience"]
+            encoder = Encoder.load(exp, checkpoints[exp], self.device)
+            candidate["knn_accuracy"] = two_fold_knn(torch.from_numpy(encoder(images[labelled])), y)
+        best = max(candidates[:LABEL_CANDIDATES], key=lambda c: (c["knn_accuracy"], c["vote_share"]))
+        return best["experience"]
+
+    def _retrieve(self, queries: np.ndarray, budget: int) -> list[str]:
+        probes = set(self.store.sample_ids(probe=True))
+        return retrieve_budget(self.index, queries, budget, exclude_probe_ids=probes)
+
+    def _read(self, sample_ids: list[str]) -> tuple[list[SampleRow], list[bytes]]:
+        """Catalog rows and bytes of the ids still stored (the store may evict while we read)."""
+        for _ in range(ATTEMPTS):
+            rows = self.store.catalog.get(sample_ids)
+            sample_ids = [sid for sid in sample_ids if sid in rows and not rows[sid].probe]
+            try:
+                return [rows[sid] for sid in sample_ids], self.store.read(sample_ids)
+            except KeyError:
+                continue
+        raise ApiError(503, "the sample store kept evicting the retrieved samples; retry")
+
+    def _sept(self, checkpoint_dir: Path, encoded: list[bytes], epochs: int) -> tuple[nn.Module, int]:
+        """Continue the checkpoint's SSL method on the retrieved samples; (backbone, steps done)."""
+        images, _ = decode_images(encoded, self.decode_size, self.limits)
+        if len(images) < 2:
+            raise ApiError(409, f"only {len(images)} stored sample(s) retrieved: too few to train on")
+        state, manifest = read_checkpoint(checkpoint_dir)
+        spec = manifest["backbone"]
+        method = build_method(manifest["method"], build_backbone(spec["name"], spec.get("kwargs", {})))
+        method.load_state_dict(state)
+        base = PRESETS[manifest["preset"]]
+        preset = replace(base, lr=base.lr * SEPT_LR_SCALE)
+        inputs = manifest["input"]
+        augment = BatchAugment(inputs["resolution"], mean=inputs["mean"], std=inputs["std"])
+        step = TrainStep(method, augment, build_optimizer(method, preset), self.device,
+                         amp=default_amp(self.device), channels_last=use_channels_last(self.device))
+        batch = min(preset.batch_size, len(images))
+        steps = attempted = 0
+        for _ in range(epochs):
+            order = torch.randperm(len(images))
+            for start in range(0, len(images), batch):
+                chunk = order[start:start + batch]
+                if len(chunk) < 2 or attempted >= SEPT_MAX_STEPS:  # BatchNorm needs 2 images
+                    continue
+                attempted += 1
+                steps += not step(images[chunk]).skipped
+        return method.backbone.eval(), steps
+
+    def _write(self, name: str, backbone: nn.Module, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Write the snapshot folder under a temporary name, then rename it into place."""
+        tmp = self.root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            digest = save_backbone(backbone, tmp)
+            manifest = {**manifest, "files": {"model.safetensors": digest}, "created_at": time.time()}
+            write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+            fsync_dir(tmp)
+            try:
+                os.rename(tmp, self.root / name)
+            except OSError:
+                raise ApiError(409, f"snapshot {name!r} already exists") from None
+            fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return manifest
+
+    # ---- request parsing
+    def _parse_multipart(self, content_type: str, body: bytes) -> SnapshotRequest:
+        try:
+            parts = parse_form_data(content_type, body)
+        except MultipartError as exc:
+            raise ApiError(400, f"bad multipart body: {exc}") from None
+        targets: list[tuple[str, bytes]] = []
+        labels = None
+        fields: dict[str, str] = {}
+        for part in parts:
+            if part.name == "images":
+                filename = (part.filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+                targets.append((filename or f"image-{len(targets) + 1}", part.content))
+            elif part.name == "labels":
+                labels = parse_labels_csv(part.content.decode("utf-8-sig", "replace"))
+            elif part.name in ("strategy", "budget", "name"):
+                fields[part.name] = part.text()
+            else:
+                raise ApiError(400, f"unknown form field {part.name[:40]!r}: use images, labels, strategy, budget, name")
+        return SnapshotRequest(targets, labels, parse_strategy(fields.get("strategy", "route+sept")),
+                               parse_budget(fields.get("budget")), fields.get("name") or None)
+
+    def _parse_json(self, body: bytes) -> SnapshotRequest:
+        try:
+            request = json.loads(body)
+        except ValueError as exc:
+            raise ApiError(400, f"bad JSON body: {exc}") from None
+        if not isinstance(request, dict) or not isinstance(request.get("target_path"), str):
+            raise ApiError(400, 'JSON body needs "target_path" (a folder under TAILORD_TARGETS_DIR)')
+        unknown = sorted(set(request) - {"target_path", "labels_path", "strategy", "budget", "name"})
+        if unknown:
+            raise ApiError(400, f"unknown key {unknown[0][:40]!r}")
+        folder = self._inside_targets(request["target_path"])
+        if not folder.is_dir():
+            raise ApiError(400, "target_path is not a folder")
+        files = collect_images(folder)
+        if len(files) > MAX_TARGETS:
+            raise ApiError(400, f"{len(files)} target images; at most {MAX_TARGETS}")
+        targets = [(self._inside_targets(str(path)).name, path.read_bytes()) for path in files]
+        labels = None
+        if request.get("labels_path") is not None:
+            labels_file = self._inside_targets(str(request["labels_path"]))
+            if not labels_file.is_file():
+                raise ApiError(400, "labels_path is not a file")
+            labels = parse_labels_csv(labels_file.read_text(encoding="utf-8-sig", errors="replace"))
+        name = request.get("name")
+        if name is not None and not isinstance(name, str):
+            raise ApiError(400, "name must be a string")
+        return SnapshotRequest(targets, labels, parse_strategy(request.get("strategy", "route+sept")),
+                               parse_budget(request.get("budget")), name)
+
+    def _inside_targets(self, value: str) -> Path:
+        """`value` resolved (symlinks included) relative to TAILORD_TARGETS_DIR; 400 if outside it."""
+        if self.targets_dir is None:
+            raise ApiError(400, "path targets need TAILORD_TARGETS_DIR set on the daemon; "
+                                "upload the images as multipart/form-data instead")
+        base = self.targets_dir.resolve()
+        path = (base / value).resolve()
+        if not path.is_relative_to(base):
+            raise ApiError(400, "target paths must stay inside TAILORD_TARGETS_DIR")
+        return path
+
+
+def two_fold_knn(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Weighted-kNN accuracy (k=min(20, n/2), T=0.07) over two folds, each predicting the other.
+
+    Folds alternate within each class, so both hold every class with two or more images.
+    """
+    fold = torch.zeros(len(labels), dtype=torch.bool)
+    for cls in labels.unique():
+        members = (labels == cls).nonzero().flatten()
+        fold[members[1::2]] = True
+    k = max(1, min(KNN_K, len(labels) // 2))
+    correct = 0.0
+    for test in (fold, ~fold):
+        train = ~test
+        if test.any() and train.any():
+            accuracy = knn_accuracy(features[train], labels[train], features[test], labels[test],
+                                    k=k, temperature=KNN_TEMPERATURE, num_classes=int(labels.max()) + 1)
+            correct += accuracy * int(test.sum())
+    return correct / len(labels)
+
+
+def _default_name() -> str:
+    return f"snap-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+def _index_dim(state_dir: Path) -> int:
+    """The vector size of the published index (its manifest), or ApiError(409) without one."""
+    index_dir = state_dir / "index"
+    try:
+        current = (index_dir / "CURRENT").read_text().strip()
+        return int(json.loads((index_dir / current / "manifest.json").read_text())["dim"])
+    except (OSError, ValueError, KeyError):
+        raise ApiError(409, f"{state_dir} has no index yet: no experience finished") from None
+
+
+def _latest_resolution(state_dir: Path) -> int:
+    """The input resolution of the newest experience checkpoint (the training resolution)."""
+    checkpoints = experience_checkpoints(state_dir / "checkpoints")
+    if not checkpoints:
+        raise ApiError(409, f"{state_dir} has no experience checkpoint yet")
+    manifest = json.loads((checkpoints[max(checkpoints)] / MANIFEST).read_text())
+    return int(manifest["input"]["resolution"])

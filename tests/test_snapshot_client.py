@@ -1,0 +1,134 @@
+"""`tailord snapshot`/`status` client: upload + download over the real admin HTTP server, offline mode."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from deploy.cli import UsageError, main
+from deploy.http_api import start_http
+from deploy.snapshot_client import AdminError, admin_get, request_snapshot, resolve_endpoint
+from deploy.snapshots import SnapshotEngine
+from learners.snapshot import load_snapshot
+from tests.snapshot_testkit import RES, build_state, open_indexer, target_images
+
+TOKEN = "s3cret"
+
+
+class Backend:
+    """The admin part of DaemonService, over a real SnapshotEngine."""
+
+    def __init__(self, engine: SnapshotEngine) -> None:
+        self.engine = engine
+
+    def status(self):
+        return {"index_size": self.engine.index_size()}
+
+    def create_snapshot(self, content_type, body):
+        return self.engine.create_from_request(content_type, body)
+
+    def get_snapshot(self, name):
+        return self.engine.describe(name)
+
+    def snapshot_file(self, name, filename):
+        return self.engine.file_path(name, filename)
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory):
+    return build_state(tmp_path_factory.mktemp("state"), {1: "red", 2: "blue"})
+
+
+@pytest.fixture
+def daemon(state):
+    """A running indexer + snapshot engine behind the admin HTTP server; yields its URL."""
+    indexer = open_indexer(state)
+    engine = SnapshotEngine(state, indexer.store, indexer.index, "cpu", RES)
+    server = start_http("127.0.0.1", 0, Backend(engine), TOKEN, 16 << 20)
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        server.stop()
+        indexer.stop()
+
+
+def _target_dir(root: Path, colour: str, n: int = 4) -> Path:
+    folder = root / colour
+    folder.mkdir()
+    for filename, data in target_images(colour, n):
+        (folder / filename).write_bytes(data)
+    (folder / "README.txt").write_text("not an image: skipped")
+    return folder
+
+
+def test_online_snapshot_uploads_targets_and_downloads_the_files(daemon, tmp_path):
+    target = _target_dir(tmp_path, "blue")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("filename,label\nblue-0.png,a\nblue-1.png,b\n")
+    out = tmp_path / "out"
+    result = request_snapshot(target=str(target), labels=str(labels), out=str(out), strategy="route",
+                              budget=None, state_dir=None, url=daemon, token=TOKEN, config=None)
+    assert result["chosen_experience"] == 2 and result["strategy"] == "route" and result["mode"] == "online"
+    assert result["path"] == str(out.resolve()) and result["retrieved_count"] == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["name"] == result["name"] and manifest["target_count"] == 4
+    assert manifest["labelled_count"] == 2
+    data = (out / "model.safetensors").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == manifest["files"]["model.safetensors"]
+    assert load_snapshot(out)(torch.zeros(1, 3, RES, RES)).shape == (1, 64)
+
+    assert admin_get(daemon, f"/admin/snapshots/{result['name']}", TOKEN) == manifest
+    assert admin_get(daemon, "/admin/status", TOKEN)["index_size"] == 48
+
+
+def test_online_errors_are_one_line(daemon, tmp_path):
+    with pytest.raises(AdminError, match="HTTP 401"):
+        admin_get(daemon, "/admin/status", "wrong")
+    with pytest.raises(AdminError, match="HTTP 404: no snapshot"):
+        admin_get(daemon, "/admin/snapshots/missing", TOKEN)
+    with pytest.raises(AdminError, match="HTTP 400"):
+        admin_get(daemon, "/admin/snapshots/..%2f..%2fetc", TOKEN)
+    with pytest.raises(AdminError, match="HTTP 400.*strategy"):
+        request_snapshot(_target_dir(tmp_path, "red"), None, tmp_path / "out", "bogus", None, None,
+                         daemon, TOKEN, None)
+    with pytest.raises(AdminError, match="cannot reach the daemon"):
+        admin_get("http://127.0.0.1:9", "/admin/status", TOKEN)
+    with pytest.raises(UsageError, match="not a folder"):
+        request_snapshot(tmp_path / "nope", None, tmp_path / "out", "route", None, None, daemon, TOKEN, None)
+
+
+def test_cli_status_prints_json_and_fails_in_one_line(daemon, capsys):
+    assert main(["status", "--url", daemon, "--token", TOKEN]) == 0
+    assert json.loads(capsys.readouterr().out) == {"index_size": 48}
+    assert main(["status", "--url", daemon, "--token", "wrong"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "HTTP 401" in err
+
+
+def test_offline_snapshot_on_a_stopped_daemons_state(state, tmp_path):
+    out = tmp_path / "out"
+    result = request_snapshot(_target_dir(tmp_path, "red"), None, out, "route+sept", 8, state, None, None, None)
+    assert result["mode"] == "offline" and result["chosen_experience"] == 1
+    assert 0 < result["retrieved_count"] <= 8 and result["sept_steps"] > 0
+    assert (state / "snapshots" / result["name"] / "model.safetensors").read_bytes() == \
+        (out / "model.safetensors").read_bytes()
+    load_snapshot(out)
+
+
+def test_offline_refuses_a_running_daemons_state(daemon, state, tmp_path):
+    with pytest.raises(AdminError, match="running daemon"):
+        request_snapshot(_target_dir(tmp_path, "red"), None, tmp_path / "out", "route", None, state,
+                         None, None, None)
+
+
+def test_endpoint_defaults_come_from_the_settings(monkeypatch):
+    monkeypatch.setenv("TAILORD_HTTP_HOST", "0.0.0.0")
+    monkeypatch.setenv("TAILORD_HTTP_PORT", "9123")
+    monkeypatch.setenv("TAILORD_ADMIN_TOKEN", "from-env")
+    assert resolve_endpoint(None, None, None) == ("http://127.0.0.1:9123", "from-env")
+    assert resolve_endpoint("http://h:1/", None, None) == ("http://h:1", "from-env")
+    assert resolve_endpoint("http://h:1", "given", None) == ("http://h:1", "given")
