@@ -97,6 +97,7 @@ def daemon_run(images_per_domain: int, preset: str, method: str, batch_size: int
         checkpoints = [e for e in events if e.get("event") == "checkpoint"]
         return {"images_per_second": stopped[-1]["images_per_second_overall"],
                 "images_stepped": stopped[-1]["images_stepped"], "train_seconds": stopped[-1]["train_seconds"],
+                "input_wait_seconds": stopped[-1]["input_wait_seconds"],
                 "stream_images_trained": stopped[-1]["images_total"], "checkpoints": len(checkpoints),
                 "checkpoint_seconds": round(sum(e["seconds"] for e in checkpoints), 3)}
 

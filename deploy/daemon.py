@@ -227,7 +227,10 @@ def run(settings: Settings) -> int:
     exit_code = 0
     try:
         while not stop.requested:
+            waited = time.perf_counter()
             batch = prefetcher.get(timeout=0.5)
+            if rate.first_at is not None:
+                rate.input_wait += time.perf_counter() - waited
             if batch is None:
                 idle = time.monotonic() - last_data
                 if settings.exit_when_idle_s and idle > settings.exit_when_idle_s and not any(prefetcher.lag().values()):
@@ -300,7 +303,8 @@ def run(settings: Settings) -> int:
             broker.stop()
     log.info("stopped", exit_code=exit_code, images_total=progress.images_total,
              images_stepped=rate.images_stepped, train_seconds=round(rate.elapsed(), 3),
-             images_per_second_overall=round(rate.images_stepped / max(rate.elapsed(), 1e-9), 2))
+             images_per_second_overall=round(rate.images_stepped / max(rate.elapsed(), 1e-9), 2),
+             input_wait_seconds=round(rate.input_wait, 3))
     return exit_code
 
 
@@ -398,6 +402,7 @@ class Throughput:
         self.images_stepped = 0  # stream + replay images through the step, this process
         self.first_at: float | None = None  # when the first step of this process ended
         self.last_at: float | None = None
+        self.input_wait = 0.0  # seconds the loop waited for the prefetcher after the first step
 
     def elapsed(self) -> float:
         """Seconds from the end of the first step to the end of the last (0 before two steps)."""
