@@ -191,9 +191,13 @@ class Indexer:
         self.limits = limits or DecodeLimits()
         self.metrics_callback = metrics_callback
         self._lock_fd = lock_state(self.state_dir)
-        self.index = VectorIndex(self.state_dir, feature_dim, exact_max=index_exact_max, kind=index_kind)
-        self.store = SampleStore(self.state_dir, store_max_bytes, seed=seed, on_evict=self._evicted)
-        self.index.load()
+        try:
+            self.index = VectorIndex(self.state_dir, feature_dim, exact_max=index_exact_max, kind=index_kind)
+            self.store = SampleStore(self.state_dir, store_max_bytes, seed=seed, on_evict=self._evicted)
+            self.index.load()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self.last_refresh_seconds: float | None = None
         self._encoder: Encoder | None = None
         self._pending: deque[_Batch] = deque()
@@ -201,6 +205,7 @@ class Indexer:
         self._busy = True  # until the thread has restored its encoder and scheduled any refresh
         self._stopping = False
         self._evicted_during_refresh: set[str] | None = None
+        self._unsaved = False  # live index changed since it was last published
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="indexer", daemon=True)
 
@@ -254,14 +259,17 @@ class Indexer:
         if self._thread.is_alive():
             self._thread.join(timeout)
         self._drain()
-        if self.index.current_version is not None:
+        if self._unsaved:
             self.index.save()
         self.store.close()
         os.close(self._lock_fd)
 
     # ---- the thread
     def _run(self) -> None:
-        self._restore()
+        try:
+            self._restore()
+        except Exception:
+            log.exception("indexer_restore_failed")
         while True:
             with self._cond:
                 self._busy = False
@@ -305,7 +313,7 @@ class Indexer:
 
     def _evicted(self, sample_ids: list[str]) -> None:
         """The store dropped samples: drop them from the live index and from a refresh in progress."""
-        self.index.remove(sample_ids)
+        self._unsaved |= self.index.remove(sample_ids) > 0
         if self._evicted_during_refresh is not None:
             self._evicted_during_refresh.update(sample_ids)
 
@@ -321,7 +329,8 @@ class Indexer:
         if not kept:
             return
         ids = [batch.sample_ids[picked[i]] for i in kept]
-        self.index.add(self._encoder.version, self._encoder(images), ids, [batch.experience] * len(ids))
+        added = self.index.add(self._encoder.version, self._encoder(images), ids, [batch.experience] * len(ids))
+        self._unsaved |= added > 0
         self._report()
 
     def _drain(self) -> None:
@@ -359,8 +368,9 @@ class Indexer:
         keep = [i for i, sid in enumerate(ids) if sid not in gone]
         matrix = np.concatenate(vectors) if vectors else np.zeros((0, self.index.dim), np.float32)
         built = self.index.build(version, matrix[keep], [ids[i] for i in keep], [experiences[i] for i in keep])
-        self.index.swap(built)
+        self.index.swap(built)  # publishes it: nothing unsaved until the next change
         self._encoder = encoder
+        self._unsaved = False
         self.last_refresh_seconds = time.perf_counter() - started
         log.info("index_refreshed", encoder_version=version, vectors=built.size,
                  seconds=round(self.last_refresh_seconds, 2))

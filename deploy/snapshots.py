@@ -198,12 +198,11 @@ class SnapshotEngine:
         except BlockingIOError:
             raise ApiError(409, f"{state_dir} is in use by a running daemon: stop it or ask it over HTTP") from None
         try:
-            dim = _index_dim(state_dir)
+            dim, decode_size = _index_dim(state_dir), _latest_resolution(state_dir)
             faiss.omp_set_num_threads(1)
             index = VectorIndex(state_dir, dim)
             index.load()
             store = SampleStore(state_dir, max_bytes=1 << 62)  # read only here: the budget never applies
-            decode_size = _latest_resolution(state_dir)
             engine = cls(state_dir, store, index, pick_device(str(device)), decode_size)
         except BaseException:
             os.close(lock_fd)
@@ -488,7 +487,11 @@ class SnapshotEngine:
         files = collect_images(folder)
         if len(files) > MAX_TARGETS:
             raise ApiError(400, f"{len(files)} target images; at most {MAX_TARGETS}")
-        targets = [(self._inside_targets(str(path)).name, path.read_bytes()) for path in files]
+        targets = []
+        for path in files:
+            if self._inside_targets(str(path)).stat().st_size > self.limits.max_record_bytes:
+                raise ApiError(400, f"target {path.name!r} is over {self.limits.max_record_bytes} bytes")
+            targets.append((path.name, path.read_bytes()))
         labels = None
         if request.get("labels_path") is not None:
             labels_file = self._inside_targets(str(request["labels_path"]))

@@ -8,7 +8,13 @@ import pytest
 from deploy.indexer import Encoder, decode_images, experience_checkpoints
 from replay.store import SampleStore
 from streamer.limits import DecodeLimits
-from tests.snapshot_testkit import RES, colour_png, open_indexer, submit_colour, write_experience_checkpoint
+from tests.snapshot_testkit import (
+    RES,
+    colour_png,
+    open_indexer,
+    submit_colour,
+    write_experience_checkpoint,
+)
 
 
 def _self_match(indexer, state_dir, version, sample_ids):

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import structlog
 import torch
 
 from deploy.cli import UsageError, main
@@ -101,7 +102,15 @@ def test_online_errors_are_one_line(daemon, tmp_path):
         request_snapshot(tmp_path / "nope", None, tmp_path / "out", "route", None, None, daemon, TOKEN, None)
 
 
-def test_cli_status_prints_json_and_fails_in_one_line(daemon, capsys):
+@pytest.fixture
+def restore_logging():
+    """`main` points structlog at the captured stderr; later tests must not log into it."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+def test_cli_status_prints_json_and_fails_in_one_line(daemon, capsys, restore_logging):
     assert main(["status", "--url", daemon, "--token", TOKEN]) == 0
     assert json.loads(capsys.readouterr().out) == {"index_size": 48}
     assert main(["status", "--url", daemon, "--token", "wrong"]) == 1

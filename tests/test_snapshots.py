@@ -16,7 +16,14 @@ from deploy.multipart import MultipartError, encode_form_data, parse_form_data
 from deploy.snapshots import SnapshotEngine, check_name, parse_labels_csv, two_fold_knn
 from learners.backbones import ResNet18
 from learners.snapshot import load_snapshot
-from tests.snapshot_testkit import KWARGS, RES, build_state, open_indexer, submit_colour, target_images
+from tests.snapshot_testkit import (
+    KWARGS,
+    RES,
+    build_state,
+    open_indexer,
+    submit_colour,
+    target_images,
+)
 
 
 @pytest.fixture(scope="module")
