@@ -34,6 +34,10 @@ def proc_stats(pid: int) -> dict:
     return {"rss_mib": round(rss_kib / 1024, 1), "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
+def mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
 def admin(url: str, path: str, body: bytes | None = None) -> dict:
     req = urllib.request.Request(url + path, data=body, headers={"Authorization": f"Bearer {TOKEN}",
                                                                  "Content-Type": "application/json"})
@@ -125,8 +129,8 @@ def main() -> None:
             daemon.wait(timeout=120)
         quarter = max(1, len(samples) // 4)
         second, last = samples[quarter:2 * quarter] or samples, samples[-quarter:]
-        mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-        rates = [(b["images_total"] - a["images_total"]) / (b["t"] - a["t"]) for a, b in zip(samples, samples[1:])]
+        rates = [(b["images_total"] - a["images_total"]) / (b["t"] - a["t"])
+                 for a, b in zip(samples, samples[1:], strict=False)]
         print(json.dumps({
             "summary": {"minutes": args.minutes, "rss_mib_second_quarter": round(mean(second, "rss_mib"), 1),
                         "rss_mib_last_quarter": round(mean(last, "rss_mib"), 1),
