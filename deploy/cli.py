@@ -13,11 +13,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from deploy.errors import UsageError
 from deploy.settings import SettingsError, load_settings
-
-
-class UsageError(Exception):
-    """A mistake in how a command was called (exit 2)."""
 
 
 def cmd_broker(args: argparse.Namespace) -> int:

@@ -239,12 +239,11 @@ def run(settings: Settings) -> int:
                 continue
             last_data = time.monotonic()
             metrics.records_consumed.labels(settings.topic).inc(batch_records(batch))
+            if boundary_before(batch.samples[0].domain, progress, settings):
+                end_experience()  # before splitting: this batch's probes belong to the new experience
             train, probe_samples = split_probes(batch.samples, probes, settings.probe_fraction)
             if probe_samples:
                 submit(indexer, probe_samples, progress.experience, probe=True)
-
-            if train and boundary_before(train[0].domain, progress, settings):
-                end_experience()
             if train:
                 progress.domain = train[0].domain
                 images = torch.stack([s.image for s in train])  # (B,3,S,S) uint8

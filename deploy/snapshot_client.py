@@ -76,7 +76,7 @@ def request_snapshot(target: str | Path, labels: str | Path | None, out: str | P
     Online (default) it asks the running daemon; with `state_dir` it works offline.
     Returns a summary: name, path, chosen_experience, strategy, retrieved_count, ...
     """
-    from deploy.cli import UsageError
+    from deploy.errors import UsageError
     from deploy.snapshots import collect_images
 
     folder, out = Path(target), Path(out)

@@ -10,7 +10,8 @@ import pytest
 import structlog
 import torch
 
-from deploy.cli import UsageError, main
+from deploy.cli import main
+from deploy.errors import UsageError
 from deploy.http_api import start_http
 from deploy.snapshot_client import AdminError, admin_get, request_snapshot, resolve_endpoint
 from deploy.snapshots import SnapshotEngine
