@@ -127,7 +127,10 @@ def _make_handler(backend: AdminBackend, admin_token: str | None, upload_max_byt
             if method == "GET" and path == "/admin/status":
                 return self._json(200, backend.status())
             if method == "POST" and path == "/admin/snapshots":
-                length = int(self.headers.get("Content-Length") or 0)
+                declared = (self.headers.get("Content-Length") or "0").strip()
+                if not (declared.isascii() and declared.isdigit()):  # "-1" would read until EOF
+                    raise ApiError(400, f"bad Content-Length {declared[:20]!r}")
+                length = int(declared)
                 if length > upload_max_bytes:
                     raise ApiError(413, f"upload of {length} bytes is over the limit of {upload_max_bytes}")
                 body = self.rfile.read(length)

@@ -4,18 +4,32 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 import structlog
 
 SECRET_KEYS = ("password", "token", "secret", "sasl_plain_password", "ssl_password")
 
 
+def _is_secret(key: object) -> bool:
+    return isinstance(key, str) and any(s in key.lower() for s in SECRET_KEYS)
+
+
+def _scrub(value: Any) -> Any:
+    """`value` with the values of secret-named keys replaced, in nested dicts and lists too."""
+    if isinstance(value, Mapping):
+        return {k: "***" if _is_secret(k) else _scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    if isinstance(value, tuple):  # exc_info tuples stay tuples
+        return tuple(_scrub(v) for v in value)
+    return value
+
+
 def _redact(_logger: object, _name: str, event: dict) -> dict:
-    """Never let a secret reach a log line, whatever a caller passes."""
-    for key in list(event):
-        if any(s in key.lower() for s in SECRET_KEYS):
-            event[key] = "***"
-    return event
+    """Never let a secret reach a log line, whatever a caller passes (a client config dict too)."""
+    return _scrub(event)
 
 
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:

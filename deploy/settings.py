@@ -100,7 +100,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> Settings:
-        if self.http_host not in ("127.0.0.1", "localhost", "::1") and self.admin_token is None:
+        token = self.admin_token.get_secret_value().strip() if self.admin_token else ""
+        if self.http_host not in ("127.0.0.1", "localhost", "::1") and not token:  # "" disables auth
             raise ValueError("http_host: binding off loopback needs TAILORD_ADMIN_TOKEN")
         return self
 

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import structlog
+
 from streamer.records import Batch, DecodedImage, RawRecord, RejectedRecord, Sample
 from streamer.source import KafkaSource
 
@@ -42,7 +44,9 @@ def to_sample(record: RawRecord, image: DecodedImage) -> Sample:
     )
 
 
+log = structlog.get_logger()
 LAG_REFRESH_S = 3.0
+STALE_S = 30.0  # no successful broker round trip for this long: not ready, even if TCP connects
 
 
 class Prefetcher:
@@ -84,6 +88,8 @@ class Prefetcher:
         self._lag: dict[int, int] = {}
         self._lag_at = float("-inf")
         self._commit: dict[int, int] | None = None
+        self._last_ok = time.monotonic()  # last successful broker round trip (lag query)
+        self._broker_ok = True
 
     def start(self) -> None:
         """Start the background thread (resuming from the source's seek positions)."""
@@ -115,8 +121,12 @@ class Prefetcher:
         return dict(self._lag)
 
     def reachable(self) -> bool:
-        """Whether the broker accepts connections (the source's cached check)."""
-        return self._source.reachable()
+        """Whether the broker accepts connections and answered a request recently.
+
+        The TCP check alone stays true for a half-open (frozen) broker; the round-trip age
+        catches that.
+        """
+        return self._source.reachable() and time.monotonic() - self._last_ok < STALE_S
 
     def request_commit(self, positions: dict[int, int]) -> None:
         """Commit `positions` to the group from the prefetch thread, which owns the consumer."""
@@ -128,8 +138,15 @@ class Prefetcher:
             positions, self._commit = self._commit, None
             self._source.commit(positions)
         if time.monotonic() - self._lag_at > LAG_REFRESH_S:
-            self._lag = self._source.lag() or self._lag
+            lag = self._source.lag()
             self._lag_at = time.monotonic()
+            if lag:
+                self._lag, self._last_ok = lag, self._lag_at
+            ok = self.reachable()
+            if ok != self._broker_ok:
+                self._broker_ok = ok
+                (log.info if ok else log.warning)("broker_recovered" if ok else "broker_unreachable",
+                                                  topic=self._source.topic)
 
     def _run(self) -> None:
         pool = ThreadPoolExecutor(self.workers, "tailord-decode") if self.workers > 1 else None
@@ -139,7 +156,7 @@ class Prefetcher:
                 self._housekeeping()
                 records = self._source.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=self.batch_size)
                 if records:
-                    last_data = time.monotonic()
+                    last_data = self._last_ok = time.monotonic()
                     results = (
                         pool.map(self._try_decode, records)
                         if pool

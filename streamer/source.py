@@ -192,7 +192,7 @@ class KafkaSource:
                         lags[p] = max(0, end - position)
                 return lags
             except KafkaError as exc:
-                log.warning("kafka_lag_failed", topic=self.topic, error=repr(exc))
+                log.debug("kafka_lag_failed", topic=self.topic, error=repr(exc))
                 return {}
 
     def commit(self, positions: dict[int, int]) -> bool:
