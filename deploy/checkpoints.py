@@ -19,6 +19,8 @@ from pathlib import Path
 
 import structlog
 
+from replay.atomic import fsync_dir, write_atomic
+
 log = structlog.get_logger()
 
 MANIFEST = "manifest.json"
@@ -44,26 +46,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes so a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def write_checkpoint(root: Path, name: str, writers: dict[str, FileWriter], manifest: dict) -> Checkpoint:

@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy.checkpoints import write_atomic
 from learners.forgetting import average_accuracy, average_forgetting, backward_transfer
+from replay.atomic import write_atomic
 
 
 @dataclass

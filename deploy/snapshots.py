@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deploy.checkpoints import MANIFEST, fsync_dir, write_atomic
+from deploy.checkpoints import MANIFEST
 from deploy.http_api import ApiError
 from deploy.indexer import (
     Encoder,
@@ -59,6 +59,7 @@ from learners.methods import build_method
 from learners.presets import PRESETS
 from learners.snapshot import backbone_spec, save_backbone
 from learners.train_step import TrainStep, build_optimizer
+from replay.atomic import fsync_dir, write_atomic
 from replay.catalog import SampleRow
 from replay.index import VectorIndex
 from replay.retrieval import retrieve_budget
