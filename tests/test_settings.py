@@ -66,4 +66,4 @@ def test_readme_table_is_current():
     from pathlib import Path
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert settings_table() in readme, "regenerate with: python -m deploy.settings"
+    assert settings_table() in readme, "regenerate with: make docs"
