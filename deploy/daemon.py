@@ -183,7 +183,8 @@ def run(settings: Settings) -> int:
         metrics.checkpoint_seconds.observe(elapsed)
         metrics.last_checkpoint_timestamp.set(time.time())
         service.checkpoint_name = saved.name
-        prune_checkpoints(state_dir, settings.keep_experiences, saved.name)
+        prune_checkpoints(state_dir, settings.keep_experiences, saved.name, settings.keep_distinct,
+                          indexer.index.centroids)
         metrics.state_dir_bytes.set(directory_bytes(state_dir))
         if not durable("metrics_export", lambda: history.export(state_dir / "metrics", service.throughput)):
             metrics.checkpoint_errors.labels("metrics_export").inc()

@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     state_dir: Path = Field(Path("state"), description="where checkpoints, samples, index and metrics live")
     checkpoint_interval_s: float = Field(300, gt=0, description="seconds between mid-experience checkpoints")
     keep_experiences: int | None = Field(None, ge=1, description="experience checkpoints kept (newest N + snapshot-chosen); unset: all")
+    keep_distinct: int = Field(2, ge=0, description="older experience checkpoints kept for being most unlike the kept ones")
     store_max_bytes: int = Field(1024**3, ge=1024, description="disk budget of the sample store")
     index_exact_max: int = Field(200_000, ge=1, description="vectors before the index turns approximate")
     index_kind: Literal["ivf", "hnsw"] = Field("ivf", description="approximate index past index_exact_max")

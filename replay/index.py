@@ -351,6 +351,18 @@ class VectorIndex:
                 self._table = self._table_from(*self._table.live_vectors())
             return added
 
+    def centroids(self) -> dict[int, np.ndarray]:
+        """Unit-length mean vector of each experience's indexed samples, by experience.
+
+        Flat and HNSW indexes only (IVF cannot give its vectors back): {} otherwise.
+        """
+        with self._lock:
+            if self._table is None or self._table.kind == "ivf" or self._table.size == 0:
+                return {}
+            vectors, _, experiences = self._table.live_vectors()
+        return {int(e): normalized(vectors[experiences == e].mean(0, keepdims=True), self.dim)[0]
+                for e in np.unique(experiences)}
+
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
         """Cosine k-NN of ``queries`` (M, D) in the live index."""
         q = normalized(queries, self.dim)
