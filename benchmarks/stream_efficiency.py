@@ -5,6 +5,9 @@
    them (decode, prefetch, probes, replay, experience ends, checkpoints) and exits when idle;
    its own log reports images through the step and the seconds from first to last step.
 
+With `--nproc N` the daemon runs as N DDP ranks (torchrun, gloo on CPU) on an N-partition
+topic, each rank with cores / N torch threads; rank 0's report is the whole world's.
+
 The last line printed is one JSON object. Run: `python benchmarks/stream_efficiency.py`.
 """
 
@@ -69,13 +72,15 @@ def write_photo_jpegs(folder: Path, count: int, side: int = 256) -> Path:
 
 
 def daemon_run(images_per_domain: int, preset: str, method: str, batch_size: int, device: str,
-               experience_images: int, photos: bool, decode_workers: int) -> dict:
+               experience_images: int, photos: bool, decode_workers: int, nproc: int = 1) -> dict:
     """Fill a broker, run the daemon over it until idle, return its own throughput report."""
     from streamer.broker import EmbeddedBroker
     from streamer.produce import produce
+    from streamer.topics import ensure_topic
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
         topic = "bench"
+        ensure_topic(broker.bootstrap, topic, nproc)  # records are keyed by sample id: spread evenly
         sources = [str(write_photo_jpegs(Path(tmp) / "photos", 2 * images_per_domain))] if photos else \
             ["builtin:digits", "builtin:fashion"]
         for source in sources:
@@ -88,10 +93,12 @@ def daemon_run(images_per_domain: int, preset: str, method: str, batch_size: int
                     "TAILORD_DEVICE": device, "TAILORD_EXPERIENCE_IMAGES": str(experience_images),
                     "TAILORD_EXIT_WHEN_IDLE_S": "3", "TAILORD_LOG_FORMAT": "json",
                     "TAILORD_DECODE_WORKERS": str(decode_workers)})
-        proc = subprocess.run([sys.executable, "-m", "deploy.cli", "run"], env=env, capture_output=True,
-                              text=True, timeout=3600)
-        events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
-        stopped = [e for e in events if e.get("event") == "stopped"]
+        if nproc > 1:
+            env["TAILORD_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        proc = subprocess.run([sys.executable, "-m", "deploy.cli", "run", "--nproc", str(nproc)], env=env,
+                              capture_output=True, text=True, timeout=3600)
+        events = json_events(proc.stderr)
+        stopped = [e for e in events if e.get("event") == "stopped" and e.get("rank", 0) == 0]
         if proc.returncode != 0 or not stopped:
             raise SystemExit(f"daemon failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         checkpoints = [e for e in events if e.get("event") == "checkpoint"]
@@ -100,6 +107,17 @@ def daemon_run(images_per_domain: int, preset: str, method: str, batch_size: int
                 "input_wait_seconds": stopped[-1]["input_wait_seconds"],
                 "stream_images_trained": stopped[-1]["images_total"], "checkpoints": len(checkpoints),
                 "checkpoint_seconds": round(sum(e["seconds"] for e in checkpoints), 3)}
+
+
+def json_events(text: str) -> list[dict]:
+    """The JSON log lines of `text` (torchrun may prefix a rank tag to each line)."""
+    events = []
+    for line in text.splitlines():
+        try:
+            events.append(json.loads(line[line.index("{"):]))
+        except ValueError:
+            continue
+    return events
 
 
 def main() -> None:
@@ -113,11 +131,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--photos", action="store_true", help="stream 256 px JPEG photo crops (GPU preset)")
     parser.add_argument("--decode-workers", type=int, default=1)
+    parser.add_argument("--nproc", type=int, default=1, help="DDP ranks for the daemon run (torchrun)")
     args = parser.parse_args()
 
     bare = bare_images_per_second(args.preset, args.method, args.batch_size, args.bare_steps, args.device)
     daemon = daemon_run(args.images_per_domain, args.preset, args.method, args.batch_size, args.device,
-                        args.experience_images, args.photos, args.decode_workers)
+                        args.experience_images, args.photos, args.decode_workers, args.nproc)
     print(json.dumps({
         "daemon_images_per_second": daemon["images_per_second"],
         "bare_step_images_per_second": round(bare, 2),

@@ -37,11 +37,31 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1:
+        return exec_torchrun(args.nproc, args.config)
     from deploy.daemon import run
     from deploy.logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
     return run(settings)
+
+
+def exec_torchrun(nproc: int, config: Path | None) -> int:
+    """Replace this process by torchrun running `nproc` DDP ranks of `tailord run` on this host.
+
+    exec, not a child: signals (SIGTERM from the container runtime) reach torchrun, which
+    passes them to every rank, so each stops cleanly after rank 0's last checkpoint.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "deploy.cli", "run"]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)
+    return 1  # not reached
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
@@ -98,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the daemon (configured by TAILORD_* / .env / --config)")
     p.add_argument("--config", type=Path, default=None, help="a TOML file of settings")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="DDP ranks on this host (wraps torchrun; each rank reads its own partitions)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("snapshot", help="export a checkpoint tailored to a target task")

@@ -3,19 +3,28 @@
 Read it top to bottom: set-up (broker, learner, resume from the last good checkpoint,
 stream, HTTP), then one loop over batches. `streamer`, `learners` and `replay` are
 libraries; this file is the one place that wires them together.
+
+Under torchrun every rank runs this loop on its own partitions. Each iteration the ranks
+exchange a `Tick` and take the same decisions from it; rank 0 (the main rank) also owns
+the checkpoints, the sample store and index, the probe sets and the HTTP API, and gets
+the other ranks' samples and positions with each step.
 """
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import structlog
 import torch
 
 from deploy.checkpoints import clean_temporaries, load_latest, write_checkpoint
+from deploy.errors import UsageError
 from deploy.evaluate import evaluate_row
 from deploy.history import History
 from deploy.indexer import Indexer
@@ -27,6 +36,7 @@ from deploy.retention import directory_bytes, prune_checkpoints
 from deploy.service import DaemonService
 from deploy.settings import Settings
 from deploy.snapshots import SnapshotEngine
+from deploy.world import Tick, World, agree
 from replay.balanced import BalancedBuffer
 from replay.buffer import ReservoirBuffer
 from streamer.broker import EmbeddedBroker
@@ -35,7 +45,7 @@ from streamer.dlq import DeadLetterQueue
 from streamer.kafka_client import client_config
 from streamer.limits import DecodeLimits
 from streamer.prefetch import Prefetcher
-from streamer.records import Batch, RawRecord, RejectedRecord, Sample
+from streamer.records import RawRecord, RejectedRecord, Sample
 from streamer.source import KafkaSource
 from streamer.topics import ensure_topic, wait_for_broker
 
@@ -66,12 +76,26 @@ class StopFlag:
 
 def run(settings: Settings) -> int:
     """Run until stopped; 0 on a clean stop."""
+    world = World.from_env(settings.device)
+    try:
+        return run_rank(settings, world)
+    finally:
+        world.close()
+
+
+def run_rank(settings: Settings, world: World) -> int:
+    """The daemon as rank `world.rank` of `world.size` (a world of one without torchrun)."""
     stop = StopFlag()
     stop.install()
+    if world.distributed:
+        structlog.contextvars.bind_contextvars(rank=world.rank)
+        if not settings.bootstrap_servers:
+            raise UsageError("several ranks need a shared Kafka cluster: set TAILORD_BOOTSTRAP_SERVERS")
     state_dir = settings.state_dir
     ckpt_root = state_dir / "checkpoints"
     (state_dir / "metrics").mkdir(parents=True, exist_ok=True)
-    clean_temporaries(ckpt_root)
+    if world.is_main:
+        clean_temporaries(ckpt_root)
     metrics = Metrics()
 
     # ---- broker: the configured cluster, or an embedded one on a free port
@@ -88,22 +112,26 @@ def run(settings: Settings) -> int:
         log.warning("waiting_for_broker", bootstrap=bootstrap)
         if stop.requested:
             return 0
-    ensure_topic(bootstrap, settings.topic, settings.topic_partitions, **client)
+    if world.is_main:
+        ensure_topic(bootstrap, settings.topic, max(settings.topic_partitions, world.size), **client)
+    world.barrier()
 
     # ---- learner, replay buffer, probes and progress: fresh, or from the last good checkpoint
-    learner = build_learner(settings)
+    learner = build_learner(settings, world)
     buffer = build_buffer(settings) if learner.use_replay else None
     progress = Progress()
     history = History()
     probes = ProbeSet(1, settings.probe_max_images)
-    checkpoint = load_latest(ckpt_root)
+    checkpoint = load_latest(ckpt_root) if world.is_main else None
+    if world.distributed:  # every rank resumes from the checkpoint rank 0 verified
+        checkpoint = world.broadcast(checkpoint)
     if checkpoint is not None:
         load_learner_state(learner, checkpoint.path)
         progress = Progress.from_json(checkpoint.manifest["progress"])
         progress.positions = read_offsets(checkpoint.path / "offsets.json")
         history = History.from_json(checkpoint.manifest["history"])
-        if buffer is not None and (checkpoint.path / "replay").is_dir():
-            buffer.load(checkpoint.path / "replay")
+        if buffer is not None and (checkpoint.path / replay_dir(world.rank)).is_dir():
+            buffer.load(checkpoint.path / replay_dir(world.rank))
         if (checkpoint.path / "probes.safetensors").is_file():
             probes = ProbeSet.load(checkpoint.path / "probes.safetensors")
         log.info("resumed", checkpoint=checkpoint.name, experience=progress.experience,
@@ -116,7 +144,7 @@ def run(settings: Settings) -> int:
              preset=learner.preset.name, method=settings.method, strategy=settings.strategy,
              batch_size=learner.preset.batch_size, resolution=learner.preset.resolution)
 
-    # ---- sample store + FAISS index (a background thread), and the snapshot engine on top of them
+    # ---- sample store + FAISS index (a background thread), and the snapshot engine on top of them (rank 0)
     limits = DecodeLimits(max_record_bytes=settings.max_record_bytes, max_pixels=settings.max_pixels)
 
     def publish_index(sizes: dict[int, int]) -> None:
@@ -124,14 +152,16 @@ def run(settings: Settings) -> int:
         for version, count in sizes.items():
             metrics.index_vectors.labels(str(version)).set(count)
 
-    indexer = Indexer(state_dir, settings.store_max_bytes, settings.index_exact_max, settings.index_kind,
-                      learner.backbone.feature_dim, learner.device, learner.preset.resolution, publish_index,
-                      limits=limits, seed=settings.seed)
-    indexer.start()
-    snapshots = SnapshotEngine(state_dir, indexer.store, indexer.index, learner.device,
-                               learner.preset.resolution, metrics, settings.targets_dir, limits)
+    indexer = snapshots = None
+    if world.is_main:
+        indexer = Indexer(state_dir, settings.store_max_bytes, settings.index_exact_max, settings.index_kind,
+                          learner.backbone.feature_dim, learner.device, learner.preset.resolution, publish_index,
+                          limits=limits, seed=settings.seed, index_shard_max=settings.index_shard_max)
+        indexer.start()
+        snapshots = SnapshotEngine(state_dir, indexer.store, indexer.index, learner.device,
+                                   learner.preset.resolution, metrics, settings.targets_dir, limits)
 
-    # ---- stream: seek to the checkpoint's offsets, decode off the training thread
+    # ---- stream: this rank's partitions, seeked to the checkpoint's offsets, decoded off the training thread
     dlq = DeadLetterQueue.connect(bootstrap, client)
 
     def decode(record: RawRecord):
@@ -145,33 +175,49 @@ def run(settings: Settings) -> int:
         dlq.send(record, error.reason, error.detail)
 
     source = KafkaSource(bootstrap, settings.topic, settings.group_id, client,
-                         max_record_bytes=settings.max_record_bytes)
+                         max_record_bytes=settings.max_record_bytes,
+                         shard=(world.rank, world.size) if world.distributed else None)
     source.seek(progress.positions)
     stream_batch = stream_batch_size(learner.preset.batch_size, settings.replay_share if buffer else 0.0)
+    pin = learner.device.type == "cuda"
     prefetcher = Prefetcher(source, decode, on_reject, batch_size=stream_batch,
-                            split_on_domain=settings.split_on_domain, workers=settings.decode_workers)
+                            split_on_domain=settings.split_on_domain, workers=settings.decode_workers,
+                            prepare=lambda samples: Prepared.of(samples, settings.probe_fraction, pin))
+    if world.distributed:
+        log.info("rank_partitions", partitions=source.partitions, world_size=world.size)
 
-    # ---- HTTP: metrics, health, admin
+    # ---- HTTP (rank 0): metrics, health, admin
     service = DaemonService(settings, metrics, learner, progress, history, prefetcher, checkpoint_name=checkpoint.name
                             if checkpoint else None)
     service.indexer, service.snapshots = indexer, snapshots
-    server = service.start_http()
-    log.info("http_listening", url=f"http://{settings.http_host}:{server.port}", metrics="/metrics",
-             admin="/admin/status")
+    server = service.start_http() if world.is_main else None
+    if server is not None:
+        log.info("http_listening", url=f"http://{settings.http_host}:{server.port}", metrics="/metrics",
+                 admin="/admin/status")
 
     def save(kind: str) -> bool:
-        """Checkpoint everything that must agree: model, optimizer, buffer, probes, progress, offsets."""
+        """Checkpoint everything that must agree: model, optimizer, buffers, probes, progress, offsets.
+
+        Every rank calls it at the same iteration; rank 0 writes, with the other ranks'
+        replay buffers, and every rank then commits its partitions' offsets to the group.
+        """
         started = time.perf_counter()
+        buffers = world.gather(buffer.state_dict() if buffer is not None else None) if world.distributed else []
+        if not world.is_main:
+            prefetcher.request_commit(progress.positions)
+            return True
         finished = progress.experience - 1
         name = f"exp-{finished:06d}" if kind == "experience" else f"exp-{finished:06d}-step-{progress.steps:09d}"
         writers = learner_writers(learner)
         writers["offsets.json"] = lambda p: write_offsets(p, settings.topic, progress.positions)
         writers["probes.safetensors"] = lambda p: probes.save(p)
         if buffer is not None:
-            writers["replay/buffer"] = lambda p: buffer.save(p.parent)  # writes replay/buffer.{safetensors,json}
+            writers[f"{replay_dir(0)}/buffer"] = lambda p: buffer.save(p.parent)  # buffer.{safetensors,json}
+            for rank, state in enumerate(buffers[1:], start=1):
+                writers[f"{replay_dir(rank)}/buffer"] = buffer_writer(settings, state)
         manifest = {"kind": kind, "experience": finished, "progress": progress.to_json(),
                     "history": history.to_json(), "topic": settings.topic, "strategy": settings.strategy,
-                    **learner.describe()}
+                    "world_size": world.size, **learner.describe()}
         try:
             saved = write_checkpoint(ckpt_root, name, writers, manifest)
         except Exception as exc:  # ENOSPC and friends (safetensors wraps them): keep training
@@ -193,66 +239,101 @@ def run(settings: Settings) -> int:
                  images_total=progress.images_total)
         return True
 
-    def end_experience() -> None:
+    def end_experience(next_domain: str | None) -> None:
         """Close the experience: regularizer statistics, probe set, one row of R, checkpoint."""
         nonlocal probes
         ended = progress.experience
-        if learner.regularizer is not None and recent:
-            learner.regularizer.on_experience_end(learner.backbone, paired_views_loss(learner),
-                                                  paired_views(learner, recent))
-        durable("probe_set", lambda: write_probe_set(probes, state_dir / "metrics" / "probes"))
-        probe_sets[ended] = probes
-        row = evaluate_row(learner, probe_sets, ended, state_dir / "metrics" / "probe_features")
-        history.add_row(ended, row.accuracy, row.cka, row.probe_loss,
-                        {"domain": progress.domain, "images": progress.images_in_experience,
-                         "images_total": progress.images_total, "time": time.time(),
-                         "images_per_second": rate.value})
-        service.publish_evaluation(history)
+        if learner.regularizer is not None:
+            update_regularizer(learner, recent, world)
+        if world.is_main:
+            durable("probe_set", lambda: write_probe_set(probes, state_dir / "metrics" / "probes"))
+            probe_sets[ended] = probes
+            row = evaluate_row(learner, probe_sets, ended, state_dir / "metrics" / "probe_features")
+            history.add_row(ended, row.accuracy, row.cka, row.probe_loss,
+                            {"domain": progress.domain, "images": progress.images_in_experience,
+                             "images_total": progress.images_total, "time": time.time(),
+                             "images_per_second": rate.value})
+            service.publish_evaluation(history)
+            log.info("experience_end", experience=ended, accuracy=row.accuracy, **history.summary())
         progress.experience += 1
         progress.images_in_experience = 0
+        progress.domain = next_domain
         probes = ProbeSet(progress.experience, settings.probe_max_images)
         recent.clear()
-        if save("experience"):
+        if save("experience") and indexer is not None:
             indexer.new_encoder(ended, ckpt_root / f"exp-{ended:06d}")  # re-embed the store, swap the index
-        log.info("experience_end", experience=ended, accuracy=row.accuracy, **history.summary())
+
+    def interval_due() -> bool:
+        return time.monotonic() - last_checkpoint > settings.checkpoint_interval_s
 
     # ---- the loop
-    audit = open(state_dir / "metrics" / "trained_ids.log", "a") if settings.audit_trained_ids else None  # noqa: SIM115
+    audit = None
+    if settings.audit_trained_ids and world.is_main:
+        audit = open(state_dir / "metrics" / "trained_ids.log", "a")  # noqa: SIM115
     recent: deque[torch.Tensor] = deque(maxlen=RECENT_BATCHES)
     last_checkpoint = time.monotonic()
     last_data = time.monotonic()
+    rank_domain = progress.domain  # the domain this rank's partitions delivered last
     rate = Throughput()
+    trained_here = 0  # stream images this rank trained (its own partitions)
     metrics.experience.set(progress.experience)
     service.publish_evaluation(history)
     prefetcher.start()
     exit_code = 0
     try:
-        while not stop.requested:
+        while True:
             waited = time.perf_counter()
             batch = prefetcher.get(timeout=0.5)
             if rate.first_at is not None:
                 rate.input_wait += time.perf_counter() - waited
-            if batch is None:
-                idle = time.monotonic() - last_data
-                if settings.exit_when_idle_s and idle > settings.exit_when_idle_s and not any(prefetcher.lag().values()):
-                    log.info("idle_exit", idle_seconds=round(idle, 1))
+            samples = batch.samples if batch is not None else []
+            prepared = batch.prepared if batch is not None else Prepared.of([], 0.0, False)
+            train, held_out = prepared.train, prepared.held_out
+            replay = buffer.sample(replay_count(len(train), settings.replay_share)) if buffer and train else None
+            domain = samples[0].domain if samples else None
+            idle = bool(settings.exit_when_idle_s) and time.monotonic() - last_data > settings.exit_when_idle_s \
+                and not any(prefetcher.lag().values())
+            tick = Tick(records=batch_records(samples), images=len(train),
+                        stepped=len(train) + (len(replay) if replay is not None else 0), domain=domain,
+                        changed_to=domain if domain is not None and rank_domain not in (None, domain) else None,
+                        stop=stop.requested, idle=idle,
+                        checkpoint_due=world.is_main and interval_due(),
+                        lag=prefetcher.lag() if world.distributed and not world.is_main else {})
+            agreed = agree(world.exchange(tick), progress.domain)
+            rank_domain = domain or rank_domain
+            if agreed.stop:
+                break
+            if not agreed.records:
+                if agreed.idle:
+                    log.info("idle_exit", idle_seconds=round(time.monotonic() - last_data, 1))
                     break
                 continue
             last_data = time.monotonic()
-            metrics.records_consumed.labels(settings.topic).inc(batch_records(batch))
-            if boundary_before(batch.samples[0].domain, progress, settings):
-                end_experience()  # before splitting: this batch's probes belong to the new experience
-            train, probe_samples = split_probes(batch.samples, probes, settings.probe_fraction)
-            if probe_samples:
-                submit(indexer, probe_samples, progress.experience, probe=True)
-            if train:
-                progress.domain = train[0].domain
-                images = torch.stack([s.image for s in train])  # (B,3,S,S) uint8
-                replay = buffer.sample(replay_count(len(train), settings.replay_share)) if buffer else None
+            metrics.records_consumed.labels(settings.topic).inc(agreed.records)  # rank 0 shows the world's
+            if agreed.boundary_to is not None and settings.split_on_domain and progress.images_in_experience > 0:
+                end_experience(agreed.boundary_to)  # before the probes: they belong to the new experience
+            if progress.domain is None or not settings.split_on_domain:
+                progress.domain = agreed.domain or progress.domain
+            shared = world.gather(Shared.of(train, held_out, batch.positions if batch else {}, world))
+            if shared is not None:  # rank 0: every rank's samples go to the store, probes and audit log
+                for part in shared:
+                    for sample in part.held_out:
+                        probes.add(sample.sample_id, sample.image, sample.label, sample.domain)
+                    submit(indexer, part.held_out, progress.experience, probe=True)
+                    submit(indexer, part.train, progress.experience, probe=False)
+                    if audit is not None and part.train:
+                        audit.write("".join(f"{s.sample_id}\n" for s in part.train))
+                        audit.flush()
+                    progress.positions.update(part.positions)
+                service.remote_lag = agreed.lag
+            elif batch is not None:
+                progress.positions.update(batch.positions)
+            if agreed.images:
+                images = prepared.images if train else standin(recent, learner.preset.resolution)  # (B,3,S,S) u8
                 if len(images) + (len(replay) if replay is not None else 0) < 2:
                     images = images.repeat(2, 1, 1, 1)  # BatchNorm needs two samples; a lone straggler
-                result = learner.step(images, replay)
-                rate.images_stepped += result.images
+                result = learner.step(images, replay, weight=agreed.weight(world.rank, world.size))
+                rate.images_stepped += agreed.stepped
                 if result.skipped:
                     progress.steps_skipped += 1
                     metrics.steps_skipped.inc()
@@ -261,25 +342,22 @@ def run(settings: Settings) -> int:
                     metrics.ssl_loss.set(result.loss)
                     metrics.regularizer_penalty.set(result.penalty)
                 metrics.train_step_seconds.observe(result.seconds)
-                metrics.images_per_second.set(rate.update(result.images))
-                metrics.images_trained.inc(len(train))
-                if buffer is not None:
-                    buffer.add([s.sample_id for s in train], images, [s.domain for s in train])
-                    metrics.replay_buffer_images.set(len(buffer))
-                recent.append(images)
-                submit(indexer, train, progress.experience, probe=False)
-                if audit is not None:
-                    audit.write("".join(f"{s.sample_id}\n" for s in train))
-                    audit.flush()
+                metrics.images_per_second.set(rate.update(agreed.stepped))
+                metrics.images_trained.inc(agreed.images)
+                if train:
+                    trained_here += len(train)
+                    if buffer is not None:
+                        buffer.add([s.sample_id for s in train], images, [s.domain for s in train])
+                        metrics.replay_buffer_images.set(len(buffer))
+                    recent.append(images)
                 progress.steps += 1
-                progress.images_total += len(train)
-                progress.images_in_experience += len(train)
-            progress.positions.update(batch.positions)
+                progress.images_total += agreed.images
+                progress.images_in_experience += agreed.images
             service.record_throughput(rate.value, progress.images_total)
 
             if progress.images_in_experience >= settings.experience_images:
-                end_experience()
-            elif time.monotonic() - last_checkpoint > settings.checkpoint_interval_s:
+                end_experience(None if settings.split_on_domain else progress.domain)
+            elif agreed.checkpoint_due if world.distributed else interval_due():  # one process: after the step
                 save("interval")
                 last_checkpoint = time.monotonic()
             metrics.experience.set(progress.experience)
@@ -293,18 +371,20 @@ def run(settings: Settings) -> int:
         prefetcher.stop()
         if exit_code == 0:
             save("interval")
-        server.stop()
-        indexer.stop()
+        if server is not None:
+            server.stop()
+        if indexer is not None:
+            indexer.stop()
         if audit is not None:
             audit.close()
         dlq.close()
         source.close()
         if broker is not None:
             broker.stop()
-    log.info("stopped", exit_code=exit_code, images_total=progress.images_total,
+    log.info("stopped", exit_code=exit_code, images_total=progress.images_total, images_trained_here=trained_here,
              images_stepped=rate.images_stepped, train_seconds=round(rate.elapsed(), 3),
              images_per_second_overall=round(rate.images_stepped / max(rate.elapsed(), 1e-9), 2),
-             input_wait_seconds=round(rate.input_wait, 3))
+             input_wait_seconds=round(rate.input_wait, 3), weights_sha256=weights_digest(learner))
     return exit_code
 
 
@@ -345,7 +425,7 @@ def replay_count(stream_images: int, replay_share: float) -> int:
     return round(stream_images * replay_share / (1 - replay_share))
 
 
-def paired_views(learner: Learner, batches: deque[torch.Tensor]) -> list[torch.Tensor]:
+def paired_views(learner: Learner, batches: list[torch.Tensor]) -> list[torch.Tensor]:
     """Two augmented views of each recent batch, concatenated: (2B,3,R,R) per batch."""
     with torch.no_grad():
         out = []
@@ -363,33 +443,111 @@ def paired_views_loss(learner: Learner):
     return loss
 
 
-def split_probes(samples: list[Sample], probes: ProbeSet, fraction: float) -> tuple[list[Sample], list[Sample]]:
-    """Put probe samples (header or hash) into the probe set; return (to train on, probes)."""
+def update_regularizer(learner: Learner, recent: deque[torch.Tensor], world: World) -> None:
+    """The regularizer's experience-end statistics (Fisher, anchors...) from the recent batches.
+
+    With several ranks each estimates them on its own batches and the ranks average them,
+    so every rank holds the same state (a rank that saw no data uses a blank stand-in).
+    """
+    batches = list(recent)
+    if not batches and not world.distributed:
+        return
+    if not batches:
+        batches = [standin(recent, learner.preset.resolution)]
+    learner.regularizer.on_experience_end(learner.backbone, paired_views_loss(learner), paired_views(learner, batches))
+    if world.distributed:
+        state = world.average_state(learner.regularizer.state_dict(), learner.device)
+        learner.regularizer.load_state_dict(state, backbone=learner.backbone)
+
+
+def standin(recent: deque[torch.Tensor], resolution: int) -> torch.Tensor:
+    """What a rank with no data this iteration steps on to join the collective step (at
+    loss weight 0): its last batch, or two blank images (2,3,S,S) uint8."""
+    if recent:
+        return recent[-1]
+    return torch.zeros(2, 3, resolution, resolution, dtype=torch.uint8)
+
+
+@dataclass
+class Prepared:
+    """A batch made ready on the prefetch thread: probes split off, images stacked (and pinned)."""
+
+    train: list[Sample]
+    held_out: list[Sample]
+    images: torch.Tensor | None  # (B,3,S,S) uint8 of `train`; page-locked for a fast async GPU copy
+
+    @classmethod
+    def of(cls, samples: list[Sample], probe_fraction: float, pin: bool) -> Prepared:
+        train, held_out = split_probes(samples, probe_fraction)
+        images = torch.stack([s.image for s in train]) if train else None
+        if images is not None and pin:
+            images = images.pin_memory()
+        return cls(train, held_out, images)
+
+
+def split_probes(samples: list[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
+    """Split samples into (to train on, probes: a `probe=1` header or the hash fraction)."""
     train, held_out = [], []
     for sample in samples:
-        if sample.probe or hashed_probe(sample.sample_id, fraction):
-            probes.add(sample.sample_id, sample.image, sample.label, sample.domain)
-            held_out.append(sample)
-        else:
-            train.append(sample)
+        (held_out if sample.probe or hashed_probe(sample.sample_id, fraction) else train).append(sample)
     return train, held_out
+
+
+@dataclass
+class Shared:
+    """What a rank hands rank 0 each iteration: its samples and how far it has read."""
+
+    train: list[Sample]
+    held_out: list[Sample]
+    positions: dict[int, int]
+
+    @classmethod
+    def of(cls, train: list[Sample], held_out: list[Sample], positions: dict[int, int], world: World) -> Shared:
+        """Across processes the trained images stay behind (the store keeps encoded bytes)."""
+        if world.distributed:
+            blank = torch.empty(0, dtype=torch.uint8)
+            train = [replace(s, image=blank) for s in train]
+        return cls(train, held_out, positions)
 
 
 def submit(indexer: Indexer, samples: list[Sample], experience: int, probe: bool) -> None:
     """Hand samples to the sample store / index thread (never blocks training unless far behind)."""
-    indexer.submit([s.sample_id for s in samples], [s.encoded for s in samples], experience,
-                   [s.domain for s in samples], [s.label for s in samples], probes=probe)
+    if samples:
+        indexer.submit([s.sample_id for s in samples], [s.encoded for s in samples], experience,
+                       [s.domain for s in samples], [s.label for s in samples], probes=probe)
 
 
-def boundary_before(domain: str, progress: Progress, settings: Settings) -> bool:
-    """True when a batch of `domain` starts a new experience (domain change)."""
-    return (settings.split_on_domain and progress.domain is not None and domain != progress.domain
-            and progress.images_in_experience > 0)
-
-
-def batch_records(batch: Batch) -> int:
+def batch_records(samples: list[Sample]) -> int:
     """Distinct records behind a batch's samples."""
-    return len({(s.partition, s.offset) for s in batch.samples})
+    return len({(s.partition, s.offset) for s in samples})
+
+
+def replay_dir(rank: int) -> str:
+    """A rank's replay buffer folder inside a checkpoint (rank 0's keeps the one-process name)."""
+    return "replay" if rank == 0 else f"replay-rank{rank}"
+
+
+def buffer_writer(settings: Settings, state: tuple[dict, dict] | None):
+    """A checkpoint writer for another rank's replay buffer state (`ReplayBuffer.state_dict()`)."""
+    def write(path: Path) -> None:
+        if state is not None:
+            other = build_buffer(settings)
+            other.load_state_dict(*state)
+            other.save(path.parent)
+    return write
+
+
+def weights_digest(learner: Learner) -> str:
+    """sha256 of the model's parameters (ranks of one DDP run must log the same digest).
+
+    BatchNorm running statistics are left out: DDP copies rank 0's at the start of each
+    forward, so after the last step each rank holds its own (checkpoints keep rank 0's).
+    """
+    digest = hashlib.sha256()
+    for key, value in sorted(learner.method.named_parameters()):
+        digest.update(key.encode())
+        digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 class Throughput:

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deploy.settings import Settings
+from deploy.world import World
 from learners.augment import BatchAugment, EvalTransform
 from learners.backbones import ResNet18
 from learners.device import pick_device
@@ -59,12 +60,19 @@ def resolve_preset(settings: Settings, device: torch.device) -> Preset:
     return replace(preset, **overrides)
 
 
-def build_learner(settings: Settings) -> Learner:
-    """A fresh learner for `settings` (weights from the seed; a checkpoint may overwrite them)."""
+def build_learner(settings: Settings, world: World | None = None) -> Learner:
+    """A fresh learner for `settings` (weights from the seed; a checkpoint may overwrite them).
+
+    In a DDP `world` each rank trains on its local GPU (or the CPU) and the method runs
+    under DistributedDataParallel, which starts every rank from rank 0's weights.
+    """
+    world = world or World()
     torch.manual_seed(settings.seed)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     device = pick_device(settings.device)
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)
     preset = resolve_preset(settings, device)
     backbone = ResNet18(**preset.backbone_kwargs)
     method = build_method(settings.method, backbone).to(device)
@@ -78,9 +86,11 @@ def build_learner(settings: Settings) -> Learner:
     augment = BatchAugment(preset.resolution).to(device)
     eval_transform = EvalTransform(preset.resolution).to(device)
     amp = device.type == "cuda"
-    step = TrainStep(method, augment, optimizer, device, amp=amp, channels_last=True, regularizer=regularizer)
+    step = TrainStep(method, augment, optimizer, device, amp=amp, channels_last=True, regularizer=regularizer,
+                     group=world if world.distributed else None)
+    step.forward = world.wrap(method, device)  # same parameters; checkpoints keep using `method`
     if settings.compile:
-        step.method = torch.compile(method)  # same parameters; checkpoints keep using `method`
+        step.forward = torch.compile(step.forward)
     return Learner(preset, device, method, augment, eval_transform, regularizer, optimizer, step, use_replay)
 
 

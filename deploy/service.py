@@ -32,6 +32,7 @@ class DaemonService:
         self.throughput: list[dict] = []
         self.snapshots: Any = None  # the SnapshotEngine, set by the daemon
         self.indexer: Any = None  # the Indexer (sample store + FAISS index), set by the daemon
+        self.remote_lag: dict[int, int] = {}  # other DDP ranks' partitions, as their last tick said
         self._last_point = 0.0
 
     def start_http(self) -> HttpServer:
@@ -67,7 +68,7 @@ class DaemonService:
         del self.throughput[:-THROUGHPUT_POINTS]
 
     def refresh_lag(self) -> dict[int, int]:
-        lag = self.stream.lag()
+        lag = {**self.remote_lag, **self.stream.lag()}
         for partition, value in lag.items():
             self.metrics.consumer_lag.labels(str(partition)).set(value)
         return lag

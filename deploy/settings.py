@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     keep_distinct: int = Field(2, ge=0, description="older experience checkpoints kept for being most unlike the kept ones")
     store_max_bytes: int = Field(1024**3, ge=1024, description="disk budget of the sample store")
     index_exact_max: int = Field(200_000, ge=1, description="vectors before the index turns approximate")
+    index_shard_max: int = Field(0, ge=0, description="vectors per index shard before search fans out over several (0: one shard)")
     index_kind: Literal["ivf", "hnsw"] = Field("ivf", description="approximate index past index_exact_max")
 
     # service

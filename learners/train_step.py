@@ -40,6 +40,14 @@ class StepHooks(Protocol):
     def after_step(self, backbone: nn.Module) -> None: ...
 
 
+class GradientGroup(Protocol):
+    """The ranks of a data-parallel world, as the train step needs them (``deploy.world.World``)."""
+
+    def all_true(self, flag: bool) -> bool: ...
+
+    def all_reduce_grads(self, params: list[nn.Parameter]) -> None: ...
+
+
 @dataclass(frozen=True)
 class StepResult:
     loss: float  # SSL loss of the step (nan/inf if skipped)
@@ -62,6 +70,12 @@ class TrainStep:
         channels_last: run convolutions in NHWC layout.
         regularizer: optional continual-learning hooks (EWC, SI, distillation...).
         grad_clip: max global gradient norm, or None for no clipping.
+        group: data-parallel ranks; with one, all ranks skip a step together when any
+            loss is not finite, and gradients of optimizer parameters outside the method
+            (a distillation predictor) are averaged. Set ``forward`` to the DDP wrapper.
+
+    ``forward`` is what the views go through: ``method`` itself, or a wrapper of it
+    (``torch.compile``, ``DistributedDataParallel``) sharing its parameters.
     """
 
     def __init__(
@@ -74,9 +88,11 @@ class TrainStep:
         channels_last: bool,
         regularizer: StepHooks | None = None,
         grad_clip: float | None = None,
+        group: GradientGroup | None = None,
     ) -> None:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.method = method.to(device=device, memory_format=memory_format)
+        self.forward: nn.Module = self.method
         self.augment = augment.to(device)
         self.optimizer = optimizer
         self.device = device
@@ -84,36 +100,47 @@ class TrainStep:
         self.memory_format = memory_format
         self.regularizer = regularizer
         self.grad_clip = grad_clip
-        self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.group = group
+        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        own = {id(p) for p in method.parameters()}
+        self._outside = [p for p in self._params if id(p) not in own]
 
-    def __call__(self, images_u8: torch.Tensor, replay_u8: torch.Tensor | None = None) -> StepResult:
+    def __call__(
+        self, images_u8: torch.Tensor, replay_u8: torch.Tensor | None = None, weight: float = 1.0
+    ) -> StepResult:
+        """One step; ``weight`` scales the loss (data-parallel ranks holding unequal shares)."""
         start = time.perf_counter()
+        x = images_u8.to(self.device, non_blocking=True)  # async from pinned memory
         if replay_u8 is not None and replay_u8.numel() > 0:
-            images_u8 = torch.cat([images_u8, replay_u8])  # (B + R, 3, S, S)
-        x = images_u8.to(self.device, non_blocking=True)
+            x = torch.cat([x, replay_u8.to(self.device, non_blocking=True)])  # (B + R, 3, S, S)
         v1 = self.augment(x).contiguous(memory_format=self.memory_format)  # (N, 3, R, R)
         v2 = self.augment(x).contiguous(memory_format=self.memory_format)
 
         self.method.train()
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, enabled=self.amp):
-            out = self.method(v1, v2)
+            out = self.forward(v1, v2)
             penalty = (
                 self.regularizer.penalty(self.method.backbone, v1, out.features)
                 if self.regularizer is not None
                 else torch.zeros((), device=self.device)
             )
-        total = out.loss.float() + penalty.float()
+        total = (out.loss.float() + penalty.float()) * weight
         # One device sync for the three numbers the step needs on the host.
         loss, penalty_value, total_value = torch.stack(
             [out.loss.detach().float(), penalty.detach().float(), total.detach()]
         ).tolist()
-        if not math.isfinite(total_value):
+        finite = math.isfinite(total_value)
+        if self.group is not None:
+            finite = self.group.all_true(finite)  # DDP: every rank runs backward, or none
+        if not finite:
             # Never let a NaN/inf reach the weights (or a checkpoint): no backward, no step
             # (gradients are still None from the zero_grad above).
             return StepResult(loss, penalty_value, len(x), True, time.perf_counter() - start)
 
         total.backward()
+        if self.group is not None and self._outside:
+            self.group.all_reduce_grads(self._outside)
         if self.regularizer is not None:
             self.regularizer.after_backward(self.method.backbone)
         if self.grad_clip is not None:

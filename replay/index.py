@@ -4,12 +4,17 @@ Embeddings from two encoder versions are not comparable, so each version has
 its own index: a new one is built to the side (``build``) and published with
 ``swap`` while searches keep using the old one. On disk, under
 ``root/index/``, every publication is an immutable directory
-``v{version:06d}.g{generation:06d}/`` holding ``index.faiss``, ``ids.json``
-(FAISS label → sample id, experience) and ``manifest.json`` (sha256 of both);
+``v{version:06d}.g{generation:06d}/`` holding ``index.faiss`` (or, for a
+sharded index, one ``shard-NNN.faiss`` per shard), ``ids.json`` (FAISS label
+→ sample id, experience) and ``manifest.json`` (sha256 of every other file);
 it is written under a temporary name, fsynced and renamed into place, then
 ``CURRENT`` is flipped by tmp + rename. ``save`` publishes a new generation
 of the live version the same way, so a crash never leaves a torn index live.
 Vectors are L2-normalized: inner product is cosine similarity.
+
+Past ``shard_max`` vectors per shard an index is split into shards, searched in
+parallel on a thread pool and merged into one top-k; labels stay global, so the
+label → sample id map does not care where a vector lives.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import os
 import shutil
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,15 +38,19 @@ import numpy as np
 from replay.atomic import fsync_dir, write_atomic
 
 INDEX_FILE = "index.faiss"
+SHARD_FILE = "shard-{:03d}.faiss"  # index.faiss of each shard of a sharded index
 IDS_FILE = "ids.json"
 MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
 HNSW_REBUILD_DEAD = 0.25  # rebuild an HNSW index once this fraction of it is tombstones
+# Searches shards in parallel (faiss releases the GIL); threads start on first use.
+_FANOUT = ThreadPoolExecutor(max_workers=os.cpu_count() or 4, thread_name_prefix="index-shard")
 
 
 @dataclass(frozen=True)
 class IndexOptions:
-    """How indexes are built: exact up to ``exact_max`` vectors, then ``kind``."""
+    """How indexes are built: shards of at most ``shard_max`` vectors (0: one shard), each
+    exact up to ``exact_max`` vectors, then ``kind``."""
 
     exact_max: int = 50_000
     kind: str = "ivf"  # "ivf" | "hnsw"
@@ -47,6 +58,7 @@ class IndexOptions:
     hnsw_m: int = 32
     ef_search: int = 128
     gpu: bool = False  # search on GPU copies when faiss has GPU support and a GPU is present
+    shard_max: int = 0
 
 
 class SearchResult(NamedTuple):
@@ -66,12 +78,11 @@ class SearchResult(NamedTuple):
 
 
 class TableSnapshot(NamedTuple):
-    """A table frozen for publication: its kind, size and the two file contents."""
+    """A table frozen for publication: its kind, size and file contents by file name."""
 
     kind: str
     size: int
-    index_bytes: bytes
-    ids_bytes: bytes
+    files: dict[str, bytes]
 
 
 def normalized(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -106,32 +117,114 @@ def _new_faiss(kind: str, dim: int, train: np.ndarray, options: IndexOptions) ->
     return index
 
 
-class Table:
-    """One FAISS index plus label → (sample id, experience). Labels are never reused.
+def _search_shard(
+    shard: faiss.Index, q: np.ndarray, k: int, params: faiss.SearchParameters | None, threads: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One shard's top-k on a fan-out thread, with ``threads`` FAISS threads.
 
-    Flat and HNSW indexes sit in an ``IndexIDMap2``; IVF takes ids natively.
-    HNSW cannot delete in place, so removed labels become tombstones filtered
-    by an ``IDSelector`` until the index is rebuilt.
+    OpenMP thread counts are per thread: without this a pool thread would use every core
+    and ignore the caller's ``faiss.omp_set_num_threads`` (what FAISS's own threaded
+    ``IndexShards`` does: several times slower than one shard on 2 cores, measured).
+    """
+    faiss.omp_set_num_threads(threads)
+    return shard.search(q, k, params=params)
+
+
+def _merge(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (highest inner product) of several shards' (scores, labels), best first.
+
+    A shard's padding (label -1, score -FLT_MAX) sorts after every cosine similarity.
+    """
+    scores = np.concatenate([s for s, _ in results], axis=1)
+    labels = np.concatenate([lab for _, lab in results], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(labels, order, 1)
+
+
+def _shard_files(shards: int) -> list[str]:
+    """File names of a table's shards: ``index.faiss`` alone (the unsharded format) or one per shard."""
+    return [INDEX_FILE] if shards == 1 else [SHARD_FILE.format(i) for i in range(shards)]
+
+
+class Table:
+    """FAISS shards plus label → (sample id, experience). Labels are global and never reused.
+
+    One shard is searched directly; several are searched in parallel and their top-k
+    merged. All shards of a table have one kind. Adds go to the shards with the fewest
+    vectors, and a new shard opens once every shard holds ``options.shard_max`` (IVF
+    shards share the first shard's trained quantizer, so splitting an IVF index does not
+    change its results). Flat and HNSW shards sit in an
+    ``IndexIDMap2``; IVF takes ids natively. HNSW cannot delete in place, so removed
+    labels become tombstones filtered by an ``IDSelector`` until the index is rebuilt.
     """
 
-    def __init__(self, kind: str, index: faiss.Index) -> None:
+    def __init__(self, kind: str, shards: list[faiss.Index], options: IndexOptions) -> None:
         self.kind = kind
-        self.index = index
+        self.shards = shards
+        self.options = options
         self.ids: list[str | None] = []
         self.exps = np.zeros(1024, dtype=np.int64)  # by label, grown by doubling
         self.label_of: dict[str, int] = {}
         self.dead: set[int] = set()
         self._selector: tuple | None = None
-        self._gpu_index: faiss.Index | None = None
+        self._gpu_shards: list[faiss.Index] | None = None  # reset on every change
 
     @classmethod
     def create(cls, kind: str, dim: int, vectors: np.ndarray, options: IndexOptions) -> Table:
-        """An empty table of ``kind``; IVF is trained on ``vectors`` (normalized)."""
-        return cls(kind, _new_faiss(kind, dim, vectors, options))
+        """An empty one-shard table of ``kind``; IVF is trained on ``vectors`` (normalized)."""
+        return cls(kind, [_new_faiss(kind, dim, vectors, options)], options)
 
     @property
     def size(self) -> int:
         return len(self.label_of)
+
+    @property
+    def ntotal(self) -> int:
+        """Vectors in the FAISS shards, HNSW tombstones included."""
+        return sum(shard.ntotal for shard in self.shards)
+
+    @property
+    def largest(self) -> int:
+        """Vectors in the fullest shard: what one search thread scans."""
+        return max(shard.ntotal for shard in self.shards)
+
+    @property
+    def layout(self) -> str:
+        """The kind, prefixed "shards:" when searches fan out over several shards."""
+        return f"shards:{self.kind}" if len(self.shards) > 1 else self.kind
+
+    def _open_shard(self) -> None:
+        first = self.shards[0]
+        if self.kind == "ivf":
+            shard = faiss.IndexIVFFlat(
+                faiss.clone_index(first.quantizer), first.d, first.nlist, faiss.METRIC_INNER_PRODUCT
+            )
+            shard.nprobe = first.nprobe
+        else:
+            shard = _new_faiss(self.kind, first.d, np.empty((0, first.d), np.float32), self.options)
+        self.shards.append(shard)
+
+    def _spread(self, n: int) -> list[int]:
+        """How many of ``n`` new vectors each shard takes: fewest-first (water-filling),
+        none past ``shard_max``, opening shards while the existing ones lack room."""
+        cap = self.options.shard_max
+        if cap:
+            room = sum(max(0, cap - shard.ntotal) for shard in self.shards)
+            for _ in range(math.ceil(max(0, n - room) / cap)):
+                self._open_shard()
+        counts = np.array([shard.ntotal for shard in self.shards], dtype=np.int64)
+        upper = np.maximum(counts, cap) if cap else counts + n
+        lo, hi = int(counts.min()), int(upper.max())  # fill to the lowest level that fits n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if np.clip(mid - counts, 0, upper - counts).sum() >= n:
+                hi = mid
+            else:
+                lo = mid + 1
+        give = np.clip(lo - 1 - counts, 0, upper - counts)
+        short = n - int(give.sum())
+        give[np.flatnonzero(counts + give < np.minimum(lo, upper))[:short]] += 1
+        return give.tolist()
 
     def add(self, x: np.ndarray, sample_ids: list[str], experiences: list[int]) -> int:
         """Add normalized vectors; ids already present are skipped. Returns vectors added."""
@@ -146,7 +239,12 @@ class Table:
             return 0
         start = len(self.ids)
         labels = np.arange(start, start + len(keep), dtype=np.int64)
-        self.index.add_with_ids(x[keep], labels)
+        kept = x[keep]
+        first = 0
+        for shard, count in zip(self.shards, self._spread(len(keep)), strict=True):
+            if count:
+                shard.add_with_ids(kept[first : first + count], labels[first : first + count])
+                first += count
         if len(self.exps) < start + len(keep):
             grown = np.zeros(max(2 * len(self.exps), start + len(keep)), dtype=np.int64)
             grown[:start] = self.exps[:start]
@@ -155,7 +253,7 @@ class Table:
         for label, i in zip(labels.tolist(), keep, strict=True):
             self.ids.append(sample_ids[i])
             self.label_of[sample_ids[i]] = label
-        self._gpu_index = None
+        self._gpu_shards = None
         return len(keep)
 
     def remove(self, sample_ids: list[str]) -> int:
@@ -167,23 +265,28 @@ class Table:
                 self.dead.update(labels)
                 self._selector = None
             else:
-                self.index.remove_ids(np.array(labels, dtype=np.int64))
-            self._gpu_index = None
+                gone = np.array(labels, dtype=np.int64)
+                for shard in self.shards:  # a shard ignores labels it does not hold
+                    shard.remove_ids(gone)
+            self._gpu_shards = None
         return len(labels)
 
     def live_vectors(self) -> tuple[np.ndarray, list[str], np.ndarray]:
         """(vectors, sample ids, experiences) still indexed; flat and HNSW tables only."""
-        inner = faiss.downcast_index(self.index.index)
-        vectors = inner.reconstruct_n(0, inner.ntotal)
-        labels = faiss.vector_to_array(self.index.id_map)
-        live = np.array([self.ids[label] is not None for label in labels], dtype=bool)
-        labels = labels[live]
-        return vectors[live], [self.ids[label] for label in labels], self.exps[labels]
+        vectors, labels = [], []
+        for shard in self.shards:
+            inner = faiss.downcast_index(shard.index)
+            vectors.append(inner.reconstruct_n(0, inner.ntotal))
+            labels.append(faiss.vector_to_array(shard.id_map))
+        all_vectors, all_labels = np.concatenate(vectors), np.concatenate(labels)
+        live = np.array([self.ids[label] is not None for label in all_labels], dtype=bool)
+        all_labels = all_labels[live]
+        return all_vectors[live], [self.ids[label] for label in all_labels], self.exps[all_labels]
 
-    def _params(self, k: int, options: IndexOptions) -> faiss.SearchParameters | None:
+    def _params(self, k: int) -> faiss.SearchParameters | None:
         if self.kind != "hnsw":
             return None
-        params = faiss.SearchParametersHNSW(efSearch=max(options.ef_search, k))
+        params = faiss.SearchParametersHNSW(efSearch=max(self.options.ef_search, k))
         if self.dead:
             if self._selector is None:
                 batch = faiss.IDSelectorBatch(np.fromiter(self.dead, dtype=np.int64))
@@ -191,20 +294,28 @@ class Table:
             params.sel = self._selector[1]
         return params
 
-    def _searchable(self, options: IndexOptions) -> faiss.Index:
-        if not options.gpu or self.kind == "hnsw" or not _gpu_available():
-            return self.index
-        if self._gpu_index is None:
-            self._gpu_index = faiss.index_cpu_to_all_gpus(self.index)
-        return self._gpu_index
+    def _searchable(self) -> list[faiss.Index]:
+        """The shards to search: GPU copies when enabled and possible, else the shards."""
+        if not self.options.gpu or self.kind == "hnsw" or not _gpu_available():
+            return self.shards
+        if self._gpu_shards is None:
+            self._gpu_shards = [faiss.index_cpu_to_all_gpus(shard) for shard in self.shards]
+        return self._gpu_shards
 
-    def search(self, q: np.ndarray, k: int, options: IndexOptions) -> SearchResult:
+    def search(self, q: np.ndarray, k: int) -> SearchResult:
         """k nearest neighbours of normalized queries ``q``, padded when fewer exist."""
         scores, ids, exps = result = SearchResult.empty(len(q), k)
-        kk = min(k, self.index.ntotal)
+        kk = min(k, self.ntotal)
         if kk == 0 or len(q) == 0:
             return result
-        dist, labels = self._searchable(options).search(q, kk, params=self._params(kk, options))
+        shards, params = self._searchable(), self._params(kk)
+        if len(shards) == 1:
+            dist, labels = shards[0].search(q, kk, params=params)
+        else:  # fan out, sharing the caller's FAISS threads (at least one per shard)
+            threads = max(1, faiss.omp_get_max_threads() // len(shards))
+            found = _FANOUT.map(_search_shard, shards, repeat(q), repeat(kk), repeat(params),
+                                repeat(threads))
+            dist, labels = _merge(list(found), kk)
         valid = labels >= 0
         scores[:, :kk] = np.where(valid, dist, -np.inf)
         exps[:, :kk] = np.where(valid, self.exps[np.maximum(labels, 0)], -1)
@@ -213,27 +324,31 @@ class Table:
         return result
 
     def snapshot(self) -> TableSnapshot:
-        """The table's ``index.faiss`` and ``ids.json`` contents."""
+        """The table's files: ``ids.json`` plus ``index.faiss``, or one file per shard."""
         live = sorted(self.label_of.values())
         ids = {
             "kind": self.kind,
+            "shards": len(self.shards),
             "next_label": len(self.ids),
             "labels": live,
             "sample_ids": [self.ids[label] for label in live],
             "experiences": self.exps[live].tolist(),
             "dead": sorted(self.dead),
         }
-        return TableSnapshot(
-            self.kind,
-            self.size,
-            faiss.serialize_index(self.index).tobytes(),
-            json.dumps(ids).encode(),
-        )
+        files = {IDS_FILE: json.dumps(ids).encode()}
+        for name, shard in zip(_shard_files(len(self.shards)), self.shards, strict=True):
+            files[name] = faiss.serialize_index(shard).tobytes()
+        return TableSnapshot(self.layout, self.size, files)
 
     @classmethod
-    def deserialize(cls, index_bytes: bytes, ids_bytes: bytes) -> Table:
-        meta = json.loads(ids_bytes)
-        table = cls(meta["kind"], faiss.deserialize_index(np.frombuffer(index_bytes, np.uint8)))
+    def deserialize(cls, files: dict[str, bytes], options: IndexOptions) -> Table:
+        """The table ``snapshot`` wrote; KeyError if one of its files is missing."""
+        meta = json.loads(files[IDS_FILE])
+        shards = [
+            faiss.deserialize_index(np.frombuffer(files[name], np.uint8))
+            for name in _shard_files(meta.get("shards", 1))
+        ]
+        table = cls(meta["kind"], shards, options)
         table.ids = [None] * meta["next_label"]
         table.exps = np.zeros(max(1024, meta["next_label"]), dtype=np.int64)
         for label, sid, exp in zip(
@@ -293,13 +408,16 @@ class VectorIndex:
         hnsw_m: int = 32,
         ef_search: int = 128,
         gpu: bool = False,
+        shard_max: int = 0,
     ) -> None:
         if kind not in ("ivf", "hnsw"):
             raise ValueError(f"kind must be 'ivf' or 'hnsw', not {kind!r}")
+        if shard_max < 0:
+            raise ValueError(f"shard_max must be >= 0, not {shard_max}")
         self.dir = Path(root) / "index"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dim = dim
-        self.options = IndexOptions(exact_max, kind, nprobe, hnsw_m, ef_search, gpu)
+        self.options = IndexOptions(exact_max, kind, nprobe, hnsw_m, ef_search, gpu, shard_max)
         self._lock = threading.Lock()
         self._publish_lock = threading.Lock()
         self._version: int | None = None
@@ -316,12 +434,16 @@ class VectorIndex:
 
     @property
     def kind(self) -> str | None:
-        """Kind of the live index: "flat", "ivf" or "hnsw" (None before the first add/load)."""
+        """Kind of the live index: "flat", "ivf" or "hnsw", prefixed "shards:" when it is
+        sharded (None before the first add/load)."""
         with self._lock:
-            return self._table.kind if self._table else None
+            return self._table.layout if self._table else None
 
     def _kind_for(self, n: int) -> str:
-        return "flat" if n <= self.options.exact_max else self.options.kind
+        """Kind of a table built from ``n`` vectors: flat while each of its shards fits exact_max."""
+        shards = math.ceil(n / self.options.shard_max) if self.options.shard_max else 1
+        per_shard = math.ceil(n / max(1, shards))
+        return "flat" if per_shard <= self.options.exact_max else self.options.kind
 
     def _table_from(self, x: np.ndarray, sample_ids: list[str], experiences: list[int]) -> Table:
         table = Table.create(self._kind_for(len(x)), self.dim, x, self.options)
@@ -333,7 +455,8 @@ class VectorIndex:
     ) -> int:
         """Add to the live index of ``version`` (the first add creates it). Returns vectors added.
 
-        Crossing ``exact_max`` converts the live flat index to IVF/HNSW (once, under the lock).
+        A flat shard crossing ``exact_max`` converts the live index to IVF/HNSW (once, under
+        the lock); past ``shard_max`` vectors per shard, new shards open.
         """
         x = normalized(vectors, self.dim)
         with self._lock:
@@ -347,7 +470,7 @@ class VectorIndex:
                     f"live index is encoder version {self._version}; build and swap in {version}"
                 )
             added = self._table.add(x, sample_ids, experiences)
-            if self._table.kind == "flat" and self._table.size > self.options.exact_max:
+            if self._table.kind == "flat" and self._table.largest > self.options.exact_max:
                 self._table = self._table_from(*self._table.live_vectors())
             return added
 
@@ -369,7 +492,7 @@ class VectorIndex:
         with self._lock:
             if self._table is None:
                 return SearchResult.empty(len(q), k)
-            return self._table.search(q, k, self.options)
+            return self._table.search(q, k)
 
     def remove(self, sample_ids: list[str]) -> int:
         """Drop samples (e.g. evicted by the store) from the live index. Returns vectors removed."""
@@ -378,7 +501,7 @@ class VectorIndex:
                 return 0
             removed = self._table.remove(sample_ids)
             table = self._table
-            if table.kind == "hnsw" and len(table.dead) > HNSW_REBUILD_DEAD * table.index.ntotal:
+            if table.kind == "hnsw" and len(table.dead) > HNSW_REBUILD_DEAD * table.ntotal:
                 self._table = self._table_from(*table.live_vectors())
             return removed
 
@@ -427,16 +550,9 @@ class VectorIndex:
             "dim": self.dim,
             "kind": snapshot.kind,
             "size": snapshot.size,
-            "sha256": {
-                INDEX_FILE: _sha256(snapshot.index_bytes),
-                IDS_FILE: _sha256(snapshot.ids_bytes),
-            },
+            "sha256": {name: _sha256(data) for name, data in snapshot.files.items()},
         }
-        for fname, data in (
-            (INDEX_FILE, snapshot.index_bytes),
-            (IDS_FILE, snapshot.ids_bytes),
-            (MANIFEST_FILE, json.dumps(manifest).encode()),
-        ):
+        for fname, data in (*snapshot.files.items(), (MANIFEST_FILE, json.dumps(manifest).encode())):
             with open(tmp / fname, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -457,21 +573,25 @@ class VectorIndex:
                 shutil.rmtree(path, ignore_errors=True)
 
     def _read_valid(self, path: Path) -> tuple[dict, Table] | None:
-        """The manifest and table of a published directory, or None if it is torn."""
+        """The manifest and table of a published directory, or None if it is torn.
+
+        Every file the manifest lists must match its sha256, and the table must find all
+        of its files among them.
+        """
         try:
             manifest = json.loads((path / MANIFEST_FILE).read_bytes())
-            index_bytes = (path / INDEX_FILE).read_bytes()
-            ids_bytes = (path / IDS_FILE).read_bytes()
-        except (OSError, ValueError):
+            sums = manifest["sha256"]
+            if manifest["dim"] != self.dim or any(Path(name).name != name for name in sums):
+                return None
+            files = {name: (path / name).read_bytes() for name in sums}
+        except (OSError, ValueError, KeyError, TypeError):
             return None
-        sums = manifest.get("sha256", {})
-        if (
-            manifest.get("dim") != self.dim
-            or sums.get(INDEX_FILE) != _sha256(index_bytes)
-            or sums.get(IDS_FILE) != _sha256(ids_bytes)
-        ):
+        if any(_sha256(data) != sums[name] for name, data in files.items()):
             return None
-        return manifest, Table.deserialize(index_bytes, ids_bytes)
+        try:
+            return manifest, Table.deserialize(files, self.options)
+        except KeyError:  # the manifest does not list a file the table needs
+            return None
 
     def load(self) -> int | None:
         """Make the CURRENT directory live (else the newest valid one); returns its version.

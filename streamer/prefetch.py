@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import structlog
 
@@ -56,6 +57,9 @@ class Prefetcher:
     batch early). A partial batch is also emitted once no record arrived for
     `linger_s`, so a trickle of data is trained on without waiting for a full batch.
     An exception in the thread (other than RejectedRecord) is raised by `get`.
+    `prepare(samples)`, if given, runs on the prefetch thread for each batch and its
+    result rides along as `Batch.prepared` (the daemon stacks and pins the images there,
+    so the training thread only launches the copy to the GPU).
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class Prefetcher:
         queue_batches: int = 4,
         workers: int = 1,
         linger_s: float = 0.5,
+        prepare: Callable[[list[Sample]], Any] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -78,6 +83,7 @@ class Prefetcher:
         self.split_on_domain = split_on_domain
         self.workers = workers
         self.linger_s = linger_s
+        self._prepare = prepare
         self.records_consumed = 0  # records handled so far (decoded or rejected)
         self._queue: queue.Queue[Batch | BaseException] = queue.Queue(maxsize=queue_batches)
         self._stop = threading.Event()
@@ -210,7 +216,8 @@ class Prefetcher:
         positions = dict(self._consumed)
         for p, offset in self._oldest_pending():
             positions[p] = offset
-        self._put(Batch(samples=samples, positions=positions))
+        prepared = self._prepare(samples) if self._prepare is not None else None
+        self._put(Batch(samples=samples, positions=positions, prepared=prepared))
 
     def _oldest_pending(self) -> Iterator[tuple[int, int]]:
         """(partition, offset) of the first record per partition with samples still pending."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -66,3 +67,4 @@ class Batch:
 
     samples: list[Sample]
     positions: dict[int, int]
+    prepared: Any = None  # what the Prefetcher's `prepare` made of the samples, off the training thread

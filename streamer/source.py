@@ -54,7 +54,8 @@ class KafkaSource:
     """Reads one topic from explicitly assigned partitions.
 
     The broker must be reachable and the topic must exist when the source is made
-    (ConnectionError / ValueError otherwise). Later outages are survived: kafka-python
+    (ConnectionError / ValueError otherwise). `shard=(rank, world)` takes that DDP
+    rank's share of the partitions (`partitions_for_rank`). Later outages are survived: kafka-python
     reconnects by itself, `poll` returns [] meanwhile and logs instead of raising.
     """
 
@@ -67,6 +68,7 @@ class KafkaSource:
         partitions: list[int] | None = None,
         *,
         max_record_bytes: int = DecodeLimits().max_record_bytes,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         if not tcp_reachable(bootstrap):
             raise ConnectionError(f"Kafka broker {bootstrap} is not reachable")
@@ -92,6 +94,12 @@ class KafkaSource:
         )
         available = self._consumer.partitions_for_topic(topic)
         chosen = sorted(available) if partitions is None else sorted(partitions)
+        if shard is not None and available:
+            try:
+                chosen = partitions_for_rank(available, *shard)
+            except ValueError:
+                self._consumer.close(autocommit=False)
+                raise
         unknown = set(chosen) - available
         if not available or unknown:
             self._consumer.close(autocommit=False)

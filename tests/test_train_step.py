@@ -159,3 +159,42 @@ def test_cuda_step_with_bf16_autocast_and_channels_last():
     b = step.augment(x, generator=torch.Generator(device).manual_seed(0))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert a.is_cuda and (a[0] - a[1]).abs().max() > 0
+
+
+def test_weight_scales_the_gradients():
+    grads = []
+    for weight in (1.0, 2.5):
+        method = _method()
+        step = _step(method)
+        torch.manual_seed(3)
+        step(_images(8), weight=weight)
+        grads.append(method.backbone.conv1.weight.grad.clone())
+    torch.testing.assert_close(grads[1], 2.5 * grads[0], rtol=1e-4, atol=1e-6)
+
+
+class FakeGroup:
+    """A data-parallel group stub: what the other ranks answer, and which grads were reduced."""
+
+    def __init__(self, others_finite: bool) -> None:
+        self.others_finite = others_finite
+        self.reduced: list[nn.Parameter] = []
+
+    def all_true(self, flag: bool) -> bool:
+        return flag and self.others_finite
+
+    def all_reduce_grads(self, params):
+        self.reduced = list(params)
+
+
+def test_group_skips_together_and_reduces_only_parameters_outside_the_method():
+    method = _method()
+    reg = RecordingRegularizer()
+    group = FakeGroup(others_finite=False)
+    step = _step(method, regularizer=reg, group=group)
+    before = method.backbone.conv1.weight.detach().clone()
+    assert step(_images(8)).skipped  # finite here, but another rank was not: nobody steps
+    assert torch.equal(before, method.backbone.conv1.weight)
+
+    group.others_finite = True
+    assert not step(_images(8)).skipped
+    assert [id(p) for p in group.reduced] == [id(reg.extra)]
