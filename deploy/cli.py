@@ -6,8 +6,12 @@ Errors are one line on stderr; set TAILORD_DEBUG=1 for the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
+import signal
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable
@@ -40,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1:
-        return exec_torchrun(args.nproc, args.config)
+        return run_torchrun(args.nproc, args.config)
     from deploy.daemon import run
     from deploy.logs import configure_logging
 
@@ -48,20 +52,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(settings)
 
 
-def exec_torchrun(nproc: int, config: Path | None) -> int:
-    """Replace this process by torchrun running `nproc` DDP ranks of `tailord run` on this host.
+def run_torchrun(nproc: int, config: Path | None) -> int:
+    """Run `nproc` DDP ranks of `tailord run` on this host under torchrun; its exit code.
 
-    exec, not a child: signals (SIGTERM from the container runtime) reach torchrun, which
-    passes them to every rank, so each stops cleanly after rank 0's last checkpoint.
+    torchrun runs in its own session and SIGTERM/SIGINT are relayed to the ranks
+    themselves: each checkpoints and exits 0, so torchrun exits 0 too (signalled directly,
+    torchrun would kill the ranks and exit 1). If this process dies, the kernel sends
+    torchrun SIGTERM (PR_SET_PDEATHSIG), which stops the ranks the same way.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "deploy.cli", "run"]
     if config is not None:
         cmd += ["--config", str(config)]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, cmd)
-    return 1  # not reached
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_term_with_parent)
+
+    def relay(signum: int, _frame: object) -> None:
+        for pid in child_pids(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, relay)
+    return proc.wait()
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid` (Linux /proc)."""
+    pids: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            pids += [int(p) for p in children.read_text().split()]
+    return pids
+
+
+def _term_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the parent dies (Linux prctl)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:

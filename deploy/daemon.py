@@ -174,9 +174,12 @@ def run_rank(settings: Settings, world: World) -> int:
                     partition=record.partition, offset=record.offset)
         dlq.send(record, error.reason, error.detail)
 
-    source = KafkaSource(bootstrap, settings.topic, settings.group_id, client,
-                         max_record_bytes=settings.max_record_bytes,
-                         shard=(world.rank, world.size) if world.distributed else None)
+    try:
+        source = KafkaSource(bootstrap, settings.topic, settings.group_id, client,
+                             max_record_bytes=settings.max_record_bytes,
+                             shard=(world.rank, world.size) if world.distributed else None)
+    except ValueError as exc:  # fewer partitions than ranks, or no such topic: a configuration error
+        raise UsageError(str(exc)) from exc
     source.seek(progress.positions)
     stream_batch = stream_batch_size(learner.preset.batch_size, settings.replay_share if buffer else 0.0)
     pin = learner.device.type == "cuda"

@@ -3,15 +3,18 @@
 Each rank reads its own partition; the test checks that both ranks trained, that their
 weights are bit-identical when they stop, that the checkpoint holds every partition's
 offset, that a restart resumes each partition there (nothing trained twice, nothing
-skipped) and that a domain change ends exactly one experience across the ranks.
+skipped, also after a SIGTERM) and that a domain change ends exactly one experience across the
+ranks.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,8 +28,9 @@ from tests.kafka_fixtures import unique_topic
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def run_ranks(state: Path, bootstrap: str, topic: str, log_path: Path) -> list[dict]:
-    """Run two ranks until the stream is idle; their JSON log lines."""
+def run_ranks(state: Path, bootstrap: str, topic: str, log_path: Path, term_after: float | None = None) -> list[dict]:
+    """Run two ranks until the stream is idle (or SIGTERM `term_after` s after both started their
+    streams); their JSON log lines."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TAILORD_")}
     env.update({"TAILORD_STATE_DIR": str(state), "TAILORD_TOPIC": topic, "TAILORD_BOOTSTRAP_SERVERS": bootstrap,
                 "TAILORD_HTTP_PORT": str(free_port()), "TAILORD_LOG_FORMAT": "json", "TAILORD_PRESET": "cpu",
@@ -35,10 +39,20 @@ def run_ranks(state: Path, bootstrap: str, topic: str, log_path: Path) -> list[d
                 "TAILORD_EXIT_WHEN_IDLE_S": "4", "TAILORD_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1",
                 "PYTHONUNBUFFERED": "1"})
     with open(log_path, "wb") as log:
-        proc = subprocess.run([sys.executable, "-m", "deploy.cli", "run", "--nproc", "2"], env=env,
-                              stdout=log, stderr=subprocess.STDOUT, timeout=300, check=False)
+        proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "run", "--nproc", "2"], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            if term_after is not None:  # once both ranks are set up and training
+                deadline = time.monotonic() + 120
+                while log_path.read_text().count('"rank_partitions"') < 2 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                time.sleep(term_after)
+                proc.send_signal(signal.SIGTERM)  # relayed to the ranks: both checkpoint and exit 0
+            returncode = proc.wait(timeout=300)
+        finally:
+            proc.kill()
     text = log_path.read_text()
-    assert proc.returncode == 0, text[-4000:]
+    assert returncode == 0, text[-4000:]
     events = []
     for line in text.splitlines():
         start = line.find("{")  # torchrun may prefix a rank tag
@@ -93,9 +107,15 @@ def test_two_ranks_train_one_model_and_resume_every_partition(broker, tmp_path):
     assert (checkpoint / "replay" / "buffer.json").is_file() and (checkpoint / "replay-rank1" / "buffer.json").is_file()
 
     produce(bootstrap, topic, "builtin:fashion", 80)
-    events = run_ranks(state, bootstrap, topic, tmp_path / "run2.log")
+    events = run_ranks(state, bootstrap, topic, tmp_path / "run2.log", term_after=2)
     resumed = by_rank(events, "resumed")
     assert {r: e["positions"] for r, e in resumed.items()} == {0: first_ends, 1: first_ends}
+    assert set(by_rank(events, "stop_requested")) == {0, 1} and set(by_rank(events, "stopped")) == {0, 1}
+    stored = json.loads((latest_checkpoint(state) / "offsets.json").read_text())["positions"]
+
+    events = run_ranks(state, bootstrap, topic, tmp_path / "run3.log")
+    resumed = by_rank(events, "resumed")
+    assert {r: e["positions"] for r, e in resumed.items()} == {0: stored, 1: stored}
     stopped = by_rank(events, "stopped")
     assert stopped[0]["weights_sha256"] == stopped[1]["weights_sha256"]
     assert stopped[0]["images_total"] == 200
