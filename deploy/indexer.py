@@ -194,7 +194,7 @@ class Indexer:
         self._lock_fd = lock_state(self.state_dir)
         try:
             self.index = VectorIndex(self.state_dir, feature_dim, exact_max=index_exact_max, kind=index_kind,
-                                     shard_max=index_shard_max)
+                                     shard_max=index_shard_max, gpu=self.device.type == "cuda")
             self.store = SampleStore(self.state_dir, store_max_bytes, seed=seed, on_evict=self._evicted)
             self.index.load()
         except BaseException:
