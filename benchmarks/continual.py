@@ -390,7 +390,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--probe-images", type=int, default=400, help="probe images per domain (>= 300 advised)")
     parser.add_argument("--domains", default=",".join(DOMAINS), help="comma list of builtin domains, in order")
-    parser.add_argument("--method", choices=["simsiam", "byol", "simclr"], default="simsiam")
+    parser.add_argument("--method", choices=["simsiam", "byol", "simclr"], default="simclr")
     parser.add_argument("--device", default="cpu", help="cpu | cuda[:N] | auto")
     args = parser.parse_args(argv)
     arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())

@@ -48,7 +48,9 @@ class Settings(BaseSettings):
 
     # learning
     preset: Literal["auto", "cpu", "gpu"] = Field("auto", description="model/resolution preset; auto: gpu when CUDA is present")
-    method: Literal["simsiam", "byol", "simclr"] = Field("simsiam", description="self-supervised method")
+    method: Literal["simsiam", "byol", "simclr"] = Field(
+        "simclr", description="self-supervised method (simclr learned most at the cpu budget: docs/continual.md)"
+    )
     strategy: str = Field("replay", description="anti-forgetting strategy: " + ", ".join(STRATEGIES))
     regularizer_lambda: float | None = Field(None, ge=0, description="regularizer weight; unset: the strategy's default")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="training device")
