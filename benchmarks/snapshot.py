@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--experience-fraction", type=float, default=0.8,
                         help="TAILORD_EXPERIENCE_IMAGES as a fraction of the images per domain")
     parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--method", default="simsiam")
+    parser.add_argument("--method", default="simclr")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)

@@ -123,7 +123,7 @@ def json_events(text: str) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--method", default="simsiam")
+    parser.add_argument("--method", default="simclr")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--images-per-domain", type=int, default=2500)
     parser.add_argument("--experience-images", type=int, default=2000)
