@@ -21,7 +21,6 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from streamer.topics import ensure_topic
-from tests.e2e.daemon_proc import free_port
 from tests.e2e.streams import produce, produced_ids
 from tests.kafka_fixtures import unique_topic
 
@@ -33,7 +32,7 @@ def run_ranks(state: Path, bootstrap: str, topic: str, log_path: Path, term_afte
     streams); their JSON log lines."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TAILORD_")}
     env.update({"TAILORD_STATE_DIR": str(state), "TAILORD_TOPIC": topic, "TAILORD_BOOTSTRAP_SERVERS": bootstrap,
-                "TAILORD_HTTP_PORT": str(free_port()), "TAILORD_LOG_FORMAT": "json", "TAILORD_PRESET": "cpu",
+                "TAILORD_HTTP_PORT": "0", "TAILORD_LOG_FORMAT": "json", "TAILORD_PRESET": "cpu",
                 "TAILORD_BATCH_SIZE": "16", "TAILORD_EXPERIENCE_IMAGES": "10000", "TAILORD_PROBE_FRACTION": "0",
                 "TAILORD_STRATEGY": "replay", "TAILORD_AUDIT_TRAINED_IDS": "true",
                 "TAILORD_EXIT_WHEN_IDLE_S": "4", "TAILORD_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1",
