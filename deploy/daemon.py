@@ -459,7 +459,7 @@ def update_regularizer(learner: Learner, recent: deque[torch.Tensor], world: Wor
         batches = [standin(recent, learner.preset.resolution)]
     learner.regularizer.on_experience_end(learner.backbone, paired_views_loss(learner), paired_views(learner, batches))
     if world.distributed:
-        state = world.average_state(learner.regularizer.state_dict(), learner.device)
+        state = world.average_state(learner.regularizer.state_dict())
         learner.regularizer.load_state_dict(state, backbone=learner.backbone)
 
 

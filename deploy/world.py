@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # an experience end on rank 0 (evaluation) must fit
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -90,8 +91,10 @@ def agree(ticks: list[Tick], current_domain: str | None) -> Agreement:
 class World:
     """This process's place in the training group."""
 
-    def __init__(self, rank: int = 0, size: int = 1, local_rank: int = 0) -> None:
+    def __init__(self, rank: int = 0, size: int = 1, local_rank: int = 0,
+                 device: torch.device = CPU) -> None:
         self.rank, self.size, self.local_rank = rank, size, local_rank
+        self.device = device  # where tensor collectives run: this rank's GPU under NCCL, else the CPU
 
     @classmethod
     def from_env(cls, device: str) -> World:
@@ -104,7 +107,7 @@ class World:
         if use_cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
-        return cls(rank, size, local_rank)
+        return cls(rank, size, local_rank, torch.device("cuda", local_rank) if use_cuda else CPU)
 
     @property
     def is_main(self) -> bool:
@@ -142,19 +145,19 @@ class World:
         """True when `flag` holds on every rank (e.g. a finite loss: all step or none)."""
         if not self.distributed:
             return flag
-        out: list[Any] = [None] * self.size
-        dist.all_gather_object(out, bool(flag))
-        return all(out)
+        agreed = torch.tensor([int(flag)], device=self.device)  # one small all-reduce: it runs every step
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        return bool(agreed.item())
 
-    def average_state(self, state: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    def average_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`state` with floating tensors averaged over ranks (regularizer statistics that each
-        rank estimated from its own data); reduced on `device`, returned where they were."""
+        rank estimated from its own data); returned on the devices they came from."""
         if not self.distributed:
             return state
         out = {}
         for key, tensor in state.items():
             if tensor.is_floating_point():
-                reduced = tensor.to(device, copy=True)
+                reduced = tensor.to(self.device, copy=True)
                 dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
                 out[key] = (reduced / self.size).to(tensor.device)
             else:

@@ -17,7 +17,7 @@ def test_one_process_world_is_a_local_no_op():
     assert world.broadcast({"a": 1}) == {"a": 1}
     assert world.all_true(False) is False
     state = {"w": torch.ones(2)}
-    assert world.average_state(state, torch.device("cpu")) is state
+    assert world.average_state(state) is state
     module = torch.nn.Linear(2, 2)
     assert world.wrap(module, torch.device("cpu")) is module
 
