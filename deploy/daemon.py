@@ -42,6 +42,7 @@ from replay.buffer import ReservoirBuffer
 from streamer.broker import EmbeddedBroker
 from streamer.decode import decode_record
 from streamer.dlq import DeadLetterQueue
+from streamer.jpeg_batch import JpegBatchDecoder
 from streamer.kafka_client import client_config
 from streamer.limits import DecodeLimits
 from streamer.prefetch import Prefetcher
@@ -146,6 +147,7 @@ def run_rank(settings: Settings, world: World) -> int:
 
     # ---- sample store + FAISS index (a background thread), and the snapshot engine on top of them (rank 0)
     limits = DecodeLimits(max_record_bytes=settings.max_record_bytes, max_pixels=settings.max_pixels)
+    decode_batch = jpeg_decoder(settings, limits, learner)
 
     def publish_index(sizes: dict[int, int]) -> None:
         metrics.index_vectors.clear()
@@ -185,7 +187,8 @@ def run_rank(settings: Settings, world: World) -> int:
     pin = learner.device.type == "cuda"
     prefetcher = Prefetcher(source, decode, on_reject, batch_size=stream_batch,
                             split_on_domain=settings.split_on_domain, workers=settings.decode_workers,
-                            prepare=lambda samples: Prepared.of(samples, settings.probe_fraction, pin))
+                            prepare=lambda samples: Prepared.of(samples, settings.probe_fraction, pin),
+                            decode_batch=decode_batch)
     if world.distributed:
         log.info("rank_partitions", partitions=source.partitions, world_size=world.size)
 
@@ -461,6 +464,17 @@ def update_regularizer(learner: Learner, recent: deque[torch.Tensor], world: Wor
     if world.distributed:
         state = world.average_state(learner.regularizer.state_dict())
         learner.regularizer.load_state_dict(state, backbone=learner.backbone)
+
+
+def jpeg_decoder(settings: Settings, limits: DecodeLimits, learner: Learner) -> JpegBatchDecoder | None:
+    """The batched nvJPEG decoder on the training GPU, or None to decode JPEGs with Pillow."""
+    on_gpu = learner.device.type == "cuda"
+    if settings.jpeg_decode == "gpu" and not on_gpu:
+        raise UsageError(f"TAILORD_JPEG_DECODE=gpu needs training on CUDA, but it runs on {learner.device.type}")
+    if settings.jpeg_decode == "cpu" or not on_gpu:
+        return None
+    log.info("jpeg_decode", device=str(learner.device), decoder="torchvision nvJPEG, batched per poll")
+    return JpegBatchDecoder(limits, learner.preset.resolution, learner.device)
 
 
 def standin(recent: deque[torch.Tensor], resolution: int) -> torch.Tensor:

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     max_record_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest record value accepted")
     max_pixels: int = Field(40_000_000, ge=64, description="largest image (width*height) accepted")
     decode_workers: int = Field(1, ge=1, le=32, description="threads decoding records off the training thread")
+    jpeg_decode: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="where JPEG pixels are decoded: gpu = batched nvJPEG on the training GPU; auto: gpu when training on CUDA")
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="Kafka security protocol for every client")
     kafka_ssl_cafile: Path | None = Field(None, description="CA bundle to verify the brokers")

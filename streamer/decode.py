@@ -130,6 +130,29 @@ def decode_record(
     return [DecodedImage(image, value, fmt, None, record_headers)]
 
 
+def plain_jpeg_headers(
+    value: bytes | None, headers: list[tuple[str, bytes]], limits: DecodeLimits
+) -> dict[str, str] | None:
+    """The record headers if `value` is one JPEG that a batched decoder may decode, else None.
+
+    Runs every check `decode_record` runs before decoding pixels (size, headers, magic bytes,
+    declared dimensions against the limits and the bomb ceiling) and requires a YCbCr or grey
+    JPEG, so only the pixel decode itself is left to the batched decoder. None means: decode
+    this record with `decode_record` (another format, a tar batch, CMYK, or a reason to reject).
+    """
+    if not value or len(value) > limits.max_record_bytes or sniff_format(value) != "jpeg":
+        return None
+    try:
+        record_headers = _decode_headers(headers, limits)
+        with Image.open(io.BytesIO(value), formats=["JPEG"]) as img:  # reads the header only
+            _check_pixels(img.size, limits)
+            if img.mode not in ("RGB", "L"):
+                return None
+    except Exception:  # any problem: decode_record finds it again and names the reason
+        return None
+    return record_headers
+
+
 def _decode_headers(headers: list[tuple[str, bytes]], limits: DecodeLimits) -> dict[str, str]:
     """Record headers as a dict with lowercased keys; later duplicates win.
 

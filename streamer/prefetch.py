@@ -21,7 +21,15 @@ from typing import Any
 
 import structlog
 
-from streamer.records import Batch, DecodedImage, RawRecord, RejectedRecord, Sample
+from streamer.records import (
+    Batch,
+    Decoded,
+    DecodedImage,
+    DecodeEach,
+    RawRecord,
+    RejectedRecord,
+    Sample,
+)
 from streamer.source import KafkaSource
 
 POLL_TIMEOUT_MS = 100
@@ -60,6 +68,9 @@ class Prefetcher:
     `prepare(samples)`, if given, runs on the prefetch thread for each batch and its
     result rides along as `Batch.prepared` (the daemon stacks and pins the images there,
     so the training thread only launches the copy to the GPU).
+    `decode_batch(records, decode_each)`, if given, decodes each poll's records as a whole
+    (`streamer.jpeg_batch.JpegBatchDecoder`: JPEGs in one GPU call), handing what it does not
+    take to `decode_each`, the per-record `decode` on the worker threads.
     """
 
     def __init__(
@@ -73,6 +84,7 @@ class Prefetcher:
         workers: int = 1,
         linger_s: float = 0.5,
         prepare: Callable[[list[Sample]], Any] | None = None,
+        decode_batch: Callable[[list[RawRecord], DecodeEach], list[Decoded]] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -84,6 +96,7 @@ class Prefetcher:
         self.workers = workers
         self.linger_s = linger_s
         self._prepare = prepare
+        self._decode_batch = decode_batch
         self.records_consumed = 0  # records handled so far (decoded or rejected)
         self._queue: queue.Queue[Batch | BaseException] = queue.Queue(maxsize=queue_batches)
         self._stop = threading.Event()
@@ -163,12 +176,7 @@ class Prefetcher:
                 records = self._source.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=self.batch_size)
                 if records:
                     last_data = self._last_ok = time.monotonic()
-                    results = (
-                        pool.map(self._try_decode, records)
-                        if pool
-                        else map(self._try_decode, records)
-                    )
-                    for record, result in zip(records, results, strict=True):
+                    for record, result in zip(records, self._decode_poll(records, pool), strict=True):
                         self._take(record, result)
                     self._drain(final=False)
                 elif self._pending and time.monotonic() - last_data >= self.linger_s:
@@ -179,13 +187,21 @@ class Prefetcher:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
 
-    def _try_decode(self, record: RawRecord) -> list[DecodedImage] | RejectedRecord:
+    def _decode_poll(self, records: list[RawRecord], pool: ThreadPoolExecutor | None) -> list[Decoded]:
+        """One result per record, in order: through `decode_batch` if given, else one by one."""
+
+        def decode_each(some: list[RawRecord]) -> list[Decoded]:
+            return list((pool.map if pool else map)(self._try_decode, some))
+
+        return self._decode_batch(records, decode_each) if self._decode_batch else decode_each(records)
+
+    def _try_decode(self, record: RawRecord) -> Decoded:
         try:
             return self._decode(record)
         except RejectedRecord as rejected:
             return rejected
 
-    def _take(self, record: RawRecord, result: list[DecodedImage] | RejectedRecord) -> None:
+    def _take(self, record: RawRecord, result: Decoded) -> None:
         """Account for one record: reject it, or queue its samples as pending."""
         if isinstance(result, RejectedRecord):
             self._on_reject(record, result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,3 +69,10 @@ class Batch:
     samples: list[Sample]
     positions: dict[int, int]
     prepared: Any = None  # what the Prefetcher's `prepare` made of the samples, off the training thread
+
+
+Decoded = list[DecodedImage] | RejectedRecord
+"""What decoding one record gives: its images, or the reason it goes to the DLQ."""
+
+DecodeEach = Callable[[list[RawRecord]], list[Decoded]]
+"""Decodes records one by one (on the prefetcher's worker threads), one result per record."""

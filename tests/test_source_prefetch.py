@@ -18,6 +18,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from PIL import Image
 
 from streamer.decode import decode_record
+from streamer.jpeg_batch import JpegBatchDecoder
 from streamer.limits import DecodeLimits
 from streamer.prefetch import Prefetcher, to_sample
 from streamer.produce import produce, tar_batch
@@ -275,6 +276,30 @@ def test_batches_never_mix_domains(broker, producer) -> None:
     source.close()
     assert [[s.sample_id for s in b.samples] for b in batches] == [["a1", "a2"], ["b1"], ["a3"]]
     assert [b.positions for b in batches] == [{0: 2}, {0: 3}, {0: 4}]
+
+
+def test_batched_jpeg_decoding_through_the_prefetcher(broker, producer) -> None:
+    """With a JpegBatchDecoder the stream yields the same samples in the same order, and a
+    bad record still reaches on_reject; JPEG pixels match the per-record decode closely."""
+    topic = unique_topic("jpegs")
+    ensure_topic(broker.bootstrap, topic)
+    for i in range(5):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40 + i, 30), (40 * i, 90, 200 - 30 * i)).save(buffer, format="JPEG")
+        producer.send(topic, value=buffer.getvalue(), partition=0,
+                      headers=[("sample-id", f"j{i}".encode()), ("domain", b"d")]).get(timeout=10)
+    send(producer, topic, 0, "p0")
+    send(producer, topic, 0, "!")
+    want = {"j0", "j1", "j2", "j3", "j4", "p0"}
+    decoder = JpegBatchDecoder(DecodeLimits(), 16, torch.device("cpu"))
+    batched, rejected = run_prefetcher(broker.bootstrap, topic, {}, want, decode_batch=decoder)
+    plain, _ = run_prefetcher(broker.bootstrap, topic, {}, want)
+    samples = [s for b in batched for s in b.samples]
+    reference = [s for b in plain for s in b.samples]
+    assert [s.sample_id for s in samples] == [s.sample_id for s in reference]
+    assert [(r.offset, e.reason) for r, e in rejected] == [(6, "unknown_format")]
+    for got, expected in zip(samples, reference, strict=True):
+        assert (got.image.float() - expected.image.float()).abs().mean() < 2.0
 
 
 def test_decoder_errors_surface_in_get(broker, producer) -> None:
