@@ -107,12 +107,18 @@ def decode_record(
     headers: list[tuple[str, bytes]],
     limits: DecodeLimits,
     size: int,
+    *,
+    defer_jpeg: bool = False,
 ) -> list[DecodedImage]:
     """Decode a record value into (3, size, size) uint8 RGB images with their headers.
 
     Checks run cheapest first: empty, too_large, bad_header, then the format. A tar batch
     yields one image per image member (any bad member rejects the whole record); a single
     image yields one. Raises `RejectedRecord` for anything that cannot be trained on.
+
+    With `defer_jpeg`, a YCbCr or grey JPEG (alone or in a tar) passes every check up to its
+    pixels and comes back with `image=None`, for a batched decoder to fill
+    (`streamer.jpeg_batch`); should that decoder fail, decoding without it names the reason.
     """
     if not value:
         raise RejectedRecord("empty", "record has no value")
@@ -125,32 +131,9 @@ def decode_record(
     if fmt is None:
         raise RejectedRecord("unknown_format", f"magic bytes {value[:8]!r}")
     if fmt == "tar":
-        return _decode_tar(value, record_headers, limits, size)
-    image = _decode_image(value, fmt, limits, size)
+        return _decode_tar(value, record_headers, limits, size, defer_jpeg)
+    image = _decode_image(value, fmt, limits, size, defer_jpeg)
     return [DecodedImage(image, value, fmt, None, record_headers)]
-
-
-def plain_jpeg_headers(
-    value: bytes | None, headers: list[tuple[str, bytes]], limits: DecodeLimits
-) -> dict[str, str] | None:
-    """The record headers if `value` is one JPEG that a batched decoder may decode, else None.
-
-    Runs every check `decode_record` runs before decoding pixels (size, headers, magic bytes,
-    declared dimensions against the limits and the bomb ceiling) and requires a YCbCr or grey
-    JPEG, so only the pixel decode itself is left to the batched decoder. None means: decode
-    this record with `decode_record` (another format, a tar batch, CMYK, or a reason to reject).
-    """
-    if not value or len(value) > limits.max_record_bytes or sniff_format(value) != "jpeg":
-        return None
-    try:
-        record_headers = _decode_headers(headers, limits)
-        with Image.open(io.BytesIO(value), formats=["JPEG"]) as img:  # reads the header only
-            _check_pixels(img.size, limits)
-            if img.mode not in ("RGB", "L"):
-                return None
-    except Exception:  # any problem: decode_record finds it again and names the reason
-        return None
-    return record_headers
 
 
 def _decode_headers(headers: list[tuple[str, bytes]], limits: DecodeLimits) -> dict[str, str]:
@@ -174,8 +157,11 @@ def _decode_headers(headers: list[tuple[str, bytes]], limits: DecodeLimits) -> d
     return decoded
 
 
-def _decode_image(data: bytes, fmt: str, limits: DecodeLimits, size: int) -> torch.Tensor:
-    """Decode one encoded image fully (no truncated images) into a (3, size, size) tensor.
+def _decode_image(
+    data: bytes, fmt: str, limits: DecodeLimits, size: int, defer_jpeg: bool = False
+) -> torch.Tensor | None:
+    """Decode one encoded image fully (no truncated images) into a (3, size, size) tensor,
+    or, with `defer_jpeg`, check a plain JPEG's header only and return None.
 
     Pillow raises many exception types on hostile input (OSError, ValueError, SyntaxError,
     struct.error, ...), so anything it raises becomes `corrupt_image`.
@@ -183,6 +169,8 @@ def _decode_image(data: bytes, fmt: str, limits: DecodeLimits, size: int) -> tor
     try:
         with Image.open(io.BytesIO(data), formats=[_PILLOW_FORMATS[fmt]]) as img:
             _check_pixels(img.size, limits)
+            if defer_jpeg and fmt == "jpeg" and img.mode in ("RGB", "L"):
+                return None
             if fmt == "jpeg":
                 img.draft("RGB", (size, size))  # let libjpeg decode at 1/2..1/8 scale
             img.load()
@@ -261,7 +249,7 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def _decode_tar(
-    value: bytes, record_headers: dict[str, str], limits: DecodeLimits, size: int
+    value: bytes, record_headers: dict[str, str], limits: DecodeLimits, size: int, defer_jpeg: bool
 ) -> list[DecodedImage]:
     """Decode a WebDataset-style tar batch held in memory: `KEY.<image ext>` + `KEY.json`.
 
@@ -281,7 +269,7 @@ def _decode_tar(
             }
             merged = {key: record_headers | key_headers.get(key, {}) for key, _ in images}
             return [
-                _decode_member(_read_member(archive, m), key, merged[key], limits, size)
+                _decode_member(_read_member(archive, m), key, merged[key], limits, size, defer_jpeg)
                 for key, m in images
             ]
     # tarfile lets some malformed fields through as other errors: a GNU sparse map that is
@@ -383,10 +371,10 @@ def _member_json(data: bytes, key: str, limits: DecodeLimits) -> dict[str, str]:
 
 
 def _decode_member(
-    data: bytes, key: str, headers: dict[str, str], limits: DecodeLimits, size: int
+    data: bytes, key: str, headers: dict[str, str], limits: DecodeLimits, size: int, defer_jpeg: bool
 ) -> DecodedImage:
     """Decode one image member (a nested tar is not an image: `unknown_format`)."""
     fmt = sniff_format(data)
     if fmt is None or fmt == "tar":
         raise RejectedRecord("unknown_format", f"member {key!r}: magic bytes {data[:8]!r}")
-    return DecodedImage(_decode_image(data, fmt, limits, size), data, fmt, key, headers)
+    return DecodedImage(_decode_image(data, fmt, limits, size, defer_jpeg), data, fmt, key, headers)

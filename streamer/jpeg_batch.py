@@ -1,15 +1,16 @@
 """Batched JPEG decoding with torchvision, on the GPU (nvJPEG) when training runs there.
 
 At GPU speeds, Pillow decoding JPEGs one by one on a few host cores is what the train step
-waits on. `JpegBatchDecoder` takes the records of one poll, checks each plain JPEG's header on
-the host with the same limits as `decode_record` (`plain_jpeg_headers`), decodes them all with
-one `torchvision.io.decode_jpeg(list, device=...)` call, and centre-crops and resizes them on
-that device, one call per source size. Samples stay host tensors everywhere (replay buffer,
-probes, store), so the resized batch comes back with one copy.
+waits on. `JpegBatchDecoder` takes the records of one poll, checks them all on the host with
+`decode_record(defer_jpeg=True)` (every limit and tar rule, up to the JPEG pixels), decodes
+every JPEG of the poll, single or tar member, with one `torchvision.io.decode_jpeg(list,
+device=...)` call, and centre-crops and resizes them on that device, one call per source size.
+Samples stay host tensors everywhere (replay buffer, probes, store), so the resized images
+come back with one copy per size.
 
-Everything else goes through the per-record decoder it is given: other formats, tar batches,
-CMYK JPEGs, and any JPEG that torchvision fails on, so a corrupt record still reaches the DLQ
-with the reason `decode_record` gives it.
+Other formats and CMYK JPEGs are decoded by Pillow during the check. A record holding a JPEG
+that torchvision fails on is decoded again by `decode_record` alone, so a corrupt record still
+reaches the DLQ with its usual reason.
 
 torchvision 0.29 deprecates its image decoders in favour of TorchCodec's, whose
 `torchcodec.decoders.decode_jpeg` takes the same arguments; `_decode_jpegs` is the one call to
@@ -21,14 +22,15 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from streamer.decode import plain_jpeg_headers
+from streamer.decode import decode_record
 from streamer.limits import DecodeLimits
-from streamer.records import Decoded, DecodedImage, DecodeEach, RawRecord
+from streamer.records import Decoded, ParallelMap, RawRecord, RejectedRecord
 
 
 def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -53,12 +55,18 @@ def resize_crop(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class JpegBatchDecoder:
-    """Decodes a poll's records, the plain JPEGs of it in one batched call on `device`.
+    """Decodes a poll's records, with all their plain JPEGs in one batched call on `device`.
 
-    Usage (the Prefetcher passes its own thread-pooled per-record decoder as `decode_each`)::
+    Usage (the Prefetcher passes a `parallel_map` running on its decode threads)::
 
         decoder = JpegBatchDecoder(limits, size=224, device=torch.device("cuda"))
-        results = decoder(records, decode_each)   # one result per record, in order
+        results = decoder(records, parallel_map)   # one result per record, in order
+
+    Every record is first checked by `decode_record(defer_jpeg=True)` on the decode threads:
+    all limits, tar safety and member headers, and Pillow decodes everything but the JPEGs.
+    The JPEGs' pixels (single images and tar members alike) then decode together here. A
+    record with a JPEG that torchvision cannot decode is decoded again without deferral, which
+    either decodes it with Pillow or rejects it with the reason `decode_record` gives.
     """
 
     def __init__(self, limits: DecodeLimits, size: int, device: torch.device) -> None:
@@ -68,23 +76,39 @@ class JpegBatchDecoder:
         # Decode on a side stream so it overlaps the train step on the default stream.
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def __call__(self, records: list[RawRecord], decode_each: DecodeEach) -> list[Decoded]:
+    def __call__(self, records: list[RawRecord], parallel_map: ParallelMap) -> list[Decoded]:
         """One result per record, in order: the decoded images or the reason to reject."""
-        results: dict[int, Decoded] = {}
-        batch: list[int] = []
-        headers: dict[int, dict[str, str]] = {}
-        for i, record in enumerate(records):
-            record_headers = plain_jpeg_headers(record.value, record.headers, self.limits)
-            if record_headers is not None:
-                batch.append(i)
-                headers[i] = record_headers
-        images = self._decode_resized([records[i].value for i in batch])
-        for i, image in zip(batch, images, strict=True):
-            if image is not None:
-                results[i] = [DecodedImage(image, records[i].value, "jpeg", None, headers[i])]
-        rest = [i for i in range(len(records)) if i not in results]
-        results.update(zip(rest, decode_each([records[i] for i in rest]), strict=True))
-        return [results[i] for i in range(len(records))]
+        results = parallel_map(self._checked, records)
+        pending = [
+            (i, k)
+            for i, result in enumerate(results)
+            if not isinstance(result, RejectedRecord)
+            for k, image in enumerate(result)
+            if image.image is None
+        ]
+        pixels = self._decode_resized([results[i][k].encoded for i, k in pending])
+        redo: set[int] = set()
+        for (i, k), image in zip(pending, pixels, strict=True):
+            if image is None:
+                redo.add(i)
+            else:
+                results[i][k] = replace(results[i][k], image=image)
+        again = sorted(redo)
+        for i, result in zip(again, parallel_map(self._decoded, [records[i] for i in again]), strict=True):
+            results[i] = result
+        return results
+
+    def _checked(self, record: RawRecord) -> Decoded:
+        return self._decode(record, defer_jpeg=True)
+
+    def _decoded(self, record: RawRecord) -> Decoded:
+        return self._decode(record, defer_jpeg=False)
+
+    def _decode(self, record: RawRecord, defer_jpeg: bool) -> Decoded:
+        try:
+            return decode_record(record.value, record.headers, self.limits, self.size, defer_jpeg=defer_jpeg)
+        except RejectedRecord as rejected:
+            return rejected
 
     def _decode_resized(self, values: list[bytes]) -> list[torch.Tensor | None]:
         """(3, size, size) uint8 host tensors of `values`, None where torchvision fails."""

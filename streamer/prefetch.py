@@ -25,7 +25,7 @@ from streamer.records import (
     Batch,
     Decoded,
     DecodedImage,
-    DecodeEach,
+    ParallelMap,
     RawRecord,
     RejectedRecord,
     Sample,
@@ -68,9 +68,9 @@ class Prefetcher:
     `prepare(samples)`, if given, runs on the prefetch thread for each batch and its
     result rides along as `Batch.prepared` (the daemon stacks and pins the images there,
     so the training thread only launches the copy to the GPU).
-    `decode_batch(records, decode_each)`, if given, decodes each poll's records as a whole
-    (`streamer.jpeg_batch.JpegBatchDecoder`: JPEGs in one GPU call), handing what it does not
-    take to `decode_each`, the per-record `decode` on the worker threads.
+    `decode_batch(records, parallel_map)`, if given, replaces `decode` and decodes each poll's
+    records as a whole (`streamer.jpeg_batch.JpegBatchDecoder`: JPEGs in one GPU call),
+    running its per-record work through `parallel_map` on the worker threads.
     """
 
     def __init__(
@@ -84,7 +84,7 @@ class Prefetcher:
         workers: int = 1,
         linger_s: float = 0.5,
         prepare: Callable[[list[Sample]], Any] | None = None,
-        decode_batch: Callable[[list[RawRecord], DecodeEach], list[Decoded]] | None = None,
+        decode_batch: Callable[[list[RawRecord], ParallelMap], list[Decoded]] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -190,10 +190,12 @@ class Prefetcher:
     def _decode_poll(self, records: list[RawRecord], pool: ThreadPoolExecutor | None) -> list[Decoded]:
         """One result per record, in order: through `decode_batch` if given, else one by one."""
 
-        def decode_each(some: list[RawRecord]) -> list[Decoded]:
-            return list((pool.map if pool else map)(self._try_decode, some))
+        def parallel_map(decode: Callable[[RawRecord], Decoded], some: list[RawRecord]) -> list[Decoded]:
+            return list((pool.map if pool else map)(decode, some))
 
-        return self._decode_batch(records, decode_each) if self._decode_batch else decode_each(records)
+        if self._decode_batch is not None:
+            return self._decode_batch(records, parallel_map)
+        return parallel_map(self._try_decode, records)
 
     def _try_decode(self, record: RawRecord) -> Decoded:
         try:

@@ -37,7 +37,7 @@ class RawRecord:
 class DecodedImage:
     """One image decoded from a record (a record holding a tar batch yields several)."""
 
-    image: torch.Tensor  # (3, size, size) uint8 RGB, resized and centre-cropped
+    image: torch.Tensor | None  # (3, size, size) uint8 RGB; None: a deferred JPEG (see decode_record)
     encoded: bytes  # the original encoded bytes, kept by the sample store
     fmt: str  # "jpeg" | "png" | "webp" | "bmp" | "tiff" | "ppm"
     key: str | None  # tar member key; None for a single-image record
@@ -74,5 +74,5 @@ class Batch:
 Decoded = list[DecodedImage] | RejectedRecord
 """What decoding one record gives: its images, or the reason it goes to the DLQ."""
 
-DecodeEach = Callable[[list[RawRecord]], list[Decoded]]
-"""Decodes records one by one (on the prefetcher's worker threads), one result per record."""
+ParallelMap = Callable[[Callable[[RawRecord], Decoded], list[RawRecord]], list[Decoded]]
+"""Maps a per-record decode over records on the prefetcher's worker threads, keeping order."""

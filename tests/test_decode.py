@@ -415,3 +415,18 @@ def test_a_chain_of_extended_headers_is_refused_not_recursed_into():
     link = pax.tobuf(tarfile.USTAR_FORMAT) + b"10 path=a\n".ljust(tarfile.BLOCKSIZE, b"\0")
     value = link * 2000 + make_tar(("a.png", PNG))
     assert reject_reason(value) == "corrupt_tar"
+
+
+def test_defer_jpeg_checks_a_jpeg_up_to_its_pixels_and_decodes_the_rest():
+    rgb, grey = encode(gradient(), "JPEG"), encode(gradient().convert("L"), "JPEG")
+    cmyk = encode(gradient().convert("CMYK"), "JPEG")
+    for value in (rgb, grey):
+        [deferred] = decode_record(value, [("domain", b"x")], LIMITS, SIZE, defer_jpeg=True)
+        assert deferred.image is None and deferred.encoded == value
+        assert deferred.headers == {"domain": "x"}
+    for value in (cmyk, encode(gradient(), "PNG")):  # no batched decoder takes these
+        [decoded] = decode_record(value, [], LIMITS, SIZE, defer_jpeg=True)
+        assert decoded.image is not None and decoded.image.equal(decode_one(value))
+    small = DecodeLimits(max_pixels=100)  # the limits still apply before any deferral
+    with pytest.raises(RejectedRecord, match="too_many_pixels"):
+        decode_record(rgb, [], small, SIZE, defer_jpeg=True)

@@ -7,6 +7,7 @@ nvJPEG path must produce; the CUDA test compares the two devices where a GPU is 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,12 @@ import streamer.jpeg_batch as jpeg_batch
 from deploy.daemon import jpeg_decoder
 from deploy.errors import UsageError
 from deploy.settings import Settings
-from streamer.decode import decode_record, plain_jpeg_headers
+from streamer.decode import decode_record
 from streamer.jpeg_batch import JpegBatchDecoder, resize_crop
 from streamer.limits import DecodeLimits
+from streamer.produce import tar_batch
 from streamer.records import Decoded, RawRecord, RejectedRecord
+from streamer.sources import Item
 
 BAD = Path(__file__).parent / "data" / "bad"
 LIMITS = DecodeLimits()
@@ -52,15 +55,9 @@ def record(value: bytes, offset: int = 0, headers: list[tuple[str, bytes]] | Non
     return RawRecord("t", 0, offset, value, headers or [])
 
 
-def decode_each(records: list[RawRecord], size: int = SIZE) -> list[Decoded]:
-    """The per-record path the Prefetcher hands the batch decoder."""
-    out: list[Decoded] = []
-    for r in records:
-        try:
-            out.append(decode_record(r.value, r.headers, LIMITS, size))
-        except RejectedRecord as rejected:
-            out.append(rejected)
-    return out
+def in_order(decode: Callable[[RawRecord], Decoded], records: list[RawRecord]) -> list[Decoded]:
+    """The Prefetcher's parallel_map without threads."""
+    return [decode(r) for r in records]
 
 
 def cpu_decoder(size: int = SIZE) -> JpegBatchDecoder:
@@ -71,10 +68,24 @@ def mean_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().mean().item()
 
 
+def count_batches(monkeypatch) -> list[int]:
+    """Sizes of the torchvision decode calls made from now on."""
+    calls: list[int] = []
+    real = jpeg_batch._decode_jpegs
+
+    def counting(data, device):
+        calls.append(len(data))
+        return real(data, device)
+
+    monkeypatch.setattr(jpeg_batch, "_decode_jpegs", counting)
+    return calls
+
+
 def test_batched_images_match_pillow_decoding_across_sizes_and_grey():
-    values = [jpeg(photo(w, h, i)) for i, (w, h) in enumerate([(300, 200), (200, 300), (256, 256), (97, 131)])]
+    sizes = [(300, 200), (200, 300), (256, 256), (97, 131)]
+    values = [jpeg(photo(w, h, i)) for i, (w, h) in enumerate(sizes)]
     values.append(jpeg(photo(180, 120, 9, mode="L")))
-    results = cpu_decoder()([record(v, i) for i, v in enumerate(values)], decode_each)
+    results = cpu_decoder()([record(v, i) for i, v in enumerate(values)], in_order)
     for value, result in zip(values, results, strict=True):
         [got] = result
         [want] = decode_record(value, [], LIMITS, SIZE)
@@ -85,53 +96,59 @@ def test_batched_images_match_pillow_decoding_across_sizes_and_grey():
         assert mean_abs_diff(got.image, want.image) < 2.0
 
 
-def test_headers_match_and_only_plain_jpegs_go_to_the_batch(monkeypatch):
-    calls: list[int] = []
-    real = jpeg_batch._decode_jpegs
+def test_every_jpeg_of_a_poll_tar_members_included_decodes_in_one_call(monkeypatch):
+    calls = count_batches(monkeypatch)
+    members = [(Item(jpeg(photo(64, 64 + i, i)), "jpg", None, f"m{i}"), {"sample-id": f"m{i}"}) for i in range(3)]
+    values = [
+        jpeg(photo(80, 60, 0)),
+        png(photo(40, 40, 2)),
+        jpeg(photo(64, 64, 1, mode="CMYK")),  # Pillow decodes it during the check
+        tar_batch(members),
+        jpeg(photo(70, 90, 3)),
+    ]
+    headers = [("domain", b"photos")]
+    results = cpu_decoder()([record(v, i, headers) for i, v in enumerate(values)], in_order)
+    assert calls == [5]  # two single JPEGs and three tar members
+    assert [[image.fmt for image in r] for r in results] == [["jpeg"], ["png"], ["jpeg"], ["jpeg"] * 3, ["jpeg"]]
+    assert [image.key for image in results[3]] == ["00000_m0", "00001_m1", "00002_m2"]  # tar_batch keys
+    assert results[3][1].headers == {"domain": "photos", "sample-id": "m1"}
+    for value, result in zip(values, results, strict=True):
+        want = decode_record(value, headers, LIMITS, SIZE)
+        for got, expected in zip(result, want, strict=True):
+            assert got.encoded == expected.encoded and got.headers == expected.headers
+            assert mean_abs_diff(got.image, expected.image) < 2.0
+    assert results[1][0].image.equal(decode_record(values[1], [], LIMITS, SIZE)[0].image)  # Pillow's own
 
-    def counting(data, device):
-        calls.append(len(data))
-        return real(data, device)
 
-    monkeypatch.setattr(jpeg_batch, "_decode_jpegs", counting)
-    cmyk = jpeg(photo(64, 64, 1, mode="CMYK"))
-    values = [jpeg(photo(80, 60, 0)), png(photo(40, 40, 2)), cmyk, jpeg(photo(70, 90, 3))]
-    headers = [("domain", b"photos"), ("sample-id", b"a")]
-    handed_over: list[int] = []
-
-    def each(records):
-        handed_over.extend(r.offset for r in records)
-        return decode_each(records)
-
-    results = cpu_decoder()([record(v, i, headers) for i, v in enumerate(values)], each)
-    assert calls == [2]  # both plain JPEGs in one call
-    assert handed_over == [1, 2]  # the PNG and the CMYK JPEG went the per-record way
-    assert all(r[0].headers == {"domain": "photos", "sample-id": "a"} for r in results)
-    assert [r[0].fmt for r in results] == ["jpeg", "png", "jpeg", "jpeg"]
-
-
-def test_one_corrupt_jpeg_leaves_the_others_batched_and_is_rejected_with_its_reason():
+def test_a_corrupt_jpeg_is_retried_alone_and_rejected_with_decode_records_reason():
     good = [jpeg(photo(64, 48, i)) for i in range(3)]
     broken = good[1][: len(good[1]) // 2]  # the header survives, the scan is cut
-    assert plain_jpeg_headers(broken, [], LIMITS) is not None
-    handed_over: list[int] = []
+    [deferred] = decode_record(broken, [], LIMITS, SIZE, defer_jpeg=True)
+    assert deferred.image is None
+    mapped: list[list[int]] = []
 
-    def each(records):
-        handed_over.extend(r.offset for r in records)
-        return decode_each(records)
+    def parallel_map(decode, records):
+        mapped.append([r.offset for r in records])
+        return in_order(decode, records)
 
-    results = cpu_decoder()([record(v, i) for i, v in enumerate([good[0], broken, good[2]])], each)
-    assert handed_over == [1]
+    results = cpu_decoder()([record(v, i) for i, v in enumerate([good[0], broken, good[2]])], parallel_map)
+    assert mapped == [[0, 1, 2], [1]]  # checked together, the broken one decoded again alone
     assert isinstance(results[1], RejectedRecord) and results[1].reason == "corrupt_image"
-    assert all(len(results[i]) == 1 for i in (0, 2))
+    assert all(len(results[i]) == 1 and results[i][0].image is not None for i in (0, 2))
+
+
+def test_a_corrupt_jpeg_member_rejects_its_whole_tar():
+    good, broken = jpeg(photo(64, 64, 0)), jpeg(photo(64, 64, 1))[:300]
+    value = tar_batch([(Item(good, "jpg", None, "a"), {}), (Item(broken, "jpg", None, "b"), {})])
+    [result] = cpu_decoder()([record(value)], in_order)
+    assert isinstance(result, RejectedRecord) and result.reason == "corrupt_image"
 
 
 @pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")  # as decode sets it
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
 def test_every_bad_corpus_record_gets_decode_records_verdict():
     corpus = sorted(BAD.glob("*.bin"))
-    results = cpu_decoder(32)([record(p.read_bytes(), i) for i, p in enumerate(corpus)],
-                              lambda rs: decode_each(rs, 32))
+    results = cpu_decoder(32)([record(p.read_bytes(), i) for i, p in enumerate(corpus)], in_order)
     for path, result in zip(corpus, results, strict=True):
         assert isinstance(result, RejectedRecord), path.name
         assert result.reason == path.name.split("__")[0], path.name
@@ -160,8 +177,8 @@ def test_daemon_picks_the_decoder_from_the_setting_and_the_device():
 def test_cuda_decoding_matches_cpu_decoding():
     values = [jpeg(photo(w, h, i)) for i, (w, h) in enumerate([(300, 200), (256, 256), (120, 90)])]
     records = [record(v, i) for i, v in enumerate(values)]
-    on_cpu = cpu_decoder()(records, decode_each)
-    on_gpu = JpegBatchDecoder(LIMITS, SIZE, torch.device("cuda"))(records, decode_each)
+    on_cpu = cpu_decoder()(records, in_order)
+    on_gpu = JpegBatchDecoder(LIMITS, SIZE, torch.device("cuda"))(records, in_order)
     for a, b in zip(on_cpu, on_gpu, strict=True):
         assert b[0].image.device.type == "cpu"
         assert mean_abs_diff(a[0].image, b[0].image) < 1.5  # nvJPEG's IDCT differs in the last bit
