@@ -72,7 +72,8 @@ def write_photo_jpegs(folder: Path, count: int, side: int = 256) -> Path:
 
 
 def daemon_run(images_per_domain: int, preset: str, method: str, batch_size: int, device: str,
-               experience_images: int, photos: bool, decode_workers: int, nproc: int = 1) -> dict:
+               experience_images: int, photos: bool, decode_workers: int, nproc: int = 1,
+               jpeg_decode: str = "auto") -> dict:
     """Fill a broker, run the daemon over it until idle, return its own throughput report."""
     from streamer.broker import EmbeddedBroker
     from streamer.produce import produce
@@ -92,7 +93,7 @@ def daemon_run(images_per_domain: int, preset: str, method: str, batch_size: int
                     "TAILORD_PRESET": preset, "TAILORD_METHOD": method, "TAILORD_BATCH_SIZE": str(batch_size),
                     "TAILORD_DEVICE": device, "TAILORD_EXPERIENCE_IMAGES": str(experience_images),
                     "TAILORD_EXIT_WHEN_IDLE_S": "3", "TAILORD_LOG_FORMAT": "json",
-                    "TAILORD_DECODE_WORKERS": str(decode_workers)})
+                    "TAILORD_DECODE_WORKERS": str(decode_workers), "TAILORD_JPEG_DECODE": jpeg_decode})
         if nproc > 1:
             env["TAILORD_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
         proc = subprocess.run([sys.executable, "-m", "deploy.cli", "run", "--nproc", str(nproc)], env=env,
@@ -132,11 +133,13 @@ def main() -> None:
     parser.add_argument("--photos", action="store_true", help="stream 256 px JPEG photo crops (GPU preset)")
     parser.add_argument("--decode-workers", type=int, default=1)
     parser.add_argument("--nproc", type=int, default=1, help="DDP ranks for the daemon run (torchrun)")
+    parser.add_argument("--jpeg-decode", choices=["auto", "cpu", "gpu"], default="auto",
+                        help="TAILORD_JPEG_DECODE: gpu = batched nvJPEG (auto picks it on CUDA)")
     args = parser.parse_args()
 
     bare = bare_images_per_second(args.preset, args.method, args.batch_size, args.bare_steps, args.device)
     daemon = daemon_run(args.images_per_domain, args.preset, args.method, args.batch_size, args.device,
-                        args.experience_images, args.photos, args.decode_workers, args.nproc)
+                        args.experience_images, args.photos, args.decode_workers, args.nproc, args.jpeg_decode)
     print(json.dumps({
         "daemon_images_per_second": daemon["images_per_second"],
         "bare_step_images_per_second": round(bare, 2),
