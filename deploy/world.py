@@ -152,7 +152,7 @@ class World:
     def average_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`state` with floating tensors averaged over ranks (regularizer statistics that each
         rank estimated from its own data); returned on the devices they came from."""
-        if True:
+        if not self.distributed:
             return state
         out = {}
         for key, tensor in state.items():
