@@ -92,9 +92,12 @@ class World:
     """This process's place in the training group."""
 
     def __init__(self, rank: int = 0, size: int = 1, local_rank: int = 0,
-                 device: torch.device = CPU) -> None:
+                 device: torch.device = CPU, objects: dist.ProcessGroup | None = None) -> None:
         self.rank, self.size, self.local_rank = rank, size, local_rank
         self.device = device  # where tensor collectives run: this rank's GPU under NCCL, else the CPU
+        # Pickled objects (ticks, samples) travel over gloo even under NCCL: through NCCL they
+        # would be staged on the GPU and wait behind the queued training kernels every step.
+        self._objects = objects  # None: the default group (gloo already)
 
     @classmethod
     def from_env(cls, device: str) -> World:
@@ -104,10 +107,14 @@ class World:
             return cls()
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = device != "cpu" and torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
-        return cls(rank, size, local_rank, torch.device("cuda", local_rank) if use_cuda else CPU)
+        if not use_cuda:
+            dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
+            return cls(rank, size, local_rank)
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=device)
+        objects = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+        return cls(rank, size, local_rank, device, objects)
 
     @property
     def is_main(self) -> bool:
@@ -122,7 +129,7 @@ class World:
         if not self.distributed:
             return [tick]
         out: list[Any] = [None] * self.size
-        dist.all_gather_object(out, tick)
+        dist.all_gather_object(out, tick, group=self._objects)
         return out
 
     def gather(self, obj: Any) -> list[Any] | None:
@@ -130,7 +137,7 @@ class World:
         if not self.distributed:
             return [obj]
         out: list[Any] | None = [None] * self.size if self.is_main else None
-        dist.gather_object(obj, out, dst=0)
+        dist.gather_object(obj, out, dst=0, group=self._objects)
         return out
 
     def broadcast(self, obj: Any) -> Any:
@@ -138,7 +145,7 @@ class World:
         if not self.distributed:
             return obj
         box = [obj if self.is_main else None]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self._objects)
         return box[0]
 
     def all_true(self, flag: bool) -> bool:
@@ -167,7 +174,7 @@ class World:
     def barrier(self) -> None:
         """Wait until every rank gets here (rank 0 prepared the topic, say)."""
         if self.distributed:
-            dist.barrier()
+            dist.barrier(group=self._objects)
 
     def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
         """`module` under DistributedDataParallel (rank 0's weights broadcast), or as is."""
