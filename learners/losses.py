@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from learners.gather import gather_rows
+
 
 class NegativeCosineSimilarity(nn.Module):
     """Mean negative cosine similarity, ``-cos(x0, x1)``, in [-1, 1] (SimSiam, BYOL).
@@ -42,6 +44,10 @@ class NTXentLoss(nn.Module):
     ``-log(exp(sim(a, pos) / T) / sum_{k != a} exp(sim(a, k) / T))``, with
     ``sim`` the cosine similarity.
 
+    With ``gather=True`` under data parallelism, this rank's anchors are compared with
+    every rank's embeddings (``learners.gather``), so a step over W ranks has the negatives
+    of one step over the whole global batch; all ranks must call it together.
+
     Example::
 
         criterion = NTXentLoss(temperature=0.5)
@@ -55,11 +61,15 @@ class NTXentLoss(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
 
-    def forward(self, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
+    def forward(self, z0: torch.Tensor, z1: torch.Tensor, gather: bool = False) -> torch.Tensor:
         b = z0.shape[0]
-        z = F.normalize(torch.cat([z0, z1]).float(), dim=1)  # (2B, D)
-        logits = z @ z.T / self.temperature  # (2B, 2B)
-        self_mask = torch.eye(2 * b, dtype=torch.bool, device=z.device)
-        logits = logits.masked_fill(self_mask, float("-inf"))  # an anchor is not its own negative
-        targets = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)  # (2B,)
+        local = F.normalize(torch.cat([z0, z1]).float(), dim=1)  # (2B, D): this rank's anchors
+        keys0, offset = gather_rows(local[:b]) if gather else (local[:b], 0)  # (N, D), N = global B
+        keys1, _ = gather_rows(local[b:]) if gather else (local[b:], 0)
+        n = keys0.shape[0]
+        logits = local @ torch.cat([keys0, keys1]).T / self.temperature  # (2B, 2N)
+        rows = torch.arange(b, device=local.device) + offset  # global index of each local pair
+        own = torch.cat([rows, rows + n])  # where each anchor sits among the keys
+        logits[torch.arange(2 * b, device=local.device), own] = float("-inf")  # not its own negative
+        targets = torch.cat([rows + n, rows])  # the other view of the same image
         return F.cross_entropy(logits, targets)

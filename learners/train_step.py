@@ -119,7 +119,7 @@ class TrainStep:
         self.method.train()
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, enabled=self.amp):
-            out = self.forward(v1, v2)
+            out = self.forward(v1, v2, data_parallel=self.group is not None)
             penalty = (
                 self.regularizer.penalty(self.method.backbone, v1, out.features)
                 if self.regularizer is not None

@@ -53,3 +53,8 @@ def test_losses_compute_in_float32_and_backprop():
 def test_ntxent_rejects_bad_temperature():
     with pytest.raises(ValueError):
         NTXentLoss(temperature=0.0)
+
+
+def test_ntxent_gather_is_a_no_op_in_one_process():
+    z0, z1 = torch.randn(5, 8), torch.randn(5, 8)  # no process group: this rank is the world
+    assert NTXentLoss()(z0, z1, gather=True).item() == NTXentLoss()(z0, z1).item()

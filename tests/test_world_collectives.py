@@ -73,10 +73,10 @@ def _without_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def _ddp_ready_step(seed: int, group: World | None) -> TrainStep:
-    """SimSiam on a tiny ResNet-18 without BatchNorm, the preset's SGD (momentum, weight decay)."""
+def _ddp_ready_step(seed: int, group: World | None, method_name: str) -> TrainStep:
+    """`method_name` on a tiny ResNet-18 without BatchNorm, the preset's SGD (momentum, weight decay)."""
     torch.manual_seed(seed)
-    method = _without_batchnorm(build_method("simsiam", ResNet18(width=8, small_stem=True)))
+    method = _without_batchnorm(build_method(method_name, ResNet18(width=8, small_stem=True)))
     optimizer = build_optimizer(method, PRESETS["cpu"])
     return TrainStep(method, MirrorViews(), optimizer, CPU, amp=False, channels_last=True, group=group)
 
@@ -119,8 +119,8 @@ def _collectives(world: World) -> dict:
             "averaged": averaged, "grad": extra.grad.clone()}
 
 
-def _ddp_steps(world: World) -> dict:
-    step = _ddp_ready_step(seed=world.rank, group=world)  # different inits: DDP starts from rank 0's
+def _ddp_steps(world: World, method_name: str) -> dict:
+    step = _ddp_ready_step(seed=world.rank, group=world, method_name=method_name)  # DDP starts from rank 0's
     step.forward = world.wrap(step.method, CPU)
     start = _params(step.method)
     weights, skipped = [], []
@@ -177,7 +177,10 @@ def _regularizer_average(world: World) -> dict:
     return out
 
 
-SCENARIOS = {"collectives": _collectives, "skip": _skip_together, "ddp": _ddp_steps,
+SCENARIOS = {"collectives": _collectives, "skip": _skip_together,
+             "ddp_simsiam": lambda world: _ddp_steps(world, "simsiam"),
+             # SimCLR compares each anchor with every rank's embeddings (gathered negatives)
+             "ddp_simclr": lambda world: _ddp_steps(world, "simclr"),
              "regularizer": _regularizer_average}
 
 
@@ -254,11 +257,12 @@ def test_object_collectives_round_trip(ranks):
     assert [r["averaged"]["n"].item() for r in res] == [0, 1]  # integer tensors are left alone
 
 
-def test_ddp_step_on_unequal_shares_equals_one_step_on_the_whole_batch(ranks):
-    res = _result(ranks, "ddp")
+@pytest.mark.parametrize("method_name", ["simsiam", "simclr"])
+def test_ddp_step_on_unequal_shares_equals_one_step_on_the_whole_batch(ranks, method_name):
+    res = _result(ranks, f"ddp_{method_name}")
     assert res[0]["weights"] == pytest.approx([0.75, 1.5]) and res[1]["weights"] == pytest.approx([1.25, 0.5])
     assert not any(res[0]["skipped"] + res[1]["skipped"])
-    reference = _ddp_ready_step(seed=0, group=None)
+    reference = _ddp_ready_step(seed=0, group=None, method_name=method_name)
     start = _params(reference.method)
     for i in range(len(SHARES)):
         assert not reference(_batch(i)).skipped

@@ -3,9 +3,11 @@
 Every method is an ``nn.Module`` with the small interface ``SSLMethod``:
 
 - ``backbone``: the encoder being trained (what checkpoints and snapshots keep);
-- ``forward(view1, view2) -> MethodOutput(loss, features)``, where
-  ``features`` are the backbone features of ``view1`` (B, D), reused by the
-  continual-learning regularizers instead of a second forward pass;
+- ``forward(view1, view2, data_parallel=False) -> MethodOutput(loss, features)``,
+  where ``features`` are the backbone features of ``view1`` (B, D), reused by the
+  continual-learning regularizers instead of a second forward pass; ``data_parallel``
+  marks a DDP training step run by every rank together (SimCLR then draws its negatives
+  from all ranks);
 - ``after_step()``: called after each optimizer step (BYOL's EMA update).
 
 Head sizes default to a fixed multiple of ``backbone.feature_dim`` (see each
@@ -33,7 +35,9 @@ class SSLMethod(Protocol):
 
     backbone: nn.Module
 
-    def __call__(self, view1: torch.Tensor, view2: torch.Tensor) -> MethodOutput: ...
+    def __call__(
+        self, view1: torch.Tensor, view2: torch.Tensor, data_parallel: bool = False
+    ) -> MethodOutput: ...
 
     def after_step(self) -> None: ...
 

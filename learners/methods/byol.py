@@ -57,7 +57,11 @@ class BYOL(nn.Module):
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.criterion = NegativeCosineSimilarity()
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> MethodOutput:
+    def forward(
+        self, view1: torch.Tensor, view2: torch.Tensor, data_parallel: bool = False
+    ) -> MethodOutput:
+        """Loss and view1's features; the loss is a mean over images, so `data_parallel`
+        changes nothing (DDP's gradient average already makes it the global mean)."""
         f1, f2 = self.backbone(view1), self.backbone(view2)  # (B, D) each
         p1 = self.predictor(self.projector(f1))  # (B, P)
         p2 = self.predictor(self.projector(f2))

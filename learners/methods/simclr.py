@@ -35,9 +35,13 @@ class SimCLR(nn.Module):
         )
         self.criterion = NTXentLoss(temperature=temperature)
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> MethodOutput:
+    def forward(
+        self, view1: torch.Tensor, view2: torch.Tensor, data_parallel: bool = False
+    ) -> MethodOutput:
+        """Loss and view1's features. With `data_parallel` (a DDP training step, called on
+        every rank together) the negatives are every rank's embeddings, not only this rank's."""
         f1, f2 = self.backbone(view1), self.backbone(view2)  # (B, D) each
-        loss = self.criterion(self.projector(f1), self.projector(f2))
+        loss = self.criterion(self.projector(f1), self.projector(f2), gather=data_parallel)
         return MethodOutput(loss=loss, features=f1)
 
     def after_step(self) -> None:

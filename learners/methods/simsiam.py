@@ -47,7 +47,11 @@ class SimSiam(nn.Module):
         )
         self.criterion = NegativeCosineSimilarity()
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> MethodOutput:
+    def forward(
+        self, view1: torch.Tensor, view2: torch.Tensor, data_parallel: bool = False
+    ) -> MethodOutput:
+        """Loss and view1's features; the loss is a mean over images, so `data_parallel`
+        changes nothing (DDP's gradient average already makes it the global mean)."""
         f1, f2 = self.backbone(view1), self.backbone(view2)  # (B, D) each
         z1, z2 = self.projector(f1), self.projector(f2)  # (B, P)
         p1, p2 = self.predictor(z1), self.predictor(z2)  # (B, P)
