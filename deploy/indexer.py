@@ -173,6 +173,7 @@ class Indexer:
         store_max_bytes: disk budget of the sample store.
         index_exact_max, index_kind: when the index turns approximate, and into what.
         index_shard_max: vectors per index shard before search fans out over several (0: one).
+        index_ondisk: IVF shards serve their inverted lists memory-mapped from disk.
         feature_dim: the backbone's feature size (the index's vector size).
         device: where the frozen encoder embeds.
         decode_size: side of decoded images (the training resolution).
@@ -183,7 +184,8 @@ class Indexer:
     def __init__(self, state_dir: Path, store_max_bytes: int, index_exact_max: int, index_kind: str,
                  feature_dim: int, device: torch.device | str, decode_size: int,
                  metrics_callback: Callable[[dict[int, int]], None] | None = None, *,
-                 limits: DecodeLimits | None = None, seed: int = 0, index_shard_max: int = 0) -> None:
+                 limits: DecodeLimits | None = None, seed: int = 0, index_shard_max: int = 0,
+                 index_ondisk: bool = False) -> None:
         faiss.omp_set_num_threads(1)  # faiss threads thrash on a few shared cores
         self.state_dir = Path(state_dir)
         self.checkpoint_root = self.state_dir / "checkpoints"
@@ -194,7 +196,8 @@ class Indexer:
         self._lock_fd = lock_state(self.state_dir)
         try:
             self.index = VectorIndex(self.state_dir, feature_dim, exact_max=index_exact_max, kind=index_kind,
-                                     shard_max=index_shard_max, gpu=self.device.type == "cuda")
+                                     shard_max=index_shard_max, gpu=self.device.type == "cuda",
+                                     ondisk=index_ondisk)
             self.store = SampleStore(self.state_dir, store_max_bytes, seed=seed, on_evict=self._evicted)
             self.index.load()
         except BaseException:

@@ -84,6 +84,7 @@ class Settings(BaseSettings):
     index_exact_max: int = Field(200_000, ge=1, description="vectors before the index turns approximate")
     index_shard_max: int = Field(0, ge=0, description="vectors per index shard before search fans out over several (0: one shard)")
     index_kind: Literal["ivf", "hnsw"] = Field("ivf", description="approximate index past index_exact_max")
+    index_ondisk: bool = Field(False, description="IVF shards serve their inverted lists memory-mapped from disk, not from RAM (docs/scaling.md)")
 
     # service
     http_host: str = Field("127.0.0.1", description="bind address of the HTTP server")
@@ -109,6 +110,12 @@ class Settings(BaseSettings):
         token = self.admin_token.get_secret_value().strip() if self.admin_token else ""
         if self.http_host not in ("127.0.0.1", "localhost", "::1") and not token:  # "" disables auth
             raise ValueError("http_host: binding off loopback needs TAILORD_ADMIN_TOKEN")
+        return self
+
+    @model_validator(mode="after")
+    def _ondisk_needs_ivf(self) -> Settings:
+        if self.index_ondisk and self.index_kind != "ivf":
+            raise ValueError("index_ondisk: on-disk inverted lists need TAILORD_INDEX_KIND=ivf")
         return self
 
     @classmethod

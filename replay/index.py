@@ -6,8 +6,8 @@ its own index: a new one is built to the side (``build``) and published with
 ``root/index/``, every publication is an immutable directory
 ``v{version:06d}.g{generation:06d}/`` holding ``index.faiss`` (or, for a
 sharded index, one ``shard-NNN.faiss`` per shard), ``ids.json`` (FAISS label
-→ sample id, experience) and ``manifest.json`` (sha256 of every other file);
-it is written under a temporary name, fsynced and renamed into place, then
+→ sample id, experience) and ``manifest.json`` (sha256 and size of every other
+file); it is written under a temporary name, fsynced and renamed into place, then
 ``CURRENT`` is flipped by tmp + rename. ``save`` publishes a new generation
 of the live version the same way, so a crash never leaves a torn index live.
 Vectors are L2-normalized: inner product is cosine similarity.
@@ -15,6 +15,14 @@ Vectors are L2-normalized: inner product is cosine similarity.
 Past ``shard_max`` vectors per shard an index is split into shards, searched in
 parallel on a thread pool and merged into one top-k; labels stay global, so the
 label → sample id map does not care where a vector lives.
+
+With ``ondisk`` an IVF shard keeps its inverted lists out of RAM: each publication holds one
+compact ``*.ivfdata`` list file per shard, and the live table memory-maps the newest one
+read-only (FAISS ``OnDiskInvertedLists``), so pages are read on demand and stay reclaimable
+page cache. Vectors added since the last publication sit in a small in-RAM IVF with the same
+quantizer, searched alongside; removals are tombstones. Publishing rewrites base + added -
+removed into the new publication's list files and re-maps them, so published files are never
+written again (FAISS corrupts on-disk lists it adds to or shrinks: faiss issue #3498).
 """
 
 from __future__ import annotations
@@ -39,10 +47,14 @@ from replay.atomic import fsync_dir, write_atomic
 
 INDEX_FILE = "index.faiss"
 SHARD_FILE = "shard-{:03d}.faiss"  # index.faiss of each shard of a sharded index
+LISTS_SUFFIX = ".ivfdata"  # inverted lists of an on-disk IVF shard, named after its .faiss file
 IDS_FILE = "ids.json"
 MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
 HNSW_REBUILD_DEAD = 0.25  # rebuild an HNSW index once this fraction of it is tombstones
+# Published lists are read for their metadata only, then mapped read-only from their own file.
+ONDISK_READ_FLAGS = faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY
+ID_BYTES = 8  # an inverted list entry is its code followed, list-wise, by an int64 id
 # Searches shards in parallel (faiss releases the GIL); threads start on first use.
 _FANOUT = ThreadPoolExecutor(max_workers=os.cpu_count() or 4, thread_name_prefix="index-shard")
 
@@ -59,6 +71,7 @@ class IndexOptions:
     ef_search: int = 128
     gpu: bool = False  # search on GPU copies when faiss has GPU support and a GPU is present
     shard_max: int = 0
+    ondisk: bool = False  # IVF shards serve their lists memory-mapped from the publication
 
 
 class SearchResult(NamedTuple):
@@ -78,11 +91,13 @@ class SearchResult(NamedTuple):
 
 
 class TableSnapshot(NamedTuple):
-    """A table frozen for publication: its kind, size and file contents by file name."""
+    """A table frozen for publication: its kind, size, file contents by file name, and the
+    sha256 of the list files it already wrote into the publication directory."""
 
     kind: str
     size: int
     files: dict[str, bytes]
+    lists: dict[str, str]
 
 
 def normalized(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -146,6 +161,84 @@ def _shard_files(shards: int) -> list[str]:
     return [INDEX_FILE] if shards == 1 else [SHARD_FILE.format(i) for i in range(shards)]
 
 
+def _lists_file(shard_file: str) -> str:
+    """The list file of an on-disk shard: ``shard-000.faiss`` → ``shard-000.ivfdata``."""
+    return Path(shard_file).stem + LISTS_SUFFIX
+
+
+def _ivf_sibling(ivf: faiss.IndexIVF) -> faiss.IndexIVFFlat:
+    """An empty in-RAM IVF with a copy of ``ivf``'s trained quantizer and its nprobe."""
+    sibling = faiss.IndexIVFFlat(
+        faiss.clone_index(ivf.quantizer), ivf.d, ivf.nlist, faiss.METRIC_INNER_PRODUCT
+    )
+    sibling.nprobe = ivf.nprobe
+    return sibling
+
+
+def _entries(lists: faiss.InvertedLists, list_no: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, codes) of one inverted list, as views of FAISS's memory (no copy)."""
+    n, code_size = lists.list_size(list_no), lists.code_size
+    if n == 0:
+        return np.empty(0, np.int64), np.empty((0, code_size), np.uint8)
+    ids = faiss.rev_swig_ptr(lists.get_ids(list_no), n)
+    return ids, faiss.rev_swig_ptr(lists.get_codes(list_no), n * code_size).reshape(n, code_size)
+
+
+def _write_lists(
+    parts: list[faiss.IndexIVF], dead: np.ndarray, path: Path
+) -> tuple[np.ndarray, str]:
+    """Write the lists of ``parts`` (IVFs with one quantizer), minus the ``dead`` labels, to
+    ``path`` in the layout of a compact ``OnDiskInvertedLists``: list after list, its codes then
+    its ids. Streams one list at a time. Returns (entries per list, sha256 of the file)."""
+    nlist = parts[0].nlist
+    sizes = np.zeros(nlist, dtype=np.uint64)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for list_no in range(nlist):
+            entries = [_entries(part.invlists, list_no) for part in parts]
+            ids = np.concatenate([ids for ids, _ in entries])
+            keep = ~np.isin(ids, dead)
+            sizes[list_no] = keep.sum()
+            for block in (np.concatenate([codes for _, codes in entries])[keep], ids[keep]):
+                f.write(block)
+                digest.update(block)
+    return sizes, digest.hexdigest()
+
+
+def _ondisk_shard(like: faiss.IndexIVF, sizes: np.ndarray, lists_file: str) -> faiss.IndexIVFFlat:
+    """An IVF with ``like``'s quantizer whose lists are the compact file ``lists_file`` holding
+    ``sizes`` entries per list (not mapped yet: it serializes to metadata only)."""
+    shard = _ivf_sibling(like)
+    lists = faiss.OnDiskInvertedLists(shard.nlist, shard.code_size, lists_file)
+    lists.set_all_lists_sizes(faiss.swig_ptr(sizes))
+    shard.ntotal = int(sizes.sum())
+    lists.totsize = shard.ntotal * (shard.code_size + ID_BYTES)
+    shard.replace_invlists(lists, True)
+    lists.this.disown()  # owned by the shard now
+    return shard
+
+
+def _map_lists(shard: faiss.IndexIVF, path: Path) -> faiss.IndexIVF:
+    """Serve ``shard``'s on-disk lists from ``path``, memory-mapped read-only.
+
+    Pages are read on demand and stay reclaimable page cache; nothing is copied into the heap,
+    and a write to the file is impossible. No prefetch threads (FAISS starts up to 32 per search).
+    """
+    lists = faiss.downcast_InvertedLists(shard.invlists)
+    lists.filename, lists.read_only, lists.prefetch_nthread = str(path), True, 0
+    if lists.totsize:  # mmap refuses an empty file
+        lists.do_mmap()
+    return shard
+
+
+def _ondisk(kind: str, options: IndexOptions) -> bool:
+    return kind == "ivf" and options.ondisk
+
+
+def _deserialize(data: bytes, flags: int = 0) -> faiss.Index:
+    return faiss.deserialize_index(np.frombuffer(data, np.uint8), flags)
+
+
 class Table:
     """FAISS shards plus label → (sample id, experience). Labels are global and never reused.
 
@@ -156,11 +249,22 @@ class Table:
     change its results). Flat and HNSW shards sit in an
     ``IndexIDMap2``; IVF takes ids natively. HNSW cannot delete in place, so removed
     labels become tombstones filtered by an ``IDSelector`` until the index is rebuilt.
+
+    An on-disk IVF table (``bases`` not None) pairs each shard with its published lists,
+    mapped read-only (None until first published): ``shards`` then hold only what was added
+    since, removals are tombstones, and ``snapshot`` folds both into new list files.
     """
 
-    def __init__(self, kind: str, shards: list[faiss.Index], options: IndexOptions) -> None:
+    def __init__(
+        self,
+        kind: str,
+        shards: list[faiss.Index],
+        options: IndexOptions,
+        bases: list[faiss.Index | None] | None = None,
+    ) -> None:
         self.kind = kind
         self.shards = shards
+        self.bases = bases
         self.options = options
         self.ids: list[str | None] = []
         self.exps = np.zeros(1024, dtype=np.int64)  # by label, grown by doubling
@@ -172,21 +276,40 @@ class Table:
     @classmethod
     def create(cls, kind: str, dim: int, vectors: np.ndarray, options: IndexOptions) -> Table:
         """An empty one-shard table of ``kind``; IVF is trained on ``vectors`` (normalized)."""
-        return cls(kind, [_new_faiss(kind, dim, vectors, options)], options)
+        bases = [None] if _ondisk(kind, options) else None
+        return cls(kind, [_new_faiss(kind, dim, vectors, options)], options, bases)
 
     @property
     def size(self) -> int:
         return len(self.label_of)
 
     @property
+    def ondisk(self) -> bool:
+        """Whether the shards' published lists are served from disk."""
+        return self.bases is not None
+
+    def _parts(self) -> list[list[faiss.Index]]:
+        """Per shard, the FAISS indexes holding its vectors: its published lists, if mapped,
+        then its in-RAM index."""
+        bases = self.bases or [None] * len(self.shards)
+        return [
+            [part for part in (base, shard) if part is not None]
+            for base, shard in zip(bases, self.shards, strict=True)
+        ]
+
+    def _counts(self) -> list[int]:
+        """Vectors per shard, tombstones included."""
+        return [sum(part.ntotal for part in parts) for parts in self._parts()]
+
+    @property
     def ntotal(self) -> int:
-        """Vectors in the FAISS shards, HNSW tombstones included."""
-        return sum(shard.ntotal for shard in self.shards)
+        """Vectors in the FAISS shards, tombstones included."""
+        return sum(self._counts())
 
     @property
     def largest(self) -> int:
         """Vectors in the fullest shard: what one search thread scans."""
-        return max(shard.ntotal for shard in self.shards)
+        return max(self._counts())
 
     @property
     def layout(self) -> str:
@@ -196,23 +319,22 @@ class Table:
     def _open_shard(self) -> None:
         first = self.shards[0]
         if self.kind == "ivf":
-            shard = faiss.IndexIVFFlat(
-                faiss.clone_index(first.quantizer), first.d, first.nlist, faiss.METRIC_INNER_PRODUCT
-            )
-            shard.nprobe = first.nprobe
+            shard = _ivf_sibling(first)
         else:
             shard = _new_faiss(self.kind, first.d, np.empty((0, first.d), np.float32), self.options)
         self.shards.append(shard)
+        if self.bases is not None:
+            self.bases.append(None)
 
     def _spread(self, n: int) -> list[int]:
         """How many of ``n`` new vectors each shard takes: fewest-first (water-filling),
         none past ``shard_max``, opening shards while the existing ones lack room."""
         cap = self.options.shard_max
         if cap:
-            room = sum(max(0, cap - shard.ntotal) for shard in self.shards)
+            room = sum(max(0, cap - count) for count in self._counts())
             for _ in range(math.ceil(max(0, n - room) / cap)):
                 self._open_shard()
-        counts = np.array([shard.ntotal for shard in self.shards], dtype=np.int64)
+        counts = np.array(self._counts(), dtype=np.int64)
         upper = np.maximum(counts, cap) if cap else counts + n
         lo, hi = int(counts.min()), int(upper.max())  # fill to the lowest level that fits n
         while lo < hi:
@@ -261,7 +383,7 @@ class Table:
         for label in labels:
             self.ids[label] = None
         if labels:
-            if self.kind == "hnsw":
+            if self.kind == "hnsw" or self.ondisk:
                 self.dead.update(labels)
                 self._selector = None
             else:
@@ -284,9 +406,12 @@ class Table:
         return all_vectors[live], [self.ids[label] for label in all_labels], self.exps[all_labels]
 
     def _params(self, k: int) -> faiss.SearchParameters | None:
-        if self.kind != "hnsw":
+        if self.kind == "hnsw":
+            params = faiss.SearchParametersHNSW(efSearch=max(self.options.ef_search, k))
+        elif self.dead:  # on-disk IVF tombstones; IVF parameters replace the index's nprobe
+            params = faiss.SearchParametersIVF(nprobe=self.shards[0].nprobe)
+        else:
             return None
-        params = faiss.SearchParametersHNSW(efSearch=max(self.options.ef_search, k))
         if self.dead:
             if self._selector is None:
                 batch = faiss.IDSelectorBatch(np.fromiter(self.dead, dtype=np.int64))
@@ -295,7 +420,13 @@ class Table:
         return params
 
     def _searchable(self) -> list[faiss.Index]:
-        """The shards to search: GPU copies when enabled and possible, else the shards."""
+        """The shards to search: GPU copies when enabled and possible, else the shards.
+
+        An on-disk table searches every non-empty part of its shards, on the CPU (a GPU copy
+        would load the lists, and tombstones need an ``IDSelector``).
+        """
+        if self.ondisk:
+            return [part for parts in self._parts() for part in parts if part.ntotal]
         if not self.options.gpu or self.kind == "hnsw" or not _gpu_available():
             return self.shards
         if self._gpu_shards is None:
@@ -323,8 +454,13 @@ class Table:
             out[:kk] = [self.ids[label] if label >= 0 else "" for label in row]
         return result
 
-    def snapshot(self) -> TableSnapshot:
-        """The table's files: ``ids.json`` plus ``index.faiss``, or one file per shard."""
+    def snapshot(self, into: Path) -> TableSnapshot:
+        """The table's files: ``ids.json`` plus ``index.faiss``, or one file per shard.
+
+        An on-disk table also writes each shard's list file (published + added - removed) into
+        the publication directory ``into`` and serves its lists from there from now on: its
+        in-RAM additions and tombstones are dropped.
+        """
         live = sorted(self.label_of.values())
         ids = {
             "kind": self.kind,
@@ -333,22 +469,49 @@ class Table:
             "labels": live,
             "sample_ids": [self.ids[label] for label in live],
             "experiences": self.exps[live].tolist(),
-            "dead": sorted(self.dead),
+            "dead": [] if self.ondisk else sorted(self.dead),
+            "ondisk": self.ondisk,
         }
         files = {IDS_FILE: json.dumps(ids).encode()}
-        for name, shard in zip(_shard_files(len(self.shards)), self.shards, strict=True):
-            files[name] = faiss.serialize_index(shard).tobytes()
-        return TableSnapshot(self.layout, self.size, files)
+        names = _shard_files(len(self.shards))
+        if not self.ondisk:
+            for name, shard in zip(names, self.shards, strict=True):
+                files[name] = faiss.serialize_index(shard).tobytes()
+            return TableSnapshot(self.layout, self.size, files, {})
+        dead = np.fromiter(self.dead, dtype=np.int64, count=len(self.dead))
+        bases, lists = [], {}
+        for name, parts in zip(names, self._parts(), strict=True):
+            lists_file = _lists_file(name)
+            sizes, lists[lists_file] = _write_lists(parts, dead, into / lists_file)
+            base = _ondisk_shard(parts[0], sizes, lists_file)
+            files[name] = faiss.serialize_index(base).tobytes()
+            bases.append(_map_lists(base, into / lists_file))
+        self.bases, self.shards = bases, [_ivf_sibling(base) for base in bases]
+        self.dead, self._selector = set(), None
+        return TableSnapshot(self.layout, self.size, files, lists)
 
     @classmethod
-    def deserialize(cls, files: dict[str, bytes], options: IndexOptions) -> Table:
-        """The table ``snapshot`` wrote; KeyError if one of its files is missing."""
+    def deserialize(
+        cls, files: dict[str, bytes], options: IndexOptions, lists: dict[str, Path]
+    ) -> Table:
+        """The table ``snapshot`` wrote; KeyError if one of its files is missing.
+
+        ``lists`` are the verified list files of an on-disk table by name: they are mapped
+        read-only, not read. An in-RAM IVF table loaded with ``options.ondisk`` moves its
+        lists to disk at its next publication.
+        """
         meta = json.loads(files[IDS_FILE])
-        shards = [
-            faiss.deserialize_index(np.frombuffer(files[name], np.uint8))
-            for name in _shard_files(meta.get("shards", 1))
-        ]
-        table = cls(meta["kind"], shards, options)
+        names = _shard_files(meta.get("shards", 1))
+        if meta.get("ondisk"):
+            bases = [
+                _map_lists(_deserialize(files[name], ONDISK_READ_FLAGS), lists[_lists_file(name)])
+                for name in names
+            ]
+            table = cls(meta["kind"], [_ivf_sibling(base) for base in bases], options, bases)
+        else:
+            shards = [_deserialize(files[name]) for name in names]
+            bases = [None] * len(shards) if _ondisk(meta["kind"], options) else None
+            table = cls(meta["kind"], shards, options, bases)
         table.ids = [None] * meta["next_label"]
         table.exps = np.zeros(max(1024, meta["next_label"]), dtype=np.int64)
         for label, sid, exp in zip(
@@ -389,6 +552,36 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _file_matches(path: Path, sha256: str, size: int) -> bool:
+    """Whether ``path`` has ``size`` bytes hashing to ``sha256``; read in chunks, so a big
+    list file passes through the page cache, not the heap."""
+    try:
+        if path.stat().st_size != size:
+            return False
+        digest, chunk = hashlib.sha256(), bytearray(1 << 20)
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(chunk):
+                digest.update(memoryview(chunk)[:n])
+    except OSError:
+        return False
+    return digest.hexdigest() == sha256
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class VectorIndex:
     """The live index of the current encoder version, plus its published history on disk.
 
@@ -409,15 +602,20 @@ class VectorIndex:
         ef_search: int = 128,
         gpu: bool = False,
         shard_max: int = 0,
+        ondisk: bool = False,
     ) -> None:
         if kind not in ("ivf", "hnsw"):
             raise ValueError(f"kind must be 'ivf' or 'hnsw', not {kind!r}")
         if shard_max < 0:
             raise ValueError(f"shard_max must be >= 0, not {shard_max}")
+        if ondisk and kind != "ivf":
+            raise ValueError("ondisk keeps IVF lists on disk: it needs kind='ivf'")
         self.dir = Path(root) / "index"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dim = dim
-        self.options = IndexOptions(exact_max, kind, nprobe, hnsw_m, ef_search, gpu, shard_max)
+        self.options = IndexOptions(
+            exact_max, kind, nprobe, hnsw_m, ef_search, gpu, shard_max, ondisk
+        )
         self._lock = threading.Lock()
         self._publish_lock = threading.Lock()
         self._version: int | None = None
@@ -515,19 +713,24 @@ class VectorIndex:
     def swap(self, built: BuiltIndex) -> None:
         """Publish ``built`` on disk, flip CURRENT, make it live, prune old versions."""
         with self._publish_lock:
-            self._publish(built.version, built.table.snapshot())
+            staging = self._stage()
+            self._commit(staging, built.version, built.table.snapshot(staging))
             with self._lock:
                 self._version, self._table = built.version, built.table
             self._prune()
 
     def save(self) -> None:
-        """Publish the live index as a new generation of its version (crash-safe)."""
+        """Publish the live index as a new generation of its version (crash-safe).
+
+        An on-disk table writes its list files under the lock (searches wait, as they wait
+        for an in-RAM index's serialization) and is served from them afterwards."""
         with self._publish_lock:
             with self._lock:
                 if self._table is None:
                     return
-                version, snapshot = self._version, self._table.snapshot()
-            self._publish(version, snapshot)
+                staging = self._stage()
+                version, snapshot = self._version, self._table.snapshot(staging)
+            self._commit(staging, version, snapshot)
             self._prune()
 
     def _dirs(self) -> list[tuple[int, int, Path]]:
@@ -539,26 +742,35 @@ class VectorIndex:
                 found.append((*parsed, path))
         return sorted(found)
 
-    def _publish(self, version: int, snapshot: TableSnapshot) -> None:
+    def _stage(self) -> Path:
+        """A new temporary directory to build a publication in (pruned if never committed)."""
+        staging = self.dir / f".tmp-{uuid.uuid4().hex}"
+        staging.mkdir()
+        return staging
+
+    def _commit(self, staging: Path, version: int, snapshot: TableSnapshot) -> None:
+        """Write ``snapshot``'s files and a manifest (sha256 and size of every file) into
+        ``staging``, fsync all of it, rename it into place as the next generation of
+        ``version`` and flip CURRENT to it."""
+        for fname, data in snapshot.files.items():
+            _write_synced(staging / fname, data)
+        for fname in snapshot.lists:  # written by the snapshot: only made durable here
+            _fsync_file(staging / fname)
         generation = 1 + max((g for v, g, _ in self._dirs() if v == version), default=0)
         name = f"v{version:06d}.g{generation:06d}"
-        tmp = self.dir / f".tmp-{name}-{uuid.uuid4().hex}"
-        tmp.mkdir()
+        sums = {fname: _sha256(data) for fname, data in snapshot.files.items()} | snapshot.lists
         manifest = {
             "version": version,
             "generation": generation,
             "dim": self.dim,
             "kind": snapshot.kind,
             "size": snapshot.size,
-            "sha256": {name: _sha256(data) for name, data in snapshot.files.items()},
+            "sha256": sums,
+            "bytes": {fname: (staging / fname).stat().st_size for fname in sums},
         }
-        for fname, data in (*snapshot.files.items(), (MANIFEST_FILE, json.dumps(manifest).encode())):
-            with open(tmp / fname, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        fsync_dir(tmp)
-        os.rename(tmp, self.dir / name)
+        _write_synced(staging / MANIFEST_FILE, json.dumps(manifest).encode())
+        fsync_dir(staging)
+        os.rename(staging, self.dir / name)
         fsync_dir(self.dir)
         write_atomic(self.dir / CURRENT_FILE, name.encode())
 
@@ -576,20 +788,25 @@ class VectorIndex:
         """The manifest and table of a published directory, or None if it is torn.
 
         Every file the manifest lists must match its sha256, and the table must find all
-        of its files among them.
+        of its files among them. List files are checked against their recorded size first,
+        then hashed in a streaming read (page cache, not heap) before they are mapped.
         """
         try:
             manifest = json.loads((path / MANIFEST_FILE).read_bytes())
             sums = manifest["sha256"]
             if manifest["dim"] != self.dim or any(Path(name).name != name for name in sums):
                 return None
-            files = {name: (path / name).read_bytes() for name in sums}
+            lists = {name: path / name for name in sums if name.endswith(LISTS_SUFFIX)}
+            sizes = {name: manifest["bytes"][name] for name in lists}
+            files = {name: (path / name).read_bytes() for name in sums if name not in lists}
         except (OSError, ValueError, KeyError, TypeError):
             return None
         if any(_sha256(data) != sums[name] for name, data in files.items()):
             return None
+        if not all(_file_matches(file, sums[name], sizes[name]) for name, file in lists.items()):
+            return None
         try:
-            return manifest, Table.deserialize(files, self.options)
+            return manifest, Table.deserialize(files, self.options, lists)
         except KeyError:  # the manifest does not list a file the table needs
             return None
 

@@ -40,6 +40,15 @@ def test_off_loopback_needs_token(monkeypatch):
     assert load_settings().admin_token.get_secret_value() == "s3cret"
 
 
+def test_ondisk_index_needs_ivf(monkeypatch):
+    monkeypatch.setenv("TAILORD_INDEX_ONDISK", "true")
+    monkeypatch.setenv("TAILORD_INDEX_KIND", "hnsw")
+    with pytest.raises(SettingsError, match="invalid setting TAILORD_INDEX_ONDISK: on-disk inverted lists need TAILORD_INDEX_KIND=ivf"):
+        load_settings()
+    monkeypatch.setenv("TAILORD_INDEX_KIND", "ivf")
+    assert load_settings().index_ondisk
+
+
 def test_unknown_toml_key(tmp_path):
     cfg = tmp_path / "t.toml"
     cfg.write_text("experiance_images = 5\n")

@@ -43,7 +43,11 @@ def write_targets(folder, source: str, skip: int, count: int) -> list[bytes]:
     return items
 
 
-def test_route_snapshot_over_http(broker, tmp_path):
+INDEXES = {"flat": {}, "ivf-ondisk": {"index_exact_max": 100, "index_ondisk": True}}
+
+
+@pytest.mark.parametrize("index", INDEXES)
+def test_route_snapshot_over_http(broker, tmp_path, index):
     topic = unique_topic("snap")
     produce(broker.bootstrap, topic, "builtin:digits", 160, batch=8)
     produce(broker.bootstrap, topic, "builtin:fashion", 160, batch=8)
@@ -52,7 +56,7 @@ def test_route_snapshot_over_http(broker, tmp_path):
     target_bytes = write_targets(targets_dir / "fashion-task", "fashion", 400, 40)
     state = tmp_path / "state"
     daemon = DaemonProcess(state, broker.bootstrap, topic, experience_images=100_000, batch_size=32,
-                           probe_fraction=0.1, targets_dir=targets_dir).start()
+                           probe_fraction=0.1, targets_dir=targets_dir, **INDEXES[index]).start()
     try:
         daemon.wait_for(lambda: (daemon.status().get("encoder_version") or 0) >= 2, 300,
                         "two experiences indexed")
@@ -83,6 +87,8 @@ def test_route_snapshot_over_http(broker, tmp_path):
         assert {r["experience"]: r["domain"] for r in domains}[chosen] == "fashion"
         assert result["chosen_experience"] == chosen
         assert daemon.stop(signal.SIGTERM) == 0
+        published = list((state / "index").glob("v*/index.ivfdata"))
+        assert bool(published) == (index == "ivf-ondisk")  # the lists were served from disk
     finally:
         daemon.kill()
 
