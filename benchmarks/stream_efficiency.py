@@ -71,6 +71,37 @@ def write_photo_jpegs(folder: Path, count: int, side: int = 256) -> Path:
     return folder
 
 
+class GpuUtilization:
+    """Samples `nvidia-smi` GPU utilization (%) every 500 ms while open; `mean` is None without
+    a GPU or nvidia-smi."""
+
+    def __enter__(self) -> GpuUtilization:
+        self.samples: list[float] = []
+        try:
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "500"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) if torch.cuda.is_available() else None
+        except OSError:
+            self._proc = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        out, _ = self._proc.communicate(timeout=10)
+        self.samples = [float(line.split(",")[0]) for line in out.splitlines() if line.strip()]
+
+    @property
+    def mean(self) -> float | None:
+        """Mean utilization from the first to the last busy sample (start-up and exit left out)."""
+        busy = [i for i, value in enumerate(self.samples) if value > 0]
+        if not busy:
+            return None
+        window = self.samples[busy[0]: busy[-1] + 1]
+        return round(sum(window) / len(window), 1)
+
+
 def daemon_run(images_per_domain: int, preset: str, method: str, batch_size: int, device: str,
                experience_images: int, photos: bool, decode_workers: int, nproc: int = 1,
                jpeg_decode: str = "auto") -> dict:
@@ -96,8 +127,9 @@ def daemon_run(images_per_domain: int, preset: str, method: str, batch_size: int
                     "TAILORD_DECODE_WORKERS": str(decode_workers), "TAILORD_JPEG_DECODE": jpeg_decode})
         if nproc > 1:
             env["TAILORD_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-        proc = subprocess.run([sys.executable, "-m", "deploy.cli", "run", "--nproc", str(nproc)], env=env,
-                              capture_output=True, text=True, timeout=3600)
+        with GpuUtilization() as gpu:
+            proc = subprocess.run([sys.executable, "-m", "deploy.cli", "run", "--nproc", str(nproc)], env=env,
+                                  capture_output=True, text=True, timeout=3600)
         events = json_events(proc.stderr)
         stopped = [e for e in events if e.get("event") == "stopped" and e.get("rank", 0) == 0]
         if proc.returncode != 0 or not stopped:
@@ -106,6 +138,10 @@ def daemon_run(images_per_domain: int, preset: str, method: str, batch_size: int
         return {"images_per_second": stopped[-1]["images_per_second_overall"],
                 "images_stepped": stopped[-1]["images_stepped"], "train_seconds": stopped[-1]["train_seconds"],
                 "input_wait_seconds": stopped[-1]["input_wait_seconds"],
+                "step_seconds": stopped[-1]["step_seconds"],  # the rest of train_seconds is the loop's own work
+                "loop_seconds": round(stopped[-1]["train_seconds"] - stopped[-1]["input_wait_seconds"]
+                                      - stopped[-1]["step_seconds"], 3),
+                "gpu_utilization_mean_percent": gpu.mean,
                 "stream_images_trained": stopped[-1]["images_total"], "checkpoints": len(checkpoints),
                 "checkpoint_seconds": round(sum(e["seconds"] for e in checkpoints), 3)}
 

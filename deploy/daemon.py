@@ -341,6 +341,8 @@ def run_rank(settings: Settings, world: World) -> int:
                     images = images.repeat(2, 1, 1, 1)  # BatchNorm needs two samples; a lone straggler
                 result = learner.step(images, replay, weight=agreed.weight(world.rank, world.size))
                 rate.images_stepped += agreed.stepped
+                if rate.first_at is not None:
+                    rate.step_seconds += result.seconds
                 if result.skipped:
                     progress.steps_skipped += 1
                     metrics.steps_skipped.inc()
@@ -391,7 +393,8 @@ def run_rank(settings: Settings, world: World) -> int:
     log.info("stopped", exit_code=exit_code, images_total=progress.images_total, images_trained_here=trained_here,
              images_stepped=rate.images_stepped, train_seconds=round(rate.elapsed(), 3),
              images_per_second_overall=round(rate.images_stepped / max(rate.elapsed(), 1e-9), 2),
-             input_wait_seconds=round(rate.input_wait, 3), weights_sha256=weights_digest(learner))
+             input_wait_seconds=round(rate.input_wait, 3), step_seconds=round(rate.step_seconds, 3),
+             weights_sha256=weights_digest(learner))
     return exit_code
 
 
@@ -579,6 +582,7 @@ class Throughput:
         self.first_at: float | None = None  # when the first step of this process ended
         self.last_at: float | None = None
         self.input_wait = 0.0  # seconds the loop waited for the prefetcher after the first step
+        self.step_seconds = 0.0  # seconds inside the train step after the first step; the rest is the loop's
 
     def elapsed(self) -> float:
         """Seconds from the end of the first step to the end of the last (0 before two steps)."""
