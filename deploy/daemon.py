@@ -287,12 +287,12 @@ def run_rank(settings: Settings, world: World) -> int:
     service.publish_evaluation(history)
     prefetcher.start()
     exit_code = 0
+    unstepped_wait = 0.0  # the idle wait after the last step is not input wait
     try:
         while True:
             waited = time.perf_counter()
             batch = prefetcher.get(timeout=0.5)
-            if rate.first_at is not None:
-                rate.input_wait += time.perf_counter() - waited
+            unstepped_wait += time.perf_counter() - waited  # input wait, once a step follows it
             samples = batch.samples if batch is not None else []
             prepared = batch.prepared if batch is not None else Prepared.of([], 0.0, False)
             train, held_out = prepared.train, prepared.held_out
@@ -343,6 +343,8 @@ def run_rank(settings: Settings, world: World) -> int:
                 rate.images_stepped += agreed.stepped
                 if rate.first_at is not None:
                     rate.step_seconds += result.seconds
+                    rate.input_wait += unstepped_wait
+                unstepped_wait = 0.0
                 if result.skipped:
                     progress.steps_skipped += 1
                     metrics.steps_skipped.inc()
@@ -581,7 +583,7 @@ class Throughput:
         self.images_stepped = 0  # stream + replay images through the step, this process
         self.first_at: float | None = None  # when the first step of this process ended
         self.last_at: float | None = None
-        self.input_wait = 0.0  # seconds the loop waited for the prefetcher after the first step
+        self.input_wait = 0.0  # seconds the loop waited for the prefetcher between the first and last step
         self.step_seconds = 0.0  # seconds inside the train step after the first step; the rest is the loop's
 
     def elapsed(self) -> float:
