@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from replay.atomic import fsync_dir, write_atomic
+from replay.atomic import fsync_path, write_atomic
 
 log = structlog.get_logger()
 
@@ -73,11 +73,11 @@ def write_checkpoint(root: Path, name: str, writers: dict[str, FileWriter], mani
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
         with open(tmp / MANIFEST, "rb+") as fh:
             os.fsync(fh.fileno())
-        fsync_dir(tmp)
+        fsync_path(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        fsync_dir(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -59,7 +59,7 @@ from learners.methods import build_method
 from learners.presets import PRESETS
 from learners.snapshot import backbone_spec, save_backbone
 from learners.train_step import TrainStep, build_optimizer
-from replay.atomic import fsync_dir, write_atomic
+from replay.atomic import fsync_path, write_atomic
 from replay.catalog import SampleRow
 from replay.index import VectorIndex
 from replay.retrieval import retrieve_budget
@@ -439,12 +439,12 @@ class SnapshotEngine:
             digest = save_backbone(backbone, tmp)
             manifest = {**manifest, "files": {"model.safetensors": digest}, "created_at": time.time()}
             write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
-            fsync_dir(tmp)
+            fsync_path(tmp)
             try:
                 os.rename(tmp, self.root / name)
             except OSError:
                 raise ApiError(409, f"snapshot {name!r} already exists") from None
-            fsync_dir(self.root)
+            fsync_path(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -7,8 +7,8 @@ import threading
 from pathlib import Path
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink inside ``path`` durable."""
+def fsync_path(path: Path) -> None:
+    """Flush ``path`` to disk: a file's data, or a directory's entries (a rename or unlink in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -25,4 +25,4 @@ def write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)

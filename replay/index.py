@@ -43,7 +43,7 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
-from replay.atomic import fsync_dir, write_atomic
+from replay.atomic import fsync_path, write_atomic
 
 INDEX_FILE = "index.faiss"
 SHARD_FILE = "shard-{:03d}.faiss"  # index.faiss of each shard of a sharded index
@@ -574,14 +574,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class VectorIndex:
     """The live index of the current encoder version, plus its published history on disk.
 
@@ -755,7 +747,7 @@ class VectorIndex:
         for fname, data in snapshot.files.items():
             _write_synced(staging / fname, data)
         for fname in snapshot.lists:  # written by the snapshot: only made durable here
-            _fsync_file(staging / fname)
+            fsync_path(staging / fname)
         generation = 1 + max((g for v, g, _ in self._dirs() if v == version), default=0)
         name = f"v{version:06d}.g{generation:06d}"
         sums = {fname: _sha256(data) for fname, data in snapshot.files.items()} | snapshot.lists
@@ -769,9 +761,9 @@ class VectorIndex:
             "bytes": {fname: (staging / fname).stat().st_size for fname in sums},
         }
         _write_synced(staging / MANIFEST_FILE, json.dumps(manifest).encode())
-        fsync_dir(staging)
+        fsync_path(staging)
         os.rename(staging, self.dir / name)
-        fsync_dir(self.dir)
+        fsync_path(self.dir)
         write_atomic(self.dir / CURRENT_FILE, name.encode())
 
     def _prune(self) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from replay.atomic import fsync_dir
+from replay.atomic import fsync_path
 from replay.catalog import Catalog, SampleRow
 
 HEADER = struct.Struct("<4sII")  # magic, payload length, crc32 of the payload
@@ -111,7 +111,7 @@ class SampleStore:
                 with open(path, "r+b") as f:
                     f.truncate(end)
                     os.fsync(f.fileno())
-        fsync_dir(self.shards)
+        fsync_path(self.shards)
         return files[-1] if files else _shard_name(1)
 
     def _rotate(self) -> None:
@@ -139,7 +139,7 @@ class SampleStore:
                     i += 1
                 f.flush()
                 os.fsync(f.fileno())
-            fsync_dir(self.shards)
+            fsync_path(self.shards)
         return positions
 
     def add(
@@ -238,7 +238,7 @@ class SampleStore:
                 for r, (shard, offset) in zip(rows, positions, strict=True)
             )
             path.unlink()
-            fsync_dir(self.shards)
+            fsync_path(self.shards)
 
     def _read_rows(self, rows: list[SampleRow]) -> list[bytes]:
         out: list[bytes] = []
