@@ -42,7 +42,7 @@ from replay.buffer import ReservoirBuffer
 from streamer.broker import EmbeddedBroker
 from streamer.decode import decode_record
 from streamer.dlq import DeadLetterQueue
-from streamer.jpeg_batch import JpegBatchDecoder
+from streamer.jpeg_batch import JpegBatchDecoder, jpeg_decode_problem
 from streamer.kafka_client import client_config
 from streamer.limits import DecodeLimits
 from streamer.prefetch import Prefetcher
@@ -478,6 +478,12 @@ def jpeg_decoder(settings: Settings, limits: DecodeLimits, learner: Learner) -> 
     if settings.jpeg_decode == "gpu" and not on_gpu:
         raise UsageError(f"TAILORD_JPEG_DECODE=gpu needs training on CUDA, but it runs on {learner.device.type}")
     if settings.jpeg_decode == "cpu" or not on_gpu:
+        return None
+    problem = jpeg_decode_problem(learner.device)
+    if problem is not None:
+        if settings.jpeg_decode == "gpu":
+            raise UsageError(f"TAILORD_JPEG_DECODE=gpu: nvJPEG does not work here ({problem})")
+        log.warning("jpeg_decode_on_cpu", reason=f"nvJPEG does not work here: {problem}")
         return None
     log.info("jpeg_decode", device=str(learner.device), decoder="torchvision nvJPEG, batched per poll")
     return JpegBatchDecoder(limits, learner.preset.resolution, learner.device)

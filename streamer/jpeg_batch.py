@@ -19,12 +19,14 @@ change when the pinned torchvision drops them.
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
@@ -38,6 +40,19 @@ def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities")
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def jpeg_decode_problem(device: torch.device) -> str | None:
+    """Why torchvision cannot decode JPEGs on `device` (a build without nvJPEG, say), or None
+    when a tiny JPEG decodes there. Checked once, so a broken decoder is never tried per poll."""
+    probe = Image.new("RGB", (8, 8), (200, 30, 90))
+    encoded = io.BytesIO()
+    probe.save(encoded, "JPEG")
+    try:
+        _decode_jpegs([torch.frombuffer(bytearray(encoded.getvalue()), dtype=torch.uint8)], device)
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0][:200]
+    return None
 
 
 def resize_crop(images: torch.Tensor, size: int) -> torch.Tensor:

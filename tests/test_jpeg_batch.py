@@ -173,6 +173,24 @@ def test_daemon_picks_the_decoder_from_the_setting_and_the_device():
         jpeg_decoder(Settings(jpeg_decode="gpu"), LIMITS, CpuLearner())
 
 
+def test_a_device_where_torchvision_cannot_decode_falls_back_to_pillow(monkeypatch):
+    assert jpeg_batch.jpeg_decode_problem(torch.device("cpu")) is None
+
+    def broken(data, device):
+        raise RuntimeError("torchvision was built without nvJPEG\nmore detail")
+
+    monkeypatch.setattr(jpeg_batch, "_decode_jpegs", broken)
+    assert jpeg_batch.jpeg_decode_problem(torch.device("cpu")) == "torchvision was built without nvJPEG"
+    monkeypatch.setattr("deploy.daemon.jpeg_decode_problem", lambda device: "no nvJPEG")
+
+    class CudaLearner:
+        device = torch.device("cuda")
+
+    assert jpeg_decoder(Settings(jpeg_decode="auto"), LIMITS, CudaLearner()) is None
+    with pytest.raises(UsageError, match=r"TAILORD_JPEG_DECODE=gpu: nvJPEG does not work here \(no nvJPEG\)"):
+        jpeg_decoder(Settings(jpeg_decode="gpu"), LIMITS, CudaLearner())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
 def test_cuda_decoding_matches_cpu_decoding():
     values = [jpeg(photo(w, h, i)) for i, (w, h) in enumerate([(300, 200), (256, 256), (120, 90)])]
