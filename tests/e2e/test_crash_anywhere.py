@@ -18,15 +18,18 @@ from tests.kafka_fixtures import unique_topic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 KILLS = 10
+# The on-disk index writes its .ivfdata list files during index swaps: kills land there too.
+INDEXES = {"flat": {}, "ivf-ondisk": {"index_exact_max": 50, "index_ondisk": "true"}}
 
 
-def test_sigkill_ten_times_loses_nothing(broker, tmp_path):
+@pytest.mark.parametrize("index", INDEXES)
+def test_sigkill_ten_times_loses_nothing(broker, tmp_path, index):
     topic = unique_topic("crash")
     for source in ("builtin:digits", "builtin:fashion", "builtin:textures"):
         produce(broker.bootstrap, topic, source, 120, batch=4)
     state = tmp_path / "state"
     settings = dict(experience_images=70, probe_fraction=0.1, batch_size=32, checkpoint_interval_s=1,
-                    audit_trained_ids="true", keep_experiences=3)
+                    audit_trained_ids="true", keep_experiences=3, **INDEXES[index])
     rng = random.Random(7)
     resumed_from: list[str] = []
     for attempt in range(KILLS):
@@ -64,3 +67,5 @@ def test_sigkill_ten_times_loses_nothing(broker, tmp_path):
     assert buffered and buffered <= trained
     status_events = [e for e in events if e.get("event") == "index_refreshed"]
     assert status_events, "the index was refreshed at least once in the final run"
+    live = (state / "index" / (state / "index" / "CURRENT").read_text().strip())
+    assert (live / "index.ivfdata").exists() == (index == "ivf-ondisk")
