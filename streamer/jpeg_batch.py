@@ -34,12 +34,14 @@ from streamer.decode import decode_record
 from streamer.limits import DecodeLimits
 from streamer.records import Decoded, ParallelMap, RawRecord, RejectedRecord
 
+# Said at every call from torchvision 0.29 on; the module docstring says where to go next.
+# Set once here: `catch_warnings` per call would race with the decode threads' filters.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
+
 
 def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """(3, H, W) uint8 RGB images on `device` from 1-D uint8 tensors of JPEG bytes."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities")
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
 def jpeg_decode_problem(device: torch.device) -> str | None:
