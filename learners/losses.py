@@ -64,10 +64,11 @@ class NTXentLoss(nn.Module):
     def forward(self, z0: torch.Tensor, z1: torch.Tensor, gather: bool = False) -> torch.Tensor:
         b = z0.shape[0]
         local = F.normalize(torch.cat([z0, z1]).float(), dim=1)  # (2B, D): this rank's anchors
-        keys0, offset = gather_rows(local[:b]) if gather else (local[:b], 0)  # (N, D), N = global B
-        keys1, _ = gather_rows(local[b:]) if gather else (local[b:], 0)
-        n = keys0.shape[0]
-        logits = local @ torch.cat([keys0, keys1]).T / self.temperature  # (2B, 2N)
+        pairs = local.view(2, b, -1).transpose(0, 1)  # (B, 2, D): both views of each image
+        pairs, offset = gather_rows(pairs) if gather else (pairs, 0)  # (N, 2, D), N = global B
+        n = pairs.shape[0]
+        keys = torch.cat([pairs[:, 0], pairs[:, 1]])  # (2N, D): all first views, then all second
+        logits = local @ keys.T / self.temperature  # (2B, 2N)
         rows = torch.arange(b, device=local.device) + offset  # global index of each local pair
         own = torch.cat([rows, rows + n])  # where each anchor sits among the keys
         logits[torch.arange(2 * b, device=local.device), own] = float("-inf")  # not its own negative
