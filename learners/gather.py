@@ -48,7 +48,7 @@ def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     size = torch.tensor([x.shape[0]], device=x.device)
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, size)
-    counts = [int(s.item()) for s in sizes]
+    counts = torch.cat(sizes).tolist()  # one host sync, not one per rank
     padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, max(counts) - x.shape[0]))
     parts = _GatherLayer.apply(padded)  # W tensors (max B, ...), differentiable
     rows = torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
