@@ -95,3 +95,23 @@ def test_state_round_trips_through_safetensors_with_the_backbone_as_template(tmp
 def test_built_by_name_needs_the_feature_dim():
     reg = build_regularizer("distill", feature_dim=FEATURE_DIM)
     assert isinstance(reg, Distill) and len(reg.parameters()) > 0
+
+
+class Rows(torch.nn.Module):
+    """A parameter-free "backbone" whose features are its input rows: (B, D) -> (B, D)."""
+
+    feature_dim = 32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_penalty_is_never_negative_even_where_cosine_rounds_above_one():
+    # float32 gives cos(x, x) > 1 for some of these rows, so a plain mean of (1 - cos) is < 0
+    rows = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    assert (torch.nn.functional.cosine_similarity(rows, rows, dim=1) > 1).any()
+    reg = Distill(2.0, feature_dim=32)
+    reg.on_experience_end(Rows(), lambda v: v.sum(), [])
+    penalty = reg.penalty(Rows(), rows, rows)  # at the anchor: predicted == target exactly
+    assert penalty.item() >= 0.0
+    assert penalty.item() == pytest.approx(0.0, abs=1e-6)

@@ -48,7 +48,7 @@ class ResidualPredictor(nn.Module):
 
 
 class Distill(Regularizer):
-    """``lam * mean_b (1 - cos(predictor(f_b), prev(views_b)))``; 0 before the first experience end.
+    """``lam * mean_b max(0, 1 - cos(predictor(f_b), prev(views_b)))``; 0 before the first experience end.
 
     ``prev`` is a frozen copy of the backbone taken at the last experience end (no
     grads; its normalization layers never update their running statistics and
@@ -86,7 +86,10 @@ class Distill(Regularizer):
         with torch.no_grad():
             target = self.prev(views).float()
         predicted = self.predictor(features.float()).float()
-        return self.penalty_weight * (1.0 - F.cosine_similarity(predicted, target, dim=1)).mean()
+        # float32 rounding can put cos a few ulps above 1: clamp each term so the penalty the
+        # loss adds (and the one reported) is never negative
+        distance = (1.0 - F.cosine_similarity(predicted, target, dim=1)).clamp_min(0.0)  # (B,)
+        return self.penalty_weight * distance.mean()
 
     def on_experience_end(
         self,

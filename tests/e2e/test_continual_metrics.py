@@ -50,7 +50,9 @@ def test_three_domains_forgetting_metrics_survive_restart(broker, tmp_path, stra
         assert forgetting == pytest.approx(matrix["R"][0][0] - matrix["R"][1][0], abs=1e-6)
         assert metric(text, "tailord_backward_transfer") == pytest.approx(matrix["R"][1][0] - matrix["R"][0][0],
                                                                           abs=1e-6)
-        assert metric(text, "tailord_regularizer_penalty") >= 0
+        # distillation towards the experience-1 encoder: the live encoder has moved away from it
+        # (> 0), and the penalty is lambda (1.0) times a mean of 1 - cos, at most 2
+        assert 0.0 < metric(text, "tailord_regularizer_penalty") <= 2.0
         assert daemon.stop(signal.SIGTERM) == 0
     finally:
         daemon.kill()
