@@ -74,12 +74,14 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SNAPSHOT_FILES = ("model.safetensors", "manifest.json")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm"})
 MAX_TARGETS = 10_000
-MAX_BUDGET = 1_000_000
 ROUTE_K = 50  # neighbours per target image that vote
 LABEL_CANDIDATES = 3  # top candidates compared by kNN accuracy when labels are given
 KNN_K, KNN_TEMPERATURE = 20, 0.07
 BUDGET_SHARE, BUDGET_MIN, BUDGET_MAX = 0.05, 64, 2000  # default SEPT budget
 SEPT_EPOCHS, SEPT_MAX_STEPS, SEPT_LR_SCALE = 10, 200, 0.5
+# SEPT trains at most SEPT_MAX_STEPS batches, so no preset ever sees more samples than this:
+# a larger budget would only make retrieval and reads hold the index and store locks longer.
+MAX_BUDGET = SEPT_MAX_STEPS * max(preset.batch_size for preset in PRESETS.values())
 ATTEMPTS = 3  # re-embed when the index swapped encoder versions under a snapshot
 
 
@@ -149,7 +151,8 @@ def parse_budget(value: Any) -> int | None:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BUDGET:
-        raise ApiError(400, f"budget must be an integer from 1 to {MAX_BUDGET}, got {str(value)[:40]!r}")
+        raise ApiError(400, f"budget must be an integer from 1 to {MAX_BUDGET} (the most samples SEPT "
+                            f"trains on), got {str(value)[:40]!r}")
     return value
 
 
@@ -301,7 +304,7 @@ class SnapshotEngine:
             source = checkpoints[chosen]
             rows: list[SampleRow] = []
             if "sept" in strategy:
-                rows, encoded = self._read(retrieved)
+                rows, encoded = self._read(retrieved[:sept_capacity(source)])
                 backbone, steps = self._sept(source, encoded, epochs)
             else:
                 backbone, steps = backbone_from_checkpoint(source, "cpu")[0], 0
@@ -535,6 +538,15 @@ def two_fold_knn(features: torch.Tensor, labels: torch.Tensor) -> float:
                                     k=k, temperature=KNN_TEMPERATURE, num_classes=int(labels.max()) + 1)
             correct += accuracy * int(test.sum())
     return correct / len(labels)
+
+
+def sept_capacity(checkpoint_dir: Path) -> int:
+    """The most samples SEPT from this checkpoint can use: SEPT_MAX_STEPS batches of its preset.
+
+    Retrieved samples past it are never read nor decoded.
+    """
+    manifest = json.loads((checkpoint_dir / MANIFEST).read_text())
+    return SEPT_MAX_STEPS * PRESETS[manifest["preset"]].batch_size
 
 
 def _default_name() -> str:

@@ -3,6 +3,10 @@
 Neighbour lists of all target images are merged rank by rank (every target's
 1st neighbour, then every 2nd, …) and deduplicated until ``budget`` distinct
 samples are chosen, so each target image gets a fair share of the budget.
+
+The search holds the index lock, so its size is bounded: a query never asks for more
+neighbours than ``budget`` plus the excluded ids (more could never be picked), and all
+queries together never ask for more than ``MAX_RESULTS``.
 """
 
 from __future__ import annotations
@@ -10,6 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from replay.index import VectorIndex
+
+MAX_RESULTS = 1 << 20
+"""Most (query, neighbour) pairs one search returns (scores, ids and experiences: ~30 MB)."""
 
 
 def retrieve_budget(
@@ -22,13 +29,13 @@ def retrieve_budget(
     m = len(queries)
     if budget <= 0 or m == 0:
         return []
-    size = index.size
-    k = min(size, -(-budget // m) * 2)  # doubled below while overlaps/exclusions leave it short
+    most = min(index.size, budget + len(exclude_probe_ids), max(1, MAX_RESULTS // m))
+    k = min(most, -(-budget // m) * 2)  # doubled below while overlaps/exclusions leave it short
     while True:
         picked = _round_robin(index.search(queries, k).sample_ids, budget, exclude_probe_ids)
-        if len(picked) >= budget or k >= size:
+        if len(picked) >= budget or k >= most:
             return picked
-        k = min(size, 2 * k)
+        k = min(most, 2 * k)
 
 
 def _round_robin(
