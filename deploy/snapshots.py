@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -112,9 +113,19 @@ def collect_images(folder: Path) -> list[Path]:
 
 
 def parse_labels_csv(text: str) -> dict[str, str]:
-    """`filename,label` rows (an optional `filename,label` header; blank rows skipped)."""
+    """`filename,label` rows (an optional `filename,label` header; blank rows skipped).
+
+    A malformed CSV (e.g. a field over the csv module's 128 KiB limit) is ApiError(400).
+    """
+    try:
+        return _labels_from_rows(csv.reader(io.StringIO(text)))
+    except csv.Error as exc:
+        raise ApiError(400, f"labels CSV is malformed: {exc}") from None
+
+
+def _labels_from_rows(rows: Iterable[list[str]]) -> dict[str, str]:
     labels: dict[str, str] = {}
-    for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+    for number, row in enumerate(rows, start=1):
         if not row or not any(cell.strip() for cell in row):
             continue
         if len(row) != 2:

@@ -1,4 +1,4 @@
-"""Snapshot requests stay within bounded work: budget, retrieval size, samples read."""
+"""Snapshot requests stay within bounded work: budget, retrieval size, samples read, labels CSV."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import deploy.snapshots as snapshots
 from deploy.http_api import ApiError
 from deploy.multipart import encode_form_data
-from deploy.snapshots import MAX_BUDGET, SnapshotEngine, parse_budget
+from deploy.snapshots import MAX_BUDGET, SnapshotEngine, parse_budget, parse_labels_csv
 from learners.presets import PRESETS
 from replay.index import SearchResult
 from replay.retrieval import MAX_RESULTS, retrieve_budget
@@ -86,3 +86,11 @@ def test_retrieval_never_asks_for_more_neighbours_than_it_can_use():
     assert max(m * k for m, k in index.asked) <= MAX_RESULTS
     assert len(picked) == max(k for _, k in index.asked)  # all the overlapping index holds within the cap
 
+
+def test_a_labels_field_over_the_csv_limit_is_a_400():
+    with pytest.raises(ApiError) as err:
+        parse_labels_csv("a.png," + "x" * (200 * 1024) + "\n")
+    assert err.value.status == 400 and "labels CSV" in err.value.message
+    with pytest.raises(ApiError) as err:
+        parse_labels_csv('a.png,"unterminated\n' + "y" * (200 * 1024))
+    assert err.value.status == 400
