@@ -50,7 +50,7 @@ class Settings(BaseSettings):
 
     # learning
     preset: Literal["auto", "cpu", "gpu"] = Field("auto", description="model/resolution preset; auto: gpu when CUDA is present")
-    method: Literal["simsiam", "byol", "simclr"] = Field(
+    method: Literal["simsiam", "byol", "simclr", "moco"] = Field(
         "simclr", description="self-supervised method (simclr learned most at the cpu budget: docs/continual.md)"
     )
     strategy: str = Field("replay", description="anti-forgetting strategy: " + ", ".join(STRATEGIES))

@@ -26,7 +26,7 @@ class _FeatureStub(nn.Identity):
         self.feature_dim = feature_dim
 
 
-@pytest.mark.parametrize("name", ["simsiam", "byol", "simclr"])
+@pytest.mark.parametrize("name", ["simsiam", "byol", "simclr", "moco"])
 def test_output_finite_features_are_view1_backbone_features_and_grads_reach_backbone(name):
     torch.manual_seed(0)
     method = build_method(name, _backbone())
@@ -43,7 +43,7 @@ def test_output_finite_features_are_view1_backbone_features_and_grads_reach_back
 
 def test_build_method_unknown_name():
     with pytest.raises(ValueError, match="unknown method"):
-        build_method("moco", _backbone())
+        build_method("dino", _backbone())
 
 
 def test_head_sizes_scale_with_feature_dim():

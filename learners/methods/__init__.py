@@ -7,8 +7,9 @@ Every method is an ``nn.Module`` with the small interface ``SSLMethod``:
   where ``features`` are the backbone features of ``view1`` (B, D), reused by the
   continual-learning regularizers instead of a second forward pass; ``data_parallel``
   marks a DDP training step run by every rank together (SimCLR then draws its negatives
-  from all ranks);
-- ``after_step()``: called after each optimizer step (BYOL's EMA update).
+  from all ranks, MoCo enqueues all ranks' keys);
+- ``after_step()``: called after each optimizer step (BYOL's and MoCo's EMA update,
+  MoCo's enqueue).
 
 Head sizes default to a fixed multiple of ``backbone.feature_dim`` (see each
 class), so the small CPU backbone gets proportionally small heads and the
@@ -45,16 +46,17 @@ class SSLMethod(Protocol):
 
 
 def build_method(name: str, backbone: nn.Module, **kwargs: Any) -> nn.Module:
-    """Build a method by registry name: ``"simsiam"``, ``"byol"`` or ``"simclr"``.
+    """Build a method by registry name: ``"simsiam"``, ``"byol"``, ``"simclr"`` or ``"moco"``.
 
     Example: ``build_method("byol", ResNet18(width=16, small_stem=True), momentum=0.996)``.
     """
     # Imported here: the method modules import ``MethodOutput`` from this package.
     from learners.methods.byol import BYOL
+    from learners.methods.moco import MoCo
     from learners.methods.simclr import SimCLR
     from learners.methods.simsiam import SimSiam
 
-    methods: dict[str, type[nn.Module]] = {"simsiam": SimSiam, "byol": BYOL, "simclr": SimCLR}
+    methods: dict[str, type[nn.Module]] = {"simsiam": SimSiam, "byol": BYOL, "simclr": SimCLR, "moco": MoCo}
     try:
         cls = methods[name]
     except KeyError:
