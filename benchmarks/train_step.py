@@ -116,7 +116,7 @@ def baseline_loop(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--method", choices=["simsiam", "byol", "simclr"], default="simclr")
+    parser.add_argument("--method", choices=["simsiam", "byol", "simclr", "moco"], default="simclr")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
