@@ -73,7 +73,8 @@ from streamer.records import RejectedRecord
 STRATEGIES = ("route", "sept", "route+sept")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SNAPSHOT_FILES = ("model.safetensors", "manifest.json")
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm",
+                            ".gif"})
 MAX_TARGETS = 10_000
 ROUTE_K = 50  # neighbours per target image that vote
 LABEL_CANDIDATES = 3  # top candidates compared by kNN accuracy when labels are given

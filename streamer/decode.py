@@ -3,9 +3,9 @@
 A value is one encoded image or a tar batch of them (see "Wire format" in ARCHITECTURE.md).
 Everything about it is hostile until checked: the format is sniffed from magic bytes (never
 from headers or names), sizes are bounded before anything is allocated, tar members are read
-in memory (never extracted) and Pillow only ever sees the six allowed formats. Any failure
-raises `RejectedRecord` with one of `REASONS`, so the caller can send the record to the DLQ
-and go on.
+in memory (never extracted) and Pillow only ever sees the seven allowed formats (an animated
+GIF is decoded as its first frame). Any failure raises `RejectedRecord` with one of
+`REASONS`, so the caller can send the record to the DLQ and go on.
 
 Pixel limits come in two tiers:
 - `too_many_pixels`: width*height declared by the header is over `limits.max_pixels` (the
@@ -67,6 +67,7 @@ _PILLOW_FORMATS = {
     "bmp": "BMP",
     "tiff": "TIFF",
     "ppm": "PPM",
+    "gif": "GIF",
 }
 
 # Member suffixes that claim to be an image; their bytes are still sniffed.
@@ -93,6 +94,8 @@ def sniff_format(data: bytes) -> str | None:
         return "webp"
     if data[:4] in (b"II*\x00", b"MM\x00*"):
         return "tiff"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
     if data[257:262] == b"ustar":
         return "tar"
     if data.startswith(b"BM"):

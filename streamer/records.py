@@ -39,7 +39,7 @@ class DecodedImage:
 
     image: torch.Tensor | None  # (3, size, size) uint8 RGB; None: a deferred JPEG (see decode_record)
     encoded: bytes  # the original encoded bytes, kept by the sample store
-    fmt: str  # "jpeg" | "png" | "webp" | "bmp" | "tiff" | "ppm"
+    fmt: str  # "jpeg" | "png" | "webp" | "bmp" | "tiff" | "ppm" | "gif"
     key: str | None  # tar member key; None for a single-image record
     headers: dict[str, str]  # record headers merged with the member's KEY.json
 

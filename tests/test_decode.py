@@ -135,7 +135,7 @@ def test_pixel_tiers():
         (make_tar(("a.png", b"x"), fmt=tarfile.GNU_FORMAT), "tar"),
         (make_tar(("BM.png", b"x")), "tar"),
         (make_tar(("P6 .png", b"x")), "tar"),
-        (b"GIF89a" + bytes(8), None),
+        (b"GIF89a" + bytes(8), "gif"),
         (b"P4\n1 1\n\0", None),
         (b"P6", None),
         (b"P7\n", None),

@@ -69,10 +69,11 @@ SEEDS = [
     encode("F", "TIFF"),
     encode("RGB", "PPM"),
     encode("L", "PPM"),
+    encode("P", "GIF"),
     b"P3\n2 2\n255\n255 0 0 0 255 0 0 0 255 9 9 9\n",
 ]
 MAGICS = [b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF\0\0\0\0WEBP", b"II*\x00", b"MM\x00*"]
-MAGICS += [b"BM", b"P6\n", b"P5 ", b"P3\n", b"P2\n"]
+MAGICS += [b"BM", b"P6\n", b"P5 ", b"P3\n", b"P2\n", b"GIF89a"]
 
 
 def check(value: bytes | None, headers: Sequence[tuple[str, bytes]] = ()) -> list[DecodedImage]:
@@ -86,7 +87,7 @@ def check(value: bytes | None, headers: Sequence[tuple[str, bytes]] = ()) -> lis
     for item in decoded:
         assert item.image.shape == (3, SIZE, SIZE)
         assert item.image.dtype == torch.uint8
-        assert item.fmt in {"jpeg", "png", "webp", "bmp", "tiff", "ppm"}
+        assert item.fmt in {"jpeg", "png", "webp", "bmp", "tiff", "ppm", "gif"}
         assert all(isinstance(k, str) and isinstance(v, str) for k, v in item.headers.items())
     return decoded
 

@@ -203,8 +203,6 @@ def cases() -> dict[str, Callable[[], bytes]]:
         "unknown_format__svg": lambda: b'<svg xmlns="http://www.w3.org/2000/svg"/>',
         "unknown_format__zip": zip_of_jpeg,
         "unknown_format__gzip_tar": gzip_tar,
-        "unknown_format__gif": lambda: gif_with_size(8, 8),
-        "unknown_format__gif_claims_65535x65535": lambda: gif_with_size(65535, 65535),
         "unknown_format__random": lambda: b"\0" + rng.integers(0, 256, 1024, np.uint8).tobytes(),
         "unknown_format__ppm_p4_bitmap": lambda: b"P4\n8 8\n" + bytes(8),
         "unknown_format__tar_member_text_named_jpg": lambda: tar(entry("k.jpg", b"not a jpeg")),
@@ -247,6 +245,7 @@ def cases() -> dict[str, Callable[[], bytes]]:
         "corrupt_image__bm_text": lambda: b"BMW is a car, not a bitmap\n" * 3,
         "corrupt_image__ppm_truncated": lambda: ppm[: len(ppm) // 2],
         "corrupt_image__ppm_bad_header": lambda: b"P6\nabc def\n255\n" + bytes(100),
+        "corrupt_image__gif_truncated": lambda: gif_with_size(64, 48)[:30],
         "corrupt_image__tar_member_truncated_png": lambda: tar(
             entry("a.png", GOOD_PNG), entry("b.png", png_rgb[: len(png_rgb) // 2])
         ),
@@ -255,6 +254,7 @@ def cases() -> dict[str, Callable[[], bytes]]:
         "too_many_pixels__jpeg_claims_60000x1000": lambda: jpeg_with_size(60000, 1000),
         "too_many_pixels__bmp_claims_9000x9000": lambda: bmp_header(9000, 9000),
         "too_many_pixels__tiff_claims_10000x10000": lambda: tiff_header(10000, 10000),
+        "too_many_pixels__gif_claims_8000x8000": lambda: gif_with_size(8000, 8000),
         "decompression_bomb__png_20000x20000_real": lambda: blank_png(20000, 20000),
         "decompression_bomb__png_12000x12000_real": lambda: blank_png(12000, 12000),
         "decompression_bomb__png_claims_100000x100000": lambda: png(
@@ -263,6 +263,7 @@ def cases() -> dict[str, Callable[[], bytes]]:
         "decompression_bomb__bmp_claims_100000x100000": lambda: bmp_header(100000, 100000),
         "decompression_bomb__tiff_claims_100000x100000": lambda: tiff_header(100000, 100000),
         "decompression_bomb__jpeg_claims_65535x65535": lambda: jpeg_with_size(65535, 65535),
+        "decompression_bomb__gif_claims_65535x65535": lambda: gif_with_size(65535, 65535),
         "decompression_bomb__tar_member_claims_100000x100000": lambda: tar(
             entry("a.png", GOOD_PNG), entry("b.bmp", bmp_header(100000, 100000))
         ),
