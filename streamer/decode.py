@@ -59,6 +59,9 @@ MAX_HEADERS = 64
 MAX_PAX_BYTES = 512
 """Largest pax extended header in a tar batch (one block: room for a long or non-ASCII name)."""
 
+_BAND_PIXELS = 1 << 16
+"""Pixels converted at a time from 16/32-bit grey to 8 bits (bounds the temporary arrays)."""
+
 # Pillow plugin name for each sniffed format: Image.open never tries any other plugin.
 _PILLOW_FORMATS = {
     "jpeg": "JPEG",
@@ -216,16 +219,30 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def _high_depth_to_l(img: Image.Image) -> Image.Image:
     """16/32-bit integer or float grey as 8-bit "L" (Pillow's own convert clips at 255).
 
-    Integers are taken as 16-bit (PNG/TIFF/PPM deep greys); floats are stretched min..max.
+    Integers are taken as 16-bit (PNG/TIFF/PPM deep greys) and rounded to x/257; floats are
+    stretched min..max (NaN as the minimum). Band by band, so besides the 8-bit result only
+    one band's temporaries are held, never a full-size copy of the deep pixels.
     """
-    pixels = np.asarray(img, dtype=np.float64)
+    out = np.empty((img.height, img.width), np.uint8)
     if img.mode == "F":
-        pixels = np.nan_to_num(pixels - np.nanmin(pixels))
-        scale = 255.0 / max(float(pixels.max()), 1e-12)
+        low = high = np.float64(np.nan)
+        for _, band in _grey_bands(img):  # fmin/fmax skip NaN (all-NaN gives NaN), no warning
+            low, high = np.fmin(low, np.fmin.reduce(band, None)), np.fmax(high, np.fmax.reduce(band, None))
+        scale = 255.0 / max(float(np.nan_to_num(high - low)), 1e-12)
+        for rows, band in _grey_bands(img):
+            out[rows] = np.rint(np.nan_to_num(band - low) * scale)
     else:
-        pixels = np.clip(pixels, 0, 65535)
-        scale = 255.0 / 65535.0
-    return Image.fromarray(np.rint(pixels * scale).astype(np.uint8), mode="L")
+        for rows, band in _grey_bands(img):  # round(x * 255 / 65535) == (2x + 257) // 514: no ties
+            out[rows] = (2 * np.clip(band, 0, 65535).astype(np.uint32) + 257) // 514
+    return Image.fromarray(out, mode="L")
+
+
+def _grey_bands(img: Image.Image) -> Iterator[tuple[slice, np.ndarray]]:
+    """(row slice, pixels) of `img` in bands of about `_BAND_PIXELS` pixels."""
+    rows = max(1, _BAND_PIXELS // img.width)
+    for top in range(0, img.height, rows):
+        bottom = min(top + rows, img.height)
+        yield slice(top, bottom), np.asarray(img.crop((0, top, img.width, bottom)))
 
 
 def _resize_crop(img: Image.Image, size: int) -> Image.Image:
