@@ -1,6 +1,11 @@
 """The one HTTP server: /metrics, /healthz, /readyz and the token-protected /admin/* API.
 
 The server knows nothing of training: it calls the `AdminBackend` it is given.
+
+Idle and slow clients cannot pile up: every socket read times out after `timeout` seconds,
+an upload must arrive at `MIN_UPLOAD_BYTES_PER_S` or better (after one `timeout` of grace),
+and at most `max_connections` connections are served at once; one more is answered 503
+and closed without taking a thread.
 """
 
 from __future__ import annotations
@@ -8,7 +13,9 @@ from __future__ import annotations
 import hmac
 import json
 import shutil
+import socket
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,6 +25,16 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 
 log = structlog.get_logger()
+
+TIMEOUT_S = 20.0
+"""Seconds one socket read may wait (an idle or stalled client is dropped after it)."""
+MAX_CONNECTIONS = 64
+"""Connections served at once; each holds a thread."""
+MIN_UPLOAD_BYTES_PER_S = 64 * 1024
+"""Slowest upload accepted: its body must arrive within TIMEOUT_S + length / this rate."""
+_BUSY_BODY = b'{"error": "too many open connections"}\n'
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+         b"Content-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 
 
 class ApiError(Exception):
@@ -40,11 +57,47 @@ class AdminBackend(Protocol):
     def snapshot_file(self, name: str, filename: str) -> Path: ...
 
 
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer serving at most `max_connections` connections at once."""
+
+    daemon_threads = True
+    request_queue_size = 128  # listen backlog (socketserver's 5 makes a burst of clients wait seconds)
+
+    def __init__(self, address: tuple[str, int], handler: type, max_connections: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket) -> None:
+        """Answer 503 without reading the request, on the accepting thread (never blocks long)."""
+        try:
+            request.settimeout(0.5)
+            request.sendall(_BUSY)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+
 @dataclass
 class HttpServer:
     """A running server; `port` is the bound port (useful with port 0)."""
 
-    server: ThreadingHTTPServer
+    server: _BoundedHTTPServer
     thread: threading.Thread
 
     @property
@@ -58,24 +111,27 @@ class HttpServer:
 
 
 def start_http(host: str, port: int, backend: AdminBackend, admin_token: str | None,
-               upload_max_bytes: int) -> HttpServer:
-    """Bind and serve in a daemon thread."""
-    handler = _make_handler(backend, admin_token, upload_max_bytes)
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
+               upload_max_bytes: int, timeout: float = TIMEOUT_S,
+               max_connections: int = MAX_CONNECTIONS) -> HttpServer:
+    """Bind and serve in a daemon thread (socket reads time out after `timeout` seconds)."""
+    handler = _make_handler(backend, admin_token, upload_max_bytes, timeout)
+    server = _BoundedHTTPServer((host, port), handler, max_connections)
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     thread.start()
     return HttpServer(server, thread)
 
 
-def _make_handler(backend: AdminBackend, admin_token: str | None, upload_max_bytes: int) -> type:
+def _make_handler(backend: AdminBackend, admin_token: str | None, upload_max_bytes: int,
+                  read_timeout: float) -> type:
     token = admin_token.encode() if admin_token else None
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "tailord"
+        timeout = read_timeout  # StreamRequestHandler sets it on the socket
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-            log.debug("http", request=self.requestline, code=args[1] if len(args) > 1 else None)
+            # a client that timed out before its request line has no `requestline` yet
+            log.debug("http", request=getattr(self, "requestline", None), code=args[1] if len(args) > 1 else None)
 
         def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
             self.send_response(status)
@@ -133,7 +189,7 @@ def _make_handler(backend: AdminBackend, admin_token: str | None, upload_max_byt
                 length = int(declared)
                 if length > upload_max_bytes:
                     raise ApiError(413, f"upload of {length} bytes is over the limit of {upload_max_bytes}")
-                body = self.rfile.read(length)
+                body = self._read_body(length)
                 status, payload = backend.create_snapshot(self.headers.get("Content-Type", ""), body)
                 return self._json(status, payload)
             if method == "GET" and path.startswith("/admin/snapshots/"):
@@ -142,6 +198,30 @@ def _make_handler(backend: AdminBackend, admin_token: str | None, upload_max_byt
                     return self._send_file(backend.snapshot_file(name, filename))
                 return self._json(200, backend.get_snapshot(name))
             raise ApiError(404, f"no route {method} {path}")
+
+        def _read_body(self, length: int) -> bytes:
+            """`length` body bytes, read within `read_timeout` + length / MIN_UPLOAD_BYTES_PER_S."""
+            deadline = time.monotonic() + read_timeout + length / MIN_UPLOAD_BYTES_PER_S
+            chunks, remaining = [], length
+            while remaining:
+                chunk = self._read_chunk(min(remaining, 1 << 16), deadline)
+                chunks.append(chunk)
+                remaining -= len(chunk)
+            return b"".join(chunks)
+
+        def _read_chunk(self, most: int, deadline: float) -> bytes:
+            """Up to `most` body bytes from one socket read; ApiError if the client stalls, is too
+            slow or stops early (the connection is then closed: the rest of the body is unread)."""
+            try:
+                chunk = self.rfile.read1(most)
+            except TimeoutError:
+                chunk = None
+            if chunk and time.monotonic() <= deadline:
+                return chunk
+            self.close_connection = True
+            if chunk == b"":
+                raise ApiError(400, "the body ended before Content-Length bytes")
+            raise ApiError(408, f"upload stalled or slower than {MIN_UPLOAD_BYTES_PER_S} bytes/s")
 
         def do_GET(self) -> None:  # noqa: N802 - stdlib name
             self._dispatch("GET")
