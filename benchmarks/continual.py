@@ -19,7 +19,7 @@ Arms:
   the same number of steps (the upper reference).
 
 After each experience every probe set seen so far is evaluated with the daemon's
-two-fold weighted kNN (k=20, T=0.07; ``deploy.evaluate.two_fold_knn``), giving the
+leave-one-out weighted kNN (k<=20, T=0.07; ``learners.protocol``), giving the
 accuracy matrix R (in percent) and from it ACC, BWT and average forgetting
 (``learners.forgetting``). ``random``, ``random_bn`` and ``joint`` are evaluated once
 at the end (ACC = mean over domains; BWT and forgetting are null).
@@ -55,7 +55,6 @@ import torch
 from torch import nn
 
 from deploy.daemon import RECENT_BATCHES, paired_views, paired_views_loss
-from deploy.evaluate import KNN_K, KNN_T, two_fold_knn
 from deploy.learner import Learner
 from learners.augment import BatchAugment, EvalTransform
 from learners.backbones import build_backbone
@@ -64,6 +63,7 @@ from learners.evaluation import embed
 from learners.forgetting import average_accuracy, average_forgetting, backward_transfer
 from learners.methods import build_method
 from learners.presets import PRESETS
+from learners.protocol import KNN_K, KNN_TEMPERATURE, score_probes
 from learners.regularizers import DEFAULT_LAMBDA, STRATEGIES, build_regularizer, parse_strategy
 from learners.train_step import TrainStep, build_optimizer
 from replay.buffer import ReservoirBuffer
@@ -206,10 +206,10 @@ def make_learner(strategy: str, config: Config, seed: int) -> Learner:
 
 
 def knn_row(learner: Learner, domains: list[Domain]) -> list[float]:
-    """Two-fold weighted-kNN accuracy (percent) on each domain's probe set."""
+    """Leave-one-out weighted-kNN accuracy (percent, ``learners.protocol``) on each domain's probe set."""
     return [
-        100 * two_fold_knn(embed(learner.backbone, d.probe, learner.eval_transform, device=learner.device),
-                           d.probe_labels)
+        100 * score_probes(embed(learner.backbone, d.probe, learner.eval_transform, device=learner.device),
+                           d.probe_labels, linear=False).knn
         for d in domains
     ]
 
@@ -435,7 +435,7 @@ def benchmark(config: Config) -> dict:
             "backbone": {"name": preset.backbone, **preset.backbone_kwargs},
             "resolution": resolution,
             "lr": preset.lr,
-            "knn": {"k": KNN_K, "temperature": KNN_T, "folds": 2},
+            "knn": {"k": KNN_K, "temperature": KNN_TEMPERATURE, "protocol": "leave-one-out"},
             "units": "percent",
             "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),

@@ -25,7 +25,7 @@ import torch
 
 from deploy.checkpoints import clean_temporaries, load_latest, write_checkpoint
 from deploy.errors import UsageError
-from deploy.evaluate import evaluate_row
+from deploy.evaluate import evaluate_row, keep_untrained, score_baselines
 from deploy.history import History
 from deploy.indexer import Indexer
 from deploy.learner import Learner, build_learner, learner_writers, load_learner_state
@@ -139,6 +139,8 @@ def run_rank(settings: Settings, world: World) -> int:
                  images_total=progress.images_total, positions=progress.positions)
     else:
         log.info("fresh_start", state_dir=str(state_dir))
+        if world.is_main:
+            durable("untrained", lambda: keep_untrained(learner, state_dir))  # every probe set's second floor
     probe_sets = read_probe_sets(state_dir / "metrics" / "probes")
     probe_sets = {j: p for j, p in probe_sets.items() if j < progress.experience}
     log.info("learner", device=str(learner.device), **learner.describe()["backbone"]["kwargs"],
@@ -256,12 +258,13 @@ def run_rank(settings: Settings, world: World) -> int:
             durable("probe_set", lambda: write_probe_set(probes, state_dir / "metrics" / "probes"))
             probe_sets[ended] = probes
             row = evaluate_row(learner, probe_sets, ended, state_dir / "metrics" / "probe_features")
-            history.add_row(ended, row.accuracy, row.cka, row.probe_loss,
+            history.add_row(ended, row, score_baselines(learner, probes, state_dir),
                             {"domain": progress.domain, "images": progress.images_in_experience,
                              "images_total": progress.images_total, "time": time.time(),
                              "images_per_second": rate.value})
             service.publish_evaluation(history)
-            log.info("experience_end", experience=ended, accuracy=row.accuracy, **history.summary())
+            log.info("experience_end", experience=ended, accuracy=row.accuracy, linear=row.linear,
+                     baselines=history.baselines[str(ended)], **history.summary())
         progress.experience += 1
         progress.images_in_experience = 0
         progress.domain = next_domain

@@ -1,43 +1,45 @@
-"""Experience-end evaluation: one row of the accuracy matrix, CKA drift and probe SSL loss.
+"""Experience-end evaluation: one row of the accuracy matrices, CKA drift, probe SSL loss, baselines.
 
-kNN accuracy on a probe set uses the probe set itself as the memory bank, in two folds
-(even indices as bank for odd queries and vice versa), so no image votes for itself and
-no training image or label is needed.
+Every labelled probe set is scored with the protocol of `learners/protocol.py`
+(leave-one-out weighted kNN and a cross-validated linear probe on the probe set itself;
+docs/continual.md "Protocol"), so no training image or label is needed. When a probe set
+is created it is also scored once with its two floors: raw pixels and the run's untrained
+encoder (the step-0 weights kept in `<state>/untrained.safetensors`).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
+from torch import nn
 
 from deploy.learner import Learner
 from deploy.probes import ProbeSet
-from learners.evaluation import embed, encode_labels, knn_accuracy, linear_cka
+from learners.evaluation import embed, linear_cka
+from learners.protocol import UNSCORED, ProbeScore, pixel_features, score_probes
 from learners.train_step import ssl_loss
+from replay.atomic import write_atomic
 
-KNN_K = 20
-KNN_T = 0.07
+UNTRAINED_FILE = "untrained.safetensors"  # in the state dir: the encoder before its first step
 
 
 @dataclass
 class EvalRow:
     """Results on probe sets 1..i after experience i, in experience order."""
 
-    accuracy: list[float | None]
+    accuracy: list[float | None]  # leave-one-out kNN: the accuracy matrix R
+    linear: list[float | None]  # cross-validated linear probe
     cka: list[float | None]
     probe_loss: list[float | None]
 
 
-def two_fold_knn(features: torch.Tensor, labels: list[str]) -> float:
-    """Weighted kNN accuracy (k=20, T=0.07) with each half as the other half's bank."""
-    y, _ = encode_labels(labels)
-    even, odd = torch.arange(0, len(y), 2), torch.arange(1, len(y), 2)
-    acc_odd = knn_accuracy(features[even], y[even], features[odd], y[odd], k=KNN_K, temperature=KNN_T)
-    acc_even = knn_accuracy(features[odd], y[odd], features[even], y[even], k=KNN_K, temperature=KNN_T)
-    return (acc_odd * len(odd) + acc_even * len(even)) / len(y)
+def score(features: torch.Tensor, probes: ProbeSet) -> ProbeScore:
+    """The protocol's scores of `features` on a probe set (UNSCORED without labels)."""
+    return score_probes(features, probes.labels) if probes.labelled else UNSCORED
 
 
 def evaluate_row(learner: Learner, probe_sets: dict[int, ProbeSet], experience: int,
@@ -47,13 +49,12 @@ def evaluate_row(learner: Learner, probe_sets: dict[int, ProbeSet], experience: 
     The features of probe set `experience` are saved as its reference for later CKA.
     """
     features_dir.mkdir(parents=True, exist_ok=True)
-    row = EvalRow([], [], [])
+    row = EvalRow([], [], [], [])
     for j in range(1, experience + 1):
         probes = probe_sets.get(j)
         if probes is None or len(probes) < 2:
-            row.accuracy.append(None)
-            row.cka.append(None)
-            row.probe_loss.append(None)
+            for column in (row.accuracy, row.linear, row.cka, row.probe_loss):
+                column.append(None)
             continue
         images = probes.stacked()
         feats = embed(learner.backbone, images, learner.eval_transform, device=learner.device).cpu()
@@ -63,10 +64,48 @@ def evaluate_row(learner: Learner, probe_sets: dict[int, ProbeSet], experience: 
                 save_file({"features": feats.contiguous()}, str(ref_path))
             except Exception:  # disk full: this row still gets accuracy and loss, CKA waits
                 ref_path.unlink(missing_ok=True)
-        row.accuracy.append(two_fold_knn(feats, probes.labels) if probes.labelled and len(probes) >= 4 else None)
+        scores = score(feats, probes)
+        row.accuracy.append(scores.knn)
+        row.linear.append(scores.linear)
         row.cka.append(linear_cka(feats, load_file(str(ref_path))["features"]) if ref_path.is_file() else None)
         row.probe_loss.append(probe_ssl_loss(learner, images))
     return row
+
+
+def keep_untrained(learner: Learner, state_dir: Path) -> None:
+    """On a fresh start, keep the step-0 backbone weights (written once, atomically)."""
+    path = state_dir / UNTRAINED_FILE
+    if not path.is_file():
+        state = {k: v.detach().cpu().contiguous() for k, v in learner.backbone.state_dict().items()}
+        write_atomic(path, save(state))
+
+
+def untrained_encoder(learner: Learner, state_dir: Path) -> nn.Module | None:
+    """A copy of the backbone holding the step-0 weights; None if this state dir predates them."""
+    path = state_dir / UNTRAINED_FILE
+    if not path.is_file():
+        return None
+    encoder = copy.deepcopy(learner.backbone)
+    encoder.load_state_dict(load_file(str(path), device=str(learner.device)))
+    return encoder
+
+
+def score_baselines(learner: Learner, probes: ProbeSet, state_dir: Path) -> dict:
+    """The floors of a new probe set: raw pixels and the untrained encoder, with k, chance and sizes.
+
+    `{}` for a probe set without labels; "untrained" is null for a state dir without
+    step-0 weights (created before they were kept).
+    """
+    if len(probes) < 2 or not probes.labelled:
+        return {}
+    images = probes.stacked()
+    pixels = score(pixel_features(images), probes)
+    encoder = untrained_encoder(learner, state_dir)
+    untrained = None
+    if encoder is not None:
+        untrained = score(embed(encoder, images, learner.eval_transform, device=learner.device), probes).to_json()
+    return {"pixels": pixels.to_json(), "untrained": untrained, "k": pixels.k, "chance": pixels.chance,
+            "classes": pixels.classes, "scored": pixels.scored, "folds": pixels.folds}
 
 
 @torch.no_grad()

@@ -31,6 +31,18 @@ class Metrics:
             "tailord_last_checkpoint_timestamp_seconds", "unix time of the last checkpoint", registry=r)
         self.checkpoint_errors = Counter("tailord_checkpoint_errors", "checkpoints that failed to write", ["reason"], registry=r)
         self.knn_accuracy = Gauge("tailord_knn_accuracy", "kNN accuracy on a probe set", ["probe_experience"], registry=r)
+        self.linear_probe_accuracy = Gauge(
+            "tailord_linear_probe_accuracy", "cross-validated linear-probe accuracy on a probe set",
+            ["probe_experience"], registry=r)
+        self.knn_baseline_accuracy = Gauge(
+            "tailord_knn_baseline_accuracy", "kNN accuracy of a floor (raw pixels, untrained encoder) on a probe set",
+            ["probe_experience", "baseline"], registry=r)
+        self.linear_baseline_accuracy = Gauge(
+            "tailord_linear_baseline_accuracy", "linear-probe accuracy of a floor on a probe set",
+            ["probe_experience", "baseline"], registry=r)
+        self.probe_chance_accuracy = Gauge(
+            "tailord_probe_chance_accuracy", "accuracy of guessing a probe set's most frequent class",
+            ["probe_experience"], registry=r)
         self.probe_ssl_loss = Gauge("tailord_probe_ssl_loss", "SSL loss on a probe set", ["probe_experience"], registry=r)
         self.representation_drift_cka = Gauge(
             "tailord_representation_drift_cka", "linear CKA of probe features now vs at their experience's end",

@@ -64,7 +64,8 @@ def report_figure(history: dict[str, Any], state_dir: Path) -> Figure:
     fig = plt.figure(figsize=(14, 10), layout="constrained")
     grid = fig.add_gridspec(2, 2, height_ratios=[1.25, 1])
     domains = {r["experience"]: r.get("domain") or "?" for r in history["records"]}
-    plot_matrix(fig.add_subplot(grid[0, 0]), history["accuracy"], history["experiences"], domains)
+    plot_matrix(fig.add_subplot(grid[0, 0]), history["accuracy"], history["experiences"], domains,
+                history.get("baselines"))
     plot_summary(fig.add_subplot(grid[0, 1]), history["records"])
     plot_throughput(fig.add_subplot(grid[1, :]), history["throughput"], history["records"])
     fig.suptitle(f"tailord report — {state_dir.resolve().name}: {len(history['experiences'])} finished "
@@ -88,28 +89,41 @@ def label(experience: int, domains: dict[int, str]) -> str:
     return f"{experience} · {domains.get(experience, '?')}"
 
 
+FLOORS = (("pixels", "floor: raw pixels"), ("untrained", "floor: untrained encoder"))
+
+
+def floor_rows(baselines: dict[str, dict], columns: int) -> list[list[float | None]]:
+    """One row per floor (raw pixels, untrained encoder): its kNN accuracy on each probe set."""
+    return [[((baselines.get(str(j + 1)) or {}).get(key) or {}).get("knn") for j in range(columns)]
+            for key, _ in FLOORS]
+
+
 def plot_matrix(ax: Axes, accuracy: list[list[float | None]], experiences: list[int],
-                domains: dict[int, str]) -> None:
-    """Heatmap of R: row i = after experience i, column j = probe set j; blanks not evaluated."""
+                domains: dict[int, str], baselines: dict[str, dict] | None = None) -> None:
+    """Heatmap of R (row i = after experience i, column j = probe set j; blanks not evaluated),
+    with each probe set's floors below it: what raw pixels and the untrained encoder score."""
     columns = max(len(row) for row in accuracy)
-    values = np.full((len(accuracy), columns), np.nan)
-    for i, row in enumerate(accuracy):
+    rows = accuracy + floor_rows(baselines or {}, columns)
+    values = np.full((len(rows), columns), np.nan)
+    for i, row in enumerate(rows):
         for j, value in enumerate(row):
             if value is not None:
                 values[i, j] = value
     cmap = plt.get_cmap("viridis").with_extremes(bad="#f4f4f4")  # not evaluated: light grey
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=1, aspect="auto")
-    for i in range(len(accuracy)):
+    for i in range(len(rows)):
         for j in range(columns):
             if not math.isnan(values[i, j]):
                 ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=11,
                         color="black" if values[i, j] > 0.6 else "white")
-            elif j < len(accuracy[i]):  # evaluated, but no labels or too few probes
+            elif j < len(rows[i]):  # evaluated, but no labels or too few probes
                 ax.text(j, i, "n/a", ha="center", va="center", fontsize=9, color="gray")
+    ax.axhline(len(accuracy) - 0.5, color="white", linewidth=4)  # trained rows above, floors below
     ax.set_xticks(range(columns), [label(j + 1, domains) for j in range(columns)], rotation=20, ha="right")
-    ax.set_yticks(range(len(accuracy)), [f"after {label(e, domains)}" for e in experiences])
+    ax.set_yticks(range(len(rows)), [f"after {label(e, domains)}" for e in experiences] + [n for _, n in FLOORS])
     ax.set_xlabel("probe set (experience · domain)")
-    ax.set_title("Accuracy matrix R: kNN accuracy on probe set j after experience i", fontsize=12)
+    ax.set_title("Accuracy matrix R: leave-one-out kNN accuracy on probe set j after experience i,\n"
+                 "and the floors each trained row should beat", fontsize=12)
     ax.figure.colorbar(image, ax=ax, label="kNN accuracy", shrink=0.85)
 
 

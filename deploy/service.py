@@ -47,16 +47,30 @@ class DaemonService:
         if not history.accuracy:
             return
         for values, gauge in ((history.accuracy[-1], self.metrics.knn_accuracy),
+                              (history.linear[-1], self.metrics.linear_probe_accuracy),
                               (history.cka[-1], self.metrics.representation_drift_cka),
                               (history.probe_loss[-1], self.metrics.probe_ssl_loss)):
             for j, value in enumerate(values, start=1):
                 if value is not None:
                     gauge.labels(str(j)).set(value)
+        self.publish_baselines(history.baselines)
         summary = history.summary()
         for key, gauge in (("acc", self.metrics.average_accuracy), ("bwt", self.metrics.backward_transfer),
                            ("avg_forgetting", self.metrics.average_forgetting)):
             if summary[key] is not None:
                 gauge.set(summary[key])
+
+    def publish_baselines(self, baselines: dict[str, dict]) -> None:
+        """Export every probe set's floors (raw pixels, untrained encoder) and chance level."""
+        for experience, floors in baselines.items():
+            if floors.get("chance") is not None:
+                self.metrics.probe_chance_accuracy.labels(experience).set(floors["chance"])
+            for baseline in ("pixels", "untrained"):
+                for key, gauge in (("knn", self.metrics.knn_baseline_accuracy),
+                                   ("linear", self.metrics.linear_baseline_accuracy)):
+                    value = (floors.get(baseline) or {}).get(key)
+                    if value is not None:
+                        gauge.labels(experience, baseline).set(value)
 
     def record_throughput(self, images_per_second: float, images_total: int) -> None:
         """Keep one throughput point every few seconds (for `tailord report`)."""

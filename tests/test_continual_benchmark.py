@@ -14,7 +14,7 @@ from benchmarks.continual import (
 )
 
 
-def _domain(name: str, seed: int, n_train: int = 40, n_probe: int = 12) -> Domain:
+def _domain(name: str, seed: int, n_train: int = 40, n_probe: int = 15) -> Domain:
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n_train + n_probe, 3, 32, 32), dtype=torch.uint8, generator=g)
     return Domain(name, images[:n_train], images[n_train:], [str(i % 3) for i in range(n_probe)])

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from deploy.errors import UsageError
+from deploy.evaluate import EvalRow
 from deploy.history import History
-from deploy.report import write_report
+from deploy.report import floor_rows, write_report
 
 DOMAINS = ("digits", "fashion", "textures", "photos")
 
@@ -24,7 +25,8 @@ def synthetic_state(state_dir: Path, experiences: int = 4) -> Path:
         row: list[float | None] = [0.9 - 0.05 * (e - j) for j in range(1, e + 1)]
         if e == 3:
             row[1] = None  # probe set 2 not evaluated (no labels): must show as a blank
-        history.add_row(e, row, [1.0] * e, [0.5] * e,
+        floors = {"pixels": {"knn": 0.7, "linear": 0.8}, "untrained": {"knn": 0.6, "linear": 0.7}}
+        history.add_row(e, EvalRow(row, row, [1.0] * e, [0.5] * e), floors,
                         {"domain": DOMAINS[e - 1], "images": 1000, "images_total": 1000 * e,
                          "time": start + 150 * e, "images_per_second": 120.0})
     throughput = [{"time": start + 5 * k, "images_per_second": 100 + k % 20, "images_total": 40 * k}
@@ -49,7 +51,7 @@ def test_report_of_four_experiences(tmp_path):
 def test_report_of_one_experience_and_no_throughput(tmp_path):
     state = tmp_path / "state"
     history = History()
-    history.add_row(1, [0.8], [1.0], [0.4], {"domain": "digits", "images": 10, "images_total": 10, "time": 1.0,
+    history.add_row(1, EvalRow([0.8], [0.9], [1.0], [0.4]), {}, {"domain": "digits", "images": 10, "images_total": 10, "time": 1.0,
                                               "images_per_second": 50.0})
     history.export(state / "metrics", [])
     out = tmp_path / "report.png"
@@ -84,3 +86,8 @@ def test_cli_report(tmp_path):
     missing = subprocess.run([tailord, "report", "--state-dir", str(tmp_path / "x"),
                               "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no such folder" in missing.stderr
+
+
+def test_floor_rows_follow_the_probe_sets_and_leave_gaps_where_unscored():
+    baselines = {"1": {"pixels": {"knn": 0.7}, "untrained": {"knn": 0.6}}, "2": {}, "3": {"untrained": None}}
+    assert floor_rows(baselines, 3) == [[0.7, None, None], [0.6, None, None]]
