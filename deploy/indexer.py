@@ -22,6 +22,7 @@ import fcntl
 import json
 import os
 import re
+import stat
 import threading
 import time
 from collections import deque
@@ -133,14 +134,28 @@ def decode_images(encoded: list[bytes], size: int, limits: DecodeLimits) -> tupl
     return torch.stack(images), kept
 
 
+def private_dir(path: Path) -> None:
+    """Create `path` owner-only (0700), or make it so when it exists and is ours.
+
+    The state dir holds the stream's images, labels, trained ids and snapshots: under the
+    usual umask 022 all of it would be world-readable. A folder of another user is left as is.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid == os.getuid() and info.st_mode & 0o077:
+        path.chmod(stat.S_IMODE(info.st_mode) & 0o700)
+
+
 def lock_state(state_dir: Path) -> int:
     """Take the exclusive lock on the state dir's sample store; returns the fd that holds it.
 
     The daemon's indexer holds it while running, so an offline snapshot cannot open (and
     crash-recover) the store under a live daemon. Raises `BlockingIOError` when held.
+    The state dir is made owner-only first (the daemon's indexer takes the lock before any
+    sample, label, checkpoint or trained id is written).
     """
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    private_dir(state_dir)
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -199,7 +199,7 @@ class SnapshotEngine:
         self._lock = threading.Lock()
         self._encoder: Encoder | None = None
         self._lock_fd: int | None = None  # held when opened offline
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         for leftover in self.root.glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
 
@@ -449,7 +449,7 @@ class SnapshotEngine:
     def _write(self, name: str, backbone: nn.Module, manifest: dict[str, Any]) -> dict[str, Any]:
         """Write the snapshot folder under a temporary name, then rename it into place."""
         tmp = self.root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        tmp.mkdir(mode=0o700)
         try:
             digest = save_backbone(backbone, tmp)
             manifest = {**manifest, "files": {"model.safetensors": digest}, "created_at": time.time()}
