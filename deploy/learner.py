@@ -18,7 +18,7 @@ from learners.device import pick_device
 from learners.methods import build_method
 from learners.presets import PRESETS, Preset
 from learners.regularizers import Regularizer, build_regularizer, parse_strategy
-from learners.train_step import TrainStep, build_optimizer
+from learners.train_step import LinearWarmup, TrainStep, build_optimizer, build_scheduler
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Learner:
     optimizer: torch.optim.Optimizer
     step: TrainStep
     use_replay: bool
+    scheduler: LinearWarmup | None = None  # the lr warmup (preset.warmup_steps), stepped by `step`
 
     @property
     def backbone(self) -> nn.Module:
@@ -60,8 +61,10 @@ def resolve_preset(settings: Settings, device: torch.device) -> Preset:
     return replace(preset, **overrides)
 
 
-def build_learner(settings: Settings, world: World | None = None) -> Learner:
+def build_learner(settings: Settings, world: World | None = None, preset: Preset | None = None) -> Learner:
     """A fresh learner for `settings` (weights from the seed; a checkpoint may overwrite them).
+
+    `preset` replaces the one the settings name (benchmarks trying other recipes).
 
     In a DDP `world` each rank trains on its local GPU (or the CPU) and the method runs
     under DistributedDataParallel, which starts every rank from rank 0's weights.
@@ -73,9 +76,11 @@ def build_learner(settings: Settings, world: World | None = None) -> Learner:
     device = pick_device(settings.device)
     if device.type == "cuda" and world.distributed:
         device = torch.device("cuda", world.local_rank)
-    preset = resolve_preset(settings, device)
+    preset = preset or resolve_preset(settings, device)
     backbone = ResNet18(**preset.backbone_kwargs)
-    method = build_method(settings.method, backbone).to(device)
+    method_kwargs = {"temperature": preset.simclr_temperature} \
+        if settings.method == "simclr" and preset.simclr_temperature is not None else {}
+    method = build_method(settings.method, backbone, **method_kwargs).to(device)
     use_replay, reg_name = parse_strategy(settings.strategy)
     regularizer = build_regularizer(reg_name, settings.regularizer_lambda, feature_dim=backbone.feature_dim) \
         if reg_name else None
@@ -83,19 +88,22 @@ def build_learner(settings: Settings, world: World | None = None) -> Learner:
         regularizer.to(device)
     extra = list(regularizer.parameters()) if regularizer is not None else []
     optimizer = build_optimizer(method, preset, extra_params=extra)
+    scheduler = build_scheduler(optimizer, preset)
     augment = BatchAugment(preset.resolution).to(device)
     eval_transform = EvalTransform(preset.resolution).to(device)
     amp = device.type == "cuda"
     step = TrainStep(method, augment, optimizer, device, amp=amp, channels_last=True, regularizer=regularizer,
-                     group=world if world.distributed else None)
+                     group=world if world.distributed else None, scheduler=scheduler)
     step.forward = world.wrap(method, device)  # same parameters; checkpoints keep using `method`
     if settings.compile:
         step.forward = torch.compile(step.forward)
-    return Learner(preset, device, method, augment, eval_transform, regularizer, optimizer, step, use_replay)
+    return Learner(preset, device, method, augment, eval_transform, regularizer, optimizer, step, use_replay,
+                   scheduler)
 
 
 def learner_writers(learner: Learner) -> dict:
-    """Checkpoint file writers: model.safetensors, optimizer.pt, regularizer.safetensors."""
+    """Checkpoint file writers: model.safetensors, optimizer.pt, scheduler.pt (the warmup's
+    position), regularizer.safetensors."""
     def write_model(path: Path) -> None:
         save_file({k: v.detach().contiguous() for k, v in learner.method.state_dict().items()}, str(path))
 
@@ -103,6 +111,10 @@ def learner_writers(learner: Learner) -> dict:
         torch.save(learner.optimizer.state_dict(), path)
 
     writers = {"model.safetensors": write_model, "optimizer.pt": write_optimizer}
+    if learner.scheduler is not None:
+        def write_scheduler(path: Path) -> None:
+            torch.save(learner.scheduler.state_dict(), path)
+        writers["scheduler.pt"] = write_scheduler
     if learner.regularizer is not None:
         def write_regularizer(path: Path) -> None:
             state = {k: v.detach().contiguous() for k, v in learner.regularizer.state_dict().items()}
@@ -112,11 +124,20 @@ def learner_writers(learner: Learner) -> dict:
 
 
 def load_learner_state(learner: Learner, folder: Path) -> None:
-    """Restore weights, optimizer and regularizer from a verified checkpoint folder."""
+    """Restore weights, optimizer, lr warmup and regularizer from a verified checkpoint folder.
+
+    A checkpoint without scheduler.pt was written before the warmup existed (or by a preset
+    without one): its encoder has trained already, so the warmup is skipped."""
     device = str(learner.device)
     learner.method.load_state_dict(load_file(str(folder / "model.safetensors"), device=device))
     optim_state = torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
     learner.optimizer.load_state_dict(optim_state)
+    if learner.scheduler is not None:
+        scheduler_file = folder / "scheduler.pt"
+        if scheduler_file.is_file():
+            learner.scheduler.load_state_dict(torch.load(scheduler_file, map_location="cpu", weights_only=True))
+        else:
+            learner.scheduler.finish()
     reg_file = folder / "regularizer.safetensors"
     if learner.regularizer is not None and reg_file.is_file():
         state = {k: v for k, v in load_file(str(reg_file), device=device).items() if k != "_empty"}

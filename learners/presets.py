@@ -28,6 +28,8 @@ class Preset:
     weight_decay: float
     optimizer: str = "sgd"  # "sgd" (momentum 0.9) | "adamw"
     backbone: str = "resnet18"
+    warmup_steps: int = 0  # linear warmup of the lr over this many optimizer steps, then constant
+    simclr_temperature: float | None = None  # NT-Xent temperature for SimCLR; None: the method's default
     description: str = ""  # why these numbers (measurements, recipe)
 
 

@@ -4,8 +4,10 @@
 training device, run the method, add the continual-learning penalty, skip
 the step if the loss is not finite, else backward + optimizer step + hooks::
 
-    step = TrainStep(method, BatchAugment(preset.resolution), build_optimizer(method, preset),
-                     device, amp=default_amp(device), channels_last=use_channels_last(device))
+    optimizer = build_optimizer(method, preset)
+    step = TrainStep(method, BatchAugment(preset.resolution), optimizer, device,
+                     amp=default_amp(device), channels_last=use_channels_last(device),
+                     scheduler=build_scheduler(optimizer, preset))
     for batch_u8 in stream:                  # (B, 3, S, S) uint8
         result = step(batch_u8, replay_u8)   # StepResult(loss, penalty, images, skipped, seconds)
 """
@@ -73,6 +75,8 @@ class TrainStep:
         group: data-parallel ranks; with one, all ranks skip a step together when any
             loss is not finite, and gradients of optimizer parameters outside the method
             (a distillation predictor) are averaged. Set ``forward`` to the DDP wrapper.
+        scheduler: learning-rate schedule (``build_scheduler``), stepped after every
+            optimizer step (a skipped step does not advance it).
 
     ``forward`` is what the views go through: ``method`` itself, or a wrapper of it
     (``torch.compile``, ``DistributedDataParallel``) sharing its parameters.
@@ -89,6 +93,7 @@ class TrainStep:
         regularizer: StepHooks | None = None,
         grad_clip: float | None = None,
         group: GradientGroup | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     ) -> None:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.method = method.to(device=device, memory_format=memory_format)
@@ -101,6 +106,7 @@ class TrainStep:
         self.regularizer = regularizer
         self.grad_clip = grad_clip
         self.group = group
+        self.scheduler = scheduler
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         own = {id(p) for p in method.parameters()}
         self._outside = [p for p in self._params if id(p) not in own]
@@ -146,6 +152,8 @@ class TrainStep:
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
         self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         if self.regularizer is not None:
             self.regularizer.after_step(self.method.backbone)
         self.method.after_step()
@@ -172,6 +180,51 @@ def build_optimizer(
     if preset.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=preset.lr, weight_decay=preset.weight_decay)
     raise ValueError(f"unknown optimizer {preset.optimizer!r}; use 'sgd' or 'adamw'")
+
+
+class LinearWarmup(torch.optim.lr_scheduler.LambdaLR):
+    """Linear warmup to the optimizer's learning rate over ``steps`` steps, then constant.
+
+    Optimizer step ``s`` (0-based) runs at ``lr * min(1, (s + 1) / steps)``: the first step
+    at ``lr / steps``, step ``steps - 1`` and every later one at ``lr``. There is no decay:
+    the daemon trains on a stream without an end, so a schedule that reaches zero at a
+    fixed step (cosine) would stop learning there. The position (``last_epoch``, the
+    number of optimizer steps taken) is in ``state_dict()``, which a checkpoint keeps
+    beside the optimizer's (``deploy.learner``), so a restart resumes the warmup where
+    it was instead of starting it again.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, steps: int) -> None:
+        if steps < 1:
+            raise ValueError(f"warmup needs at least one step, got {steps}")
+
+        def factor(step: int) -> float:  # a plain function: not part of state_dict()
+            return min(1.0, (step + 1) / steps)
+
+        self.steps = steps
+        super().__init__(optimizer, factor)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.pop("steps", None)  # the length comes from the preset, not the checkpoint
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        steps = self.steps
+        super().load_state_dict(state_dict)
+        self.steps = steps
+
+    def finish(self) -> None:
+        """Jump past the warmup (resuming a checkpoint written before warmups existed)."""
+        self.last_epoch = max(self.last_epoch, self.steps - 1)
+        for group, lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = lr  # the factor is 1 from here on
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, preset: Preset) -> LinearWarmup | None:
+    """``preset.warmup_steps`` of linear warmup then a constant lr; None without a warmup."""
+    return LinearWarmup(optimizer, preset.warmup_steps) if preset.warmup_steps > 0 else None
 
 
 def ssl_loss(

@@ -120,7 +120,7 @@ def test_build_optimizer_scaling_and_parameter_selection():
     method = _method("byol")
     sgd = build_optimizer(method, PRESETS["cpu"])
     assert isinstance(sgd, torch.optim.SGD)
-    assert sgd.param_groups[0]["lr"] == pytest.approx(0.06 * 64 / 256)
+    assert sgd.param_groups[0]["lr"] == pytest.approx(PRESETS["cpu"].lr * PRESETS["cpu"].batch_size / 256)
     assert sgd.param_groups[0]["momentum"] == 0.9
     params = {id(p) for p in sgd.param_groups[0]["params"]}
     assert not any(id(p) in params for p in method.target_backbone.parameters())
