@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,7 +39,8 @@ from streamer.sources.builtin import builtin
 
 MARKER = ".tailord-demo"  # only a folder holding this is ever deleted by the demo
 TOPIC = "demo.images"
-PROBE_FRACTION = 0.15  # 700 images per domain -> >= 100 probe images: kNN accuracy means something
+PROBE_FRACTION = 0.3  # full plan: >= 30 probes of every class of every domain, so the protocol's scores mean something
+PROBE_MAX_IMAGES = 600  # keeps every probe of the full plan (<= ~500 per domain)
 TARGET_DOMAIN = "fashion"
 POLL_S = 1.0
 
@@ -147,6 +147,10 @@ class Daemon:
     def __init__(self, state_dir: Path, bootstrap: str, experience_images: int) -> None:
         self.port = free_port()
         self.token = secrets.token_urlsafe(18)
+        self.token_path = state_dir / "admin.token"  # 0600: the token is never printed
+        fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(self.token + "\n")
         self.log_path = state_dir / "daemon.log"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("TAILORD_")}
         self.env.update({
@@ -154,6 +158,7 @@ class Daemon:
             "TAILORD_HTTP_HOST": "127.0.0.1", "TAILORD_HTTP_PORT": str(self.port),
             "TAILORD_ADMIN_TOKEN": self.token, "TAILORD_PRESET": "cpu", "TAILORD_SPLIT_ON_DOMAIN": "true",
             "TAILORD_EXPERIENCE_IMAGES": str(experience_images), "TAILORD_PROBE_FRACTION": str(PROBE_FRACTION),
+            "TAILORD_PROBE_MAX_IMAGES": str(PROBE_MAX_IMAGES),
             "TAILORD_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"})
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -213,7 +218,6 @@ def follow_training(daemon: Daemon, plan: Plan, first_experience: int) -> None:
     goal = first_experience + len(plan.domains)
     names = [name for name, _ in plan.domains]
     deadline = time.monotonic() + plan.timeout_s
-    recent: deque[tuple[float, int]] = deque(maxlen=10)
     tty = sys.stdout.isatty()
     last_line, last_print = "", 0.0
     while True:
@@ -224,8 +228,7 @@ def follow_training(daemon: Daemon, plan: Plan, first_experience: int) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"training the stream took over {plan.timeout_s:.0f} s "
                                f"(experience {status['experience']} of {goal - 1}); see {daemon.log_path}")
-        recent.append((time.monotonic(), status["images_total"]))
-        rate = (recent[-1][1] - recent[0][1]) / max(recent[-1][0] - recent[0][0], 1e-9) if len(recent) > 1 else 0.0
+        rate = status.get("images_per_second", 0.0)  # the daemon's own sliding-window rate
         index = status["experience"] - first_experience
         domain = names[index] if 0 <= index < len(names) else status.get("domain")
         line = (f"      experience {status['experience']} ({domain}): {status['images_total']:,} images trained, "
@@ -257,23 +260,18 @@ def make_snapshot(daemon: Daemon, plan: Plan, state_dir: Path) -> dict[str, Any]
 
 def print_summary(state_dir: Path, daemon: Daemon, plan: Plan, snapshot: dict[str, Any], report: str,
                   elapsed: float) -> None:
-    """ACC, forgetting, BWT, the accuracy matrix, the snapshot, and where everything is."""
+    """The accuracy matrix beside its floors, ACC, forgetting, BWT, the snapshot, and where everything is."""
     history = read_history(state_dir)
     last = history["records"][-1]
     domains = {r["experience"]: r.get("domain") for r in history["records"]}
     chosen = snapshot["chosen_experience"]
-
-    def fmt(value: float | None, sign: str = "") -> str:
-        return "n/a" if value is None else f"{value:{sign}.3f}"
-
     say("")
     say(f"==== tailord demo: done in {elapsed / 60:.1f} min ====")
-    say(f"accuracy matrix R (kNN accuracy on probe set j after experience i, {PROBE_FRACTION:.0%} probes):")
-    say("    after \\ probe " + "".join(f"{domains.get(e, '?'):>10}" for e in history["experiences"]))
-    for experience, row in zip(history["experiences"], history["accuracy"], strict=True):
-        say(f"    {domains.get(experience, '?'):>15} " + "".join(f"{fmt(v):>10}" for v in row))
+    for line in matrix_lines(history, domains):
+        say(line)
     say(f"ACC {fmt(last.get('acc'))}   average forgetting {fmt(last.get('avg_forgetting'))}   "
-        f"BWT {fmt(last.get('bwt'), '+')}")
+        f"BWT {fmt(last.get('bwt'), '+')}   linear-probe ACC {fmt(last.get('acc_linear'))}")
+    say(verdict(history, domains))
     share = next((c.get("vote_share") for c in snapshot.get("candidates", []) if c.get("experience") == chosen), None)
     votes = f", {share:.0%} of the routing votes" if share is not None else ""
     say(f"snapshot:     {snapshot['strategy']} chose experience {chosen} ({domains.get(chosen, '?')}{votes}) for "
@@ -283,5 +281,40 @@ def print_summary(state_dir: Path, daemon: Daemon, plan: Plan, snapshot: dict[st
     say(f"checkpoints:  {state_dir / 'checkpoints'}")
     say(f"report:       {report}")
     say(f"metrics:      {daemon.url}/metrics   admin API: {daemon.url}/admin/status "
-        f"(Bearer {daemon.token}); served until the demo exits")
+        f"(Bearer token in {daemon.token_path}); served until the demo exits")
     say(f"serve it again: TAILORD_STATE_DIR={state_dir} tailord run")
+
+
+def fmt(value: float | None, sign: str = "") -> str:
+    return "n/a" if value is None else f"{value:{sign}.3f}"
+
+
+def matrix_lines(history: dict[str, Any], domains: dict[int, str | None]) -> list[str]:
+    """R (kNN), then each probe set's floors: raw pixels and the untrained encoder."""
+    experiences = history["experiences"]
+    baselines = history.get("baselines", {})
+    lines = [f"accuracy matrix R (leave-one-out kNN on probe set j after experience i, {PROBE_FRACTION:.0%} "
+             "probes; protocol: docs/continual.md):",
+             "    after \\ probe      " + "".join(f"{domains.get(e) or '?':>10}" for e in experiences)]
+    for experience, row in zip(experiences, history["accuracy"], strict=True):
+        lines.append(f"    {domains.get(experience) or '?':>17} " + "".join(f"{fmt(v):>10}" for v in row))
+    for key, name in (("pixels", "floor: raw pixels"), ("untrained", "floor: untrained")):
+        values = [((baselines.get(str(e)) or {}).get(key) or {}).get("knn") for e in experiences]
+        lines.append(f"    {name:>17} " + "".join(f"{fmt(v):>10}" for v in values))
+    return lines
+
+
+def verdict(history: dict[str, Any], domains: dict[int, str | None]) -> str:
+    """Did training help? The final encoder vs the untrained one, probe set by probe set."""
+    final = history["accuracy"][-1]
+    baselines = history.get("baselines", {})
+    gains = []
+    for experience, value in zip(history["experiences"], final, strict=False):
+        untrained = ((baselines.get(str(experience)) or {}).get("untrained") or {}).get("knn")
+        if value is not None and untrained is not None:
+            gains.append((domains.get(experience) or "?", value - untrained))
+    if not gains:
+        return "final encoder vs untrained: n/a (no labelled probe set)"
+    wins = sum(gain >= 0 for _, gain in gains)
+    detail = ", ".join(f"{name} {gain:+.3f}" for name, gain in gains)
+    return f"final encoder vs untrained (kNN): {detail}; at or above it on {wins} of {len(gains)} domains"

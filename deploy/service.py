@@ -34,6 +34,7 @@ class DaemonService:
         self.indexer: Any = None  # the Indexer (sample store + FAISS index), set by the daemon
         self.remote_lag: dict[int, int] = {}  # other DDP ranks' partitions, as their last tick said
         self._last_point = 0.0
+        self.images_per_second = 0.0  # the training loop's sliding-window rate, for status
 
     def start_http(self) -> HttpServer:
         token = self.settings.admin_token.get_secret_value() if self.settings.admin_token else None
@@ -74,6 +75,7 @@ class DaemonService:
 
     def record_throughput(self, images_per_second: float, images_total: int) -> None:
         """Keep one throughput point every few seconds (for `tailord report`)."""
+        self.images_per_second = images_per_second
         now = time.time()
         if now - self._last_point < 5.0:
             return
@@ -104,6 +106,7 @@ class DaemonService:
             "experience": p.experience,
             "images_in_experience": p.images_in_experience,
             "images_total": p.images_total,
+            "images_per_second": round(self.images_per_second, 1),
             "step": p.steps,
             "steps_skipped": p.steps_skipped,
             "domain": p.domain,

@@ -66,8 +66,8 @@ class Settings(BaseSettings):
     # experiences
     experience_images: int = Field(2000, ge=1, description="trained images per experience")
     split_on_domain: bool = Field(True, description="also end an experience when the domain header changes")
-    probe_fraction: float = Field(0.1, ge=0, le=0.5, description="hash fraction of records kept out for evaluation")
-    probe_max_images: int = Field(400, ge=0, description="probe images kept per experience")
+    probe_fraction: float = Field(0.2, ge=0, le=0.5, description="hash fraction of records kept out for evaluation (0.2: >= 30 probes per class of a 10-class domain at the default experience size)")
+    probe_max_images: int = Field(500, ge=0, description="probe images kept per experience")
 
     # replay
     replay_buffer: Literal["reservoir", "balanced"] = Field("reservoir", description="replay buffer kind")

@@ -7,9 +7,9 @@ test split (a probe set holds a few hundred images):
   ``k`` most similar *other* images of the set, each voting ``exp(cos / T)`` (T = 0.07);
   ``k`` is capped at the smallest class's count minus one, so every query's class can
   fill the vote;
-- **linear probe**: multinomial logistic regression (scikit-learn, standardised
-  features) on frozen features, accuracy by stratified cross-validation (5 folds, or
-  fewer when a class has fewer images).
+- **linear probe**: multinomial logistic regression (L2 1e-4, full-batch L-BFGS) on
+  standardised frozen features, accuracy by stratified cross-validation (5 folds, or
+  fewer when a class has fewer images; pooled over the folds).
 
 Classes with fewer than ``MIN_CLASS_IMAGES`` images cannot be scored fairly and are left
 out (``ProbeScore.scored`` says how many images remain). Perfect features score 1.0 on
@@ -29,16 +29,12 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.model_selection import StratifiedKFold
 from torch import Tensor
 
-from learners.evaluation import encode_labels
+from learners.evaluation import encode_labels, linear_probe_accuracy
 
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
@@ -101,19 +97,27 @@ def loo_knn_accuracy(features: Tensor, labels: Tensor, k: int = KNN_K,
 
 def linear_probe_cv_accuracy(features: Tensor, labels: Tensor, folds: int = LINEAR_FOLDS,
                              seed: int = 0) -> tuple[float, int]:
-    """(accuracy, folds used): stratified k-fold accuracy of a logistic regression.
+    """(accuracy, folds used): stratified k-fold accuracy of a multinomial logistic regression.
 
-    Features are standardised inside each fold (fit on its training part); L2 penalty at
-    scikit-learn's default strength. Deterministic for a given ``seed``.
+    Folds come from scikit-learn's ``StratifiedKFold``; in each, the features are
+    standardised with the training part's statistics and the regression is fit by
+    full-batch L-BFGS (``learners.evaluation.linear_probe_accuracy``): a convex fit from
+    zero weights, so deterministic, and fast on 3,072-d raw pixels where scikit-learn's
+    solver took minutes on two cores.
     """
-    y = labels.numpy()
+    y = labels.long()
     folds = min(folds, min(Counter(y.tolist()).values()))
     if folds < 2:
         raise ValueError("a cross-validated linear probe needs two images of every class")
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    x = features.float().cpu()
     splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    scores = cross_val_score(model, features.float().numpy().astype(np.float64), y, cv=splits)
-    return float(scores.mean()), folds
+    correct = 0
+    for train, test in splits.split(x.numpy(), y.numpy()):
+        mean, std = x[train].mean(dim=0), x[train].std(dim=0).clamp_min(1e-6)
+        accuracy = linear_probe_accuracy((x[train] - mean) / std, y[train], (x[test] - mean) / std, y[test],
+                                         num_classes=int(y.max()) + 1)
+        correct += round(accuracy * len(test))
+    return correct / len(y), folds
 
 
 def score_probes(features: Tensor, labels: list[str | None], linear: bool = True) -> ProbeScore:

@@ -43,14 +43,22 @@ def test_a_folder_the_demo_did_not_make_is_never_wiped(tmp_path):
 
 @pytest.mark.parametrize("plan", [QUICK, FULL], ids=["quick", "full"])
 def test_plan_sizes(plan):
-    """The last domain trains the most images (its experience ends by count), and probe sets are >= 100."""
-    from deploy.demo import PROBE_FRACTION
+    """The last domain trains the most images (its experience ends by count); the full demo's probe
+    sets hold >= 30 images of every class, the quick one's >= 10 (the protocol scores classes >= 5)."""
+    from collections import Counter
+    from itertools import islice
+
+    from deploy.demo import PROBE_FRACTION, PROBE_MAX_IMAGES
+    from deploy.probes import hashed_probe
+    from streamer.sources.builtin import builtin
 
     counts = [trained_count(name, count) for name, count in plan.domains]
     assert counts[-1] > max(counts[:-1])
     for name, count in plan.domains:
-        if name in ("digits", "fashion"):
-            assert count * PROBE_FRACTION >= 100
+        probes = Counter(item.label for item in islice(builtin(name), count)
+                         if hashed_probe(f"{name}/{item.key}", PROBE_FRACTION))
+        assert min(probes.values()) >= (30 if plan is FULL else 10), (name, probes)
+        assert sum(probes.values()) <= PROBE_MAX_IMAGES
 
 
 def alive(pid: int) -> bool:
@@ -77,9 +85,18 @@ def test_quick_demo_tells_the_whole_story(tmp_path):
     elapsed = time.monotonic() - started
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{(state / 'daemon.log').read_text()[-3000:]}"
     out = done.stdout
-    for expected in ("accuracy matrix R", "ACC ", "average forgetting", "BWT", "snapshot:", "chose experience",
+    for expected in ("accuracy matrix R", "floor: raw pixels", "floor: untrained", "average forgetting", "BWT",
+                     "snapshot:", "chose experience",
                      "/metrics", "/admin/status", "checkpoints:"):
         assert expected in out, f"{expected!r} missing from:\n{out}"
+    assert re.search(r"^ACC \d\.\d{3} ", out, re.M), "ACC must be a number:\n" + out
+    final_row = re.search(r"^ +photos((?: +\d\.\d{3}){4})$", out, re.M)
+    assert final_row, "the last row of R must score all four probe sets:\n" + out
+    for floor in ("floor: raw pixels", "floor: untrained"):
+        assert re.search(rf"{floor}((?: +\d\.\d{{3}}){{4}})$", out, re.M), f"{floor} row incomplete:\n{out}"
+    assert re.search(r"final encoder vs untrained \(kNN\): .* on \d of 4 domains", out), out
+    token = (state / "admin.token").read_text().strip()
+    assert token not in out and (state / "admin.token").stat().st_mode & 0o077 == 0
     assert re.search(r"chose experience 2 \(fashion\b", out), "routing should pick the fashion experience:\n" + out
     assert (state / "report.png").stat().st_size > 50_000
     assert (state / "demo-snapshot" / "manifest.json").is_file()

@@ -30,7 +30,7 @@ from tests.test_deploy_files import ALERTS, dashboard_queries, exported_series, 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 PROMETHEUS = shutil.which("prometheus")
-DOMAINS = (("builtin:digits", 150), ("builtin:fashion", 150), ("builtin:textures", 120))
+DOMAINS = (("builtin:digits", 300), ("builtin:fashion", 300), ("builtin:textures", 120))
 
 
 class Prometheus:
@@ -109,7 +109,7 @@ def trained_daemon(broker, tmp_path) -> Iterator[DaemonProcess]:
     for source, limit in DOMAINS:
         produce(broker.bootstrap, topic, source, limit)
     daemon = DaemonProcess(tmp_path / "state", broker.bootstrap, topic, experience_images=10_000,
-                           split_on_domain="true", probe_fraction=0.2, batch_size=32, checkpoint_interval_s=3600)
+                           split_on_domain="true", probe_fraction=0.3, batch_size=32, checkpoint_interval_s=3600)
     daemon.start()
     try:
         daemon.wait_for(lambda: daemon.status().get("experience", 0) >= 3, 150, "two finished experiences")
@@ -132,7 +132,9 @@ def test_prometheus_scrapes_forgetting_and_accuracy(trained_daemon, tmp_path):
         accuracy = {s["metric"]["probe_experience"]: float(s["value"][1])
                     for s in prometheus.query("tailord_knn_accuracy")}
         assert {"1", "2"} <= set(accuracy)
-        assert all(0.0 <= a <= 1.0 for a in accuracy.values())
+        assert all(0.0 < a <= 1.0 for a in accuracy.values())
+        floors = prometheus.query('tailord_knn_baseline_accuracy{baseline="pixels"}')
+        assert {s["metric"]["probe_experience"] for s in floors} >= {"1", "2"}
         [forgetting] = prometheus.query("tailord_average_forgetting")
         assert forgetting["metric"]["job"] == "tailord"
         assert -1.0 <= float(forgetting["value"][1]) <= 1.0
