@@ -9,9 +9,11 @@ that the CLI prints.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import secrets
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -140,8 +142,23 @@ def _offline(state_dir: Path, files: list[Path], labels_text: str | None, out: P
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` (temporary file + rename: never a half-written model)."""
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Replace `path` with `data` (temporary file + rename: never a half-written model).
+
+    The temporary file has an unpredictable name and is created with O_EXCL|O_NOFOLLOW, so
+    a symlink (or any file) planted in `--out` is never written through; the rename then
+    replaces whatever `path` was (a symlink there is replaced, not followed).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.part")
+    fd = os.open(tmp, flags, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
