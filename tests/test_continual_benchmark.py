@@ -17,6 +17,7 @@ from benchmarks.continual import (
     summarize,
 )
 from benchmarks.continual import Run as BenchRun
+from learners.protocol import pixel_features, score_probes
 
 
 def _domain(name: str, seed: int, n_train: int = 24, n_probe: int = 15, classes: int = 3) -> Domain:
@@ -58,6 +59,12 @@ def test_pixels_arm_scores_100_percent_on_separable_classes():
     run = run_arm("pixels", domains, _config(), seed=0)
     assert run.images == 0
     assert run.rows == [[100.0, 100.0]] and run.linear_rows == [[100.0, 100.0]]
+    # on noise with arbitrary labels: exactly the protocol on raw pixels, not some encoder's features
+    noise = Domain("n", domains[0].train, torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8,
+                   generator=torch.Generator().manual_seed(5)), [str(i % 3) for i in range(30)])
+    expected = score_probes(pixel_features(noise.probe), noise.probe_labels)
+    run = run_arm("pixels", [noise], _config(domains=("n",)), seed=0)
+    assert run.rows == [[100 * expected.knn]] and run.linear_rows == [[100 * expected.linear]]
 
 
 def test_every_arm_gets_the_same_compute_and_a_lower_triangular_R():
@@ -89,18 +96,18 @@ def test_untrained_is_the_common_start_of_every_trained_arm():
 
 def test_learning_curve_points_and_image_counts():
     domains = [_domain("a", 0), _domain("b", 1)]
-    config = _config(steps_per_experience=(3, 2), curve_every=2)
+    config = _config(steps_per_experience=(4, 3), curve_every=2)
     curve = run_arm("naive", domains, config, seed=0).curve
-    # step 0, every 2 steps, and each experience end (steps 3 and 5)
-    assert [p["step"] for p in curve] == [0, 2, 3, 4, 5]
-    assert [p["images"] for p in curve] == [0, 16, 24, 32, 40]
+    # step 0, every 2 steps, and each experience end (steps 4 and 7), each once
+    assert [p["step"] for p in curve] == [0, 2, 4, 6, 7]
+    assert [p["images"] for p in curve] == [0, 16, 32, 48, 56]
     assert [p["seen"] for p in curve] == [0, 1, 1, 2, 2]
     assert ["linear_seen" in p for p in curve] == [False, False, True, False, True]  # experience ends only
     assert all(len(p["knn"]) == 2 for p in curve)  # kNN on every domain, seen or not
     assert curve[2]["knn_seen"] == curve[2]["knn"][0]
     assert curve[-1]["knn_all"] == pytest.approx(sum(curve[-1]["knn"]) / 2)
     joint = run_arm("joint", domains, config, seed=0).curve
-    assert [p["step"] for p in joint] == [0, 2, 4, 5] and [p["images"] for p in joint] == [0, 16, 32, 40]
+    assert [p["step"] for p in joint] == [0, 2, 4, 6, 7] and [p["images"] for p in joint] == [0, 16, 32, 48, 56]
 
 
 def test_summarize_means_stds_and_forgetting_over_seeds():
