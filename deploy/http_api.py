@@ -2,6 +2,13 @@
 
 The server knows nothing of training: it calls the `AdminBackend` it is given.
 
+Browsers are kept out of the admin API: every route but /healthz, /readyz and /metrics
+answers 403 unless the `Host` header names the server (`HostPolicy`: on a loopback bind
+only localhost, 127.0.0.1 or [::1] with the bound port, so a DNS-rebound page cannot read
+it), and /admin/* also refuses a request whose `Origin` header names another site (a
+cross-origin form POST). The daemon always has a token: without TAILORD_ADMIN_TOKEN it
+writes a fresh one to `<state>/admin.token` (`write_token_file`, mode 0600).
+
 Idle and slow clients cannot pile up: every socket read times out after `timeout` seconds,
 an upload must arrive at `MIN_UPLOAD_BYTES_PER_S` or better (after one `timeout` of grace),
 and at most `max_connections` connections are served at once; one more is answered 503
@@ -10,12 +17,17 @@ and closed without taking a thread.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
+import os
+import secrets
 import shutil
 import socket
 import threading
 import time
+import urllib.parse
+from collections.abc import Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,6 +35,8 @@ from typing import Any, Protocol
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from deploy.status_page import PAGE_CONTENT_TYPE, PAGE_HEADERS
 
 log = structlog.get_logger()
 
@@ -35,6 +49,126 @@ MIN_UPLOAD_BYTES_PER_S = 64 * 1024
 _BUSY_BODY = b'{"error": "too many open connections"}\n'
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
          b"Content-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+
+
+TOKEN_FILE = "admin.token"
+"""In the state dir: the token the daemon generated because none was configured."""
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+"""Answered whatever the Host header says (probes and scrapers address the daemon in many ways)."""
+
+
+def write_token_file(state_dir: Path) -> tuple[str, Path]:
+    """A fresh random admin token written to `<state_dir>/admin.token` (mode 0600); (token, path).
+
+    The file is created under a random temporary name with O_CREAT|O_EXCL|O_NOFOLLOW (a
+    planted file or symlink is never written through) and renamed over the old one.
+    """
+    token = secrets.token_urlsafe(32)
+    path = Path(state_dir) / TOKEN_FILE
+    tmp = path.with_name(f".{TOKEN_FILE}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return token, path
+
+
+def read_token_file(path: Path) -> str | None:
+    """The token in a token file (surrounding whitespace stripped); None if it is missing or empty."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    return token or None
+
+
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """`host[:port]` (IPv6 in brackets) as (lower-case name, port or None); None if malformed."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:] if rest else None
+    elif value.count(":") > 1:
+        return None  # a bare IPv6 address: not a valid Host
+    else:
+        name, _, port = value.partition(":")
+        port = port if ":" in value else None
+    name = name.rstrip(".")
+    if not name or any(c in name for c in "/@?#\\ "):
+        return None
+    if port is None:
+        return name, None
+    if not (port.isascii() and port.isdigit()) or len(port) > 5:
+        return None
+    return name, int(port)
+
+
+@dataclass(frozen=True)
+class HostPolicy:
+    """Which `Host` (and `Origin`) values the server answers to, against DNS rebinding.
+
+    A loopback bind answers localhost, 127.0.0.1 and [::1] on its port; a bind to one
+    address answers that address on its port; a wildcard bind (0.0.0.0, ::) answers any
+    name unless `allowed` is given. `allowed` (TAILORD_HTTP_ALLOWED_HOSTS) adds names a
+    proxy uses: `name` (any port), `name:port`, or `*` (anything).
+    """
+
+    bind_host: str
+    port: int
+    allowed: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, bind_host: str, port: int, allowed: Iterable[str] | str | None) -> HostPolicy:
+        if isinstance(allowed, str):
+            allowed = allowed.split(",")
+        entries = tuple(entry.strip().lower() for entry in (allowed or ()) if entry.strip())
+        for entry in entries:
+            if entry != "*" and split_host(entry) is None:
+                raise ValueError(f"bad allowed host {entry!r}: use name, name:port, [v6]:port or *")
+        return cls(bind_host.strip().lower().strip("[]"), port, entries)
+
+    def allows(self, host: str | None, default_port: int = 80) -> bool:
+        """Whether a request's `Host` value names this server (None: no header, not a browser)."""
+        if host is None:
+            return True
+        parsed = split_host(host)
+        if parsed is None:
+            return False
+        name, port = parsed
+        port = default_port if port is None else port
+        for entry in self.allowed:
+            if entry == "*":
+                return True
+            allowed_name, allowed_port = split_host(entry)  # type: ignore[misc] - checked in of()
+            if name == allowed_name and allowed_port in (None, port):
+                return True
+        if port != self.port:
+            return False
+        if self.bind_host in LOOPBACK_NAMES:
+            return name in LOOPBACK_NAMES
+        if self.bind_host in WILDCARD_HOSTS:
+            return not self.allowed or name in LOOPBACK_NAMES
+        return name == self.bind_host
+
+    def allows_origin(self, origin: str | None) -> bool:
+        """Whether a browser's `Origin` names this server (no header: not a cross-site browser request)."""
+        if origin is None:
+            return True
+        parsed = urllib.parse.urlsplit(origin.strip())
+        if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.path not in ("", "/"):
+            return False  # "null" (sandboxed frames, file://) included
+        return self.allows(parsed.netloc, 443 if parsed.scheme == "https" else 80)
 
 
 class ApiError(Exception):
@@ -55,6 +189,7 @@ class AdminBackend(Protocol):
     def create_snapshot(self, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]: ...
     def get_snapshot(self, name: str) -> dict[str, Any]: ...
     def snapshot_file(self, name: str, filename: str) -> Path: ...
+    def status_page(self) -> bytes: ...
 
 
 class _BoundedHTTPServer(ThreadingHTTPServer):
@@ -112,17 +247,24 @@ class HttpServer:
 
 def start_http(host: str, port: int, backend: AdminBackend, admin_token: str | None,
                upload_max_bytes: int, timeout: float = TIMEOUT_S,
-               max_connections: int = MAX_CONNECTIONS) -> HttpServer:
-    """Bind and serve in a daemon thread (socket reads time out after `timeout` seconds)."""
-    handler = _make_handler(backend, admin_token, upload_max_bytes, timeout)
+               max_connections: int = MAX_CONNECTIONS, *,
+               allowed_hosts: Iterable[str] | str | None = None) -> HttpServer:
+    """Bind and serve in a daemon thread (socket reads time out after `timeout` seconds).
+
+    `admin_token` None leaves /admin/* without a token (the daemon never does that unless
+    told to with an empty TAILORD_ADMIN_TOKEN); the Host/Origin checks apply regardless.
+    """
+    policy_box: list[HostPolicy] = []
+    handler = _make_handler(backend, admin_token, upload_max_bytes, timeout, policy_box)
     server = _BoundedHTTPServer((host, port), handler, max_connections)
+    policy_box.append(HostPolicy.of(host, server.server_address[1], allowed_hosts))
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     thread.start()
     return HttpServer(server, thread)
 
 
 def _make_handler(backend: AdminBackend, admin_token: str | None, upload_max_bytes: int,
-                  read_timeout: float) -> type:
+                  read_timeout: float, policy_box: list[HostPolicy]) -> type:
     token = admin_token.encode() if admin_token else None
 
     class Handler(BaseHTTPRequestHandler):
@@ -133,9 +275,12 @@ def _make_handler(backend: AdminBackend, admin_token: str | None, upload_max_byt
             # a client that timed out before its request line has no `requestline` yet
             log.debug("http", request=getattr(self, "requestline", None), code=args[1] if len(args) > 1 else None)
 
-        def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        def _send(self, status: int, body: bytes, content_type: str = "application/json",
+                  headers: dict[str, str] | None = None) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -161,6 +306,12 @@ def _make_handler(backend: AdminBackend, admin_token: str | None, upload_max_byt
         def _dispatch(self, method: str) -> None:
             path = self.path.split("?", 1)[0]
             try:
+                if path not in OPEN_PATHS and not policy_box[0].allows(self.headers.get("Host")):
+                    self.close_connection = True
+                    return self._json(403, {"error": "unknown Host header: not this server's name "
+                                                     "(TAILORD_HTTP_ALLOWED_HOSTS adds names a proxy uses)"})
+                if method == "GET" and path == "/":  # the status page (deploy/status_page.py)
+                    return self._send(200, backend.status_page(), PAGE_CONTENT_TYPE, PAGE_HEADERS)
                 if method == "GET" and path == "/metrics":
                     return self._send(200, backend.metrics_text(), CONTENT_TYPE_LATEST)
                 if method == "GET" and path == "/healthz":
@@ -169,7 +320,11 @@ def _make_handler(backend: AdminBackend, admin_token: str | None, upload_max_byt
                     ok, detail = backend.ready()
                     return self._json(200 if ok else 503, {"ready": ok, **detail})
                 if path.startswith("/admin/"):
+                    if not policy_box[0].allows_origin(self.headers.get("Origin")):
+                        self.close_connection = True
+                        return self._json(403, {"error": "cross-origin request refused"})
                     if not self._authorized():
+                        self.close_connection = True  # a POST body stays unread
                         return self._json(401, {"error": "missing or wrong bearer token"})
                     return self._admin(method, path)
                 raise ApiError(404, f"no route {method} {path}")

@@ -6,12 +6,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from deploy.history import History
-from deploy.http_api import ApiError, HttpServer, start_http
+from deploy.http_api import ApiError, HttpServer, start_http, write_token_file
 from deploy.learner import Learner
 from deploy.metrics import Metrics
 from deploy.progress import Progress
 from deploy.settings import Settings
+from deploy.status_page import render_service
+
+log = structlog.get_logger()
 
 THROUGHPUT_POINTS = 2000  # images/s samples kept for the report (one per ~5 s)
 
@@ -37,9 +42,21 @@ class DaemonService:
         self.images_per_second = 0.0  # the training loop's sliding-window rate, for status
 
     def start_http(self) -> HttpServer:
-        token = self.settings.admin_token.get_secret_value() if self.settings.admin_token else None
-        return start_http(self.settings.http_host, self.settings.http_port, self, token,
-                          self.settings.upload_max_bytes)
+        """Serve HTTP; without TAILORD_ADMIN_TOKEN a fresh token goes to `<state>/admin.token` (0600)."""
+        settings = self.settings
+        if settings.admin_token is None:
+            token, path = write_token_file(settings.state_dir)
+            log.info("admin_token_generated", path=str(path),
+                     note="no TAILORD_ADMIN_TOKEN set: a new token is written here (0600) at every start; "
+                          "tailord status/snapshot read it from there")
+        else:
+            token = settings.admin_token.get_secret_value()
+            if not token.strip():
+                token = None
+                log.warning("admin_api_unauthenticated", note="TAILORD_ADMIN_TOKEN is empty: /admin/* needs no "
+                            "token (Host and Origin are still checked); unset it to get a generated token")
+        return start_http(settings.http_host, settings.http_port, self, token, settings.upload_max_bytes,
+                          allowed_hosts=settings.http_allowed_hosts)
 
     # ---- gauges
     def publish_evaluation(self, history: History) -> None:
@@ -134,6 +151,10 @@ class DaemonService:
         if self.snapshots is None:
             raise ApiError(404, f"no snapshot {name!r}")
         return self.snapshots.describe(name)
+
+    def status_page(self) -> bytes:
+        """`GET /`: the live status page (deploy/status_page.py)."""
+        return render_service(self)
 
     def snapshot_file(self, name: str, filename: str) -> Path:
         if self.snapshots is None:

@@ -89,7 +89,10 @@ class Settings(BaseSettings):
     # service
     http_host: str = Field("127.0.0.1", description="bind address of the HTTP server")
     http_port: int = Field(8080, ge=0, le=65535, description="HTTP port (0: any free port)")
-    admin_token: SecretStr | None = Field(None, description="bearer token for /admin/*; required off loopback")
+    http_allowed_hosts: str | None = Field(
+        None, description="extra Host names (comma-separated name, name:port or *) answered on /admin/*, e.g. behind a proxy; the bind address (on loopback: localhost, 127.0.0.1, [::1]) with its port always is")
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token for /admin/*; unset: a random one is written to <state_dir>/admin.token (0600) at each start; required off loopback")
     targets_dir: Path | None = Field(None, description="folder whose subfolders may be named as snapshot targets")
     upload_max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest snapshot upload")
     log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a TTY, else JSON")
@@ -111,6 +114,15 @@ class Settings(BaseSettings):
         if self.http_host not in ("127.0.0.1", "localhost", "::1") and not token:  # "" disables auth
             raise ValueError("http_host: binding off loopback needs TAILORD_ADMIN_TOKEN")
         return self
+
+    @field_validator("http_allowed_hosts")
+    @classmethod
+    def _host_list(cls, value: str | None) -> str | None:
+        if value is not None:
+            from deploy.http_api import HostPolicy
+
+            HostPolicy.of("127.0.0.1", 0, value)  # ValueError names the bad entry
+        return value
 
     @model_validator(mode="after")
     def _ondisk_needs_ivf(self) -> Settings:

@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from deploy.http_api import TOKEN_FILE, read_token_file
 from deploy.multipart import encode_form_data
 
 SNAPSHOT_TIMEOUT_S = 3600.0  # a SEPT snapshot trains: allow it time
@@ -30,7 +31,8 @@ class AdminError(RuntimeError):
 
 
 def resolve_endpoint(url: str | None, token: str | None, config: Path | None) -> tuple[str, str | None]:
-    """The daemon's base URL and admin token: as given, else from the settings (env, .env, --config)."""
+    """The daemon's base URL and admin token: as given, else from the settings (env, .env, --config),
+    else the token the daemon generated in its state dir (`<TAILORD_STATE_DIR>/admin.token`)."""
     if url is not None and token is not None:
         return url.rstrip("/"), token
     from deploy.settings import load_settings
@@ -41,6 +43,8 @@ def resolve_endpoint(url: str | None, token: str | None, config: Path | None) ->
         url = f"http://{f'[{host}]' if ':' in host else host}:{settings.http_port}"
     if token is None and settings.admin_token is not None:
         token = settings.admin_token.get_secret_value()
+    if token is None:  # the daemon generated one: <state>/admin.token
+        token = read_token_file(settings.state_dir / TOKEN_FILE)
     return url.rstrip("/"), token
 
 

@@ -103,8 +103,8 @@ def test_connections_over_the_cap_get_a_fast_503(serve):
 
 def post_head(port: int, length: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.sendall(b"POST /admin/snapshots HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n" % length)
+    sock.sendall(b"POST /admin/snapshots HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % (port, length))
     return sock
 
 
