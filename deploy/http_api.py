@@ -248,14 +248,15 @@ class HttpServer:
 def start_http(host: str, port: int, backend: AdminBackend, admin_token: str | None,
                upload_max_bytes: int, timeout: float = TIMEOUT_S,
                max_connections: int = MAX_CONNECTIONS, *,
-               allowed_hosts: Iterable[str] | str | None = None) -> HttpServer:
+               allowed_hosts: Iterable[str] | str | None = None, metrics_auth: bool = False) -> HttpServer:
     """Bind and serve in a daemon thread (socket reads time out after `timeout` seconds).
 
     `admin_token` None leaves /admin/* without a token (the daemon never does that unless
     told to with an empty TAILORD_ADMIN_TOKEN); the Host/Origin checks apply regardless.
+    `metrics_auth` puts /metrics behind the same bearer token (/healthz and /readyz stay open).
     """
     policy_box: list[HostPolicy] = []
-    handler = _make_handler(backend, admin_token, upload_max_bytes, timeout, policy_box)
+    handler = _make_handler(backend, admin_token, upload_max_bytes, timeout, policy_box, metrics_auth)
     server = _BoundedHTTPServer((host, port), handler, max_connections)
     policy_box.append(HostPolicy.of(host, server.server_address[1], allowed_hosts))
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
@@ -264,7 +265,7 @@ def start_http(host: str, port: int, backend: AdminBackend, admin_token: str | N
 
 
 def _make_handler(backend: AdminBackend, admin_token: str | None, upload_max_bytes: int,
-                  read_timeout: float, policy_box: list[HostPolicy]) -> type:
+                  read_timeout: float, policy_box: list[HostPolicy], metrics_auth: bool = False) -> type:
     token = admin_token.encode() if admin_token else None
 
     class Handler(BaseHTTPRequestHandler):
@@ -313,6 +314,8 @@ def _make_handler(backend: AdminBackend, admin_token: str | None, upload_max_byt
                 if method == "GET" and path == "/":  # the status page (deploy/status_page.py)
                     return self._send(200, backend.status_page(), PAGE_CONTENT_TYPE, PAGE_HEADERS)
                 if method == "GET" and path == "/metrics":
+                    if metrics_auth and not self._authorized():
+                        return self._json(401, {"error": "missing or wrong bearer token (TAILORD_METRICS_AUTH)"})
                     return self._send(200, backend.metrics_text(), CONTENT_TYPE_LATEST)
                 if method == "GET" and path == "/healthz":
                     return self._json(200, {"status": "alive"})

@@ -56,7 +56,7 @@ class DaemonService:
                 log.warning("admin_api_unauthenticated", note="TAILORD_ADMIN_TOKEN is empty: /admin/* needs no "
                             "token (Host and Origin are still checked); unset it to get a generated token")
         return start_http(settings.http_host, settings.http_port, self, token, settings.upload_max_bytes,
-                          allowed_hosts=settings.http_allowed_hosts)
+                          allowed_hosts=settings.http_allowed_hosts, metrics_auth=settings.metrics_auth)
 
     # ---- gauges
     def publish_evaluation(self, history: History) -> None:

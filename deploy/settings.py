@@ -93,6 +93,7 @@ class Settings(BaseSettings):
         None, description="extra Host names (comma-separated name, name:port or *) answered on /admin/*, e.g. behind a proxy; the bind address (on loopback: localhost, 127.0.0.1, [::1]) with its port always is")
     admin_token: SecretStr | None = Field(
         None, description="bearer token for /admin/*; unset: a random one is written to <state_dir>/admin.token (0600) at each start; required off loopback")
+    metrics_auth: bool = Field(False, description="/metrics also needs the admin bearer token (/healthz and /readyz stay open)")
     targets_dir: Path | None = Field(None, description="folder whose subfolders may be named as snapshot targets")
     upload_max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest snapshot upload")
     log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a TTY, else JSON")
