@@ -312,6 +312,8 @@ def _make_handler(backend: AdminBackend, admin_token: str | None, upload_max_byt
                     return self._json(403, {"error": "unknown Host header: not this server's name "
                                                      "(TAILORD_HTTP_ALLOWED_HOSTS adds names a proxy uses)"})
                 if method == "GET" and path == "/":  # the status page (deploy/status_page.py)
+                    if metrics_auth and not self._authorized():  # the same rule as /metrics
+                        return self._json(401, {"error": "missing or wrong bearer token (TAILORD_METRICS_AUTH)"})
                     return self._send(200, backend.status_page(), PAGE_CONTENT_TYPE, PAGE_HEADERS)
                 if method == "GET" and path == "/metrics":
                     if metrics_auth and not self._authorized():

@@ -262,3 +262,31 @@ def test_experience_ends_between_samples_are_drawn_older_runs_are_not():
     svg = throughput_svg(points, history.records, {}, since=START + 160)
     assert svg.count('class="end"') == 2
     assert throughput_svg(points, history.records, {}, since=START).count('class="end"') == 3
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_page_follows_the_metrics_token_rule_and_the_host_check():
+    from deploy.http_api import start_http
+
+    backend = SimpleNamespace(status_page=lambda: b"<!DOCTYPE html>", metrics_text=lambda: b"")
+    for metrics_auth in (False, True):
+        server = start_http("127.0.0.1", 0, backend, "token", 1024, metrics_auth=metrics_auth)
+        url = f"http://127.0.0.1:{server.port}"
+        try:
+            for path in ("/", "/metrics"):  # / answers exactly when /metrics does
+                assert get(url + path) == (401 if metrics_auth else 200), (path, metrics_auth)
+                assert get(url + path, {"Authorization": "Bearer token"}) == 200
+            # a DNS-rebound page (another name for this address) cannot read it
+            assert get(url + "/", {"Host": f"evil.example:{server.port}", "Authorization": "Bearer token"}) == 403
+        finally:
+            server.stop()
