@@ -447,11 +447,12 @@ def experiences_section(data: PageData) -> str:
 
 
 def snapshots_section(data: PageData) -> str:
-    command = ('<pre>tailord snapshot --target ./my-task --out ./my-backbone --strategy route+sept \\\n'
-               '  --url URL-OF-THIS-DAEMON --token "$TAILORD_ADMIN_TOKEN"</pre>')
-    intro = ("<p>A task-tailored checkpoint is built and copied to <code>--out</code> by the command below "
-             "(the admin API needs the bearer token; a listed snapshot's files are at "
-             "<code>/admin/snapshots/NAME/model.safetensors</code> and <code>manifest.json</code>).</p>")
+    command = "<pre>tailord snapshot --target ./my-task --out ./my-backbone --strategy route+sept</pre>"
+    intro = ("<p>A task-tailored checkpoint is built and copied to <code>--out</code> by the command below, on "
+             "the daemon's machine (it reads the admin token from the settings or the state dir; for another "
+             "daemon add <code>--url</code> and <code>--token-file</code>). A listed snapshot's files are at "
+             "<code>/admin/snapshots/NAME/model.safetensors</code> and <code>manifest.json</code> (bearer "
+             "token).</p>")
     if not data.snapshots:
         return f'<section id="snapshots"><h2>Snapshots</h2><p class="dim">None yet.</p>{intro}{command}</section>'
     rows = "".join(
