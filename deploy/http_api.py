@@ -120,7 +120,7 @@ class HostPolicy:
 
     A loopback bind answers localhost, 127.0.0.1 and [::1] on its port; a bind to one
     address answers that address on its port; a wildcard bind (0.0.0.0, ::) answers any
-    name unless `allowed` is given. `allowed` (TAILORD_HTTP_ALLOWED_HOSTS) adds names a
+    name and port unless `allowed` is given. `allowed` (TAILORD_HTTP_ALLOWED_HOSTS) adds names a
     proxy uses: `name` (any port), `name:port`, or `*` (anything).
     """
 
@@ -153,12 +153,12 @@ class HostPolicy:
             allowed_name, allowed_port = split_host(entry)  # type: ignore[misc] - checked in of()
             if name == allowed_name and allowed_port in (None, port):
                 return True
+        if self.bind_host in WILDCARD_HOSTS and not self.allowed:
+            return True  # reached under any name, and through published or forwarded ports
         if port != self.port:
             return False
-        if self.bind_host in LOOPBACK_NAMES:
+        if self.bind_host in LOOPBACK_NAMES or self.bind_host in WILDCARD_HOSTS:
             return name in LOOPBACK_NAMES
-        if self.bind_host in WILDCARD_HOSTS:
-            return not self.allowed or name in LOOPBACK_NAMES
         return name == self.bind_host
 
     def allows_origin(self, origin: str | None) -> bool:
