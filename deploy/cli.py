@@ -90,12 +90,23 @@ def _term_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
+TOKEN_ARG_WARNING = ("tailord: warning: --token is deprecated (other users can read it in the process list); "
+                     "use TAILORD_ADMIN_TOKEN, --token-file, or the daemon's <state dir>/admin.token")
+
+
+def warn_token_argument(args: argparse.Namespace) -> None:
+    """--token still works, with a warning on stderr."""
+    if args.token is not None:
+        print(TOKEN_ARG_WARNING, file=sys.stderr)
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from deploy.snapshot_client import request_snapshot
 
+    warn_token_argument(args)
     result = request_snapshot(target=args.target, labels=args.labels, out=args.out, strategy=args.strategy,
                               budget=args.budget, state_dir=args.state_dir, url=args.url, token=args.token,
-                              config=args.config)
+                              config=args.config, token_file=args.token_file)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -103,7 +114,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from deploy.snapshot_client import admin_get, resolve_endpoint
 
-    url, token = resolve_endpoint(args.url, args.token, args.config)
+    warn_token_argument(args)
+    url, token = resolve_endpoint(args.url, args.token, args.config, args.token_file)
     print(json.dumps(admin_get(url, "/admin/status", token), indent=2))
     return 0
 
@@ -155,15 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=["route", "sept", "route+sept"], default="route+sept")
     p.add_argument("--budget", type=int, default=None, help="samples retrieved for sept")
     p.add_argument("--state-dir", type=Path, default=None, help="work offline on a stopped daemon's state")
-    p.add_argument("--url", default=None, help="daemon URL (default from TAILORD_HTTP_HOST/PORT)")
-    p.add_argument("--token", default=None, help="admin token (default TAILORD_ADMIN_TOKEN)")
-    p.add_argument("--config", type=Path, default=None)
+    add_endpoint_arguments(p)
     p.set_defaults(func=cmd_snapshot)
 
     p = sub.add_parser("status", help="daemon status as JSON")
-    p.add_argument("--url", default=None)
-    p.add_argument("--token", default=None)
-    p.add_argument("--config", type=Path, default=None)
+    add_endpoint_arguments(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("report", help="plot accuracy matrix, forgetting and throughput")
@@ -178,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the previous demo state instead of starting fresh")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def add_endpoint_arguments(p: argparse.ArgumentParser) -> None:
+    """--url, --token-file, the deprecated --token and --config of the admin API clients."""
+    p.add_argument("--url", default=None, help="daemon URL (default from TAILORD_HTTP_HOST/PORT)")
+    p.add_argument("--token-file", default=None,
+                   help="file holding the admin token (default: TAILORD_ADMIN_TOKEN, else <state dir>/admin.token, "
+                        "both only sent to the configured daemon)")
+    p.add_argument("--token", default=None, help="deprecated (visible in the process list): use --token-file")
+    p.add_argument("--config", type=Path, default=None)
 
 
 def main(argv: list[str] | None = None) -> int:

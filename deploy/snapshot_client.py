@@ -15,11 +15,12 @@ import json
 import os
 import secrets
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from deploy.http_api import TOKEN_FILE, read_token_file
+from deploy.http_api import LOOPBACK_NAMES, TOKEN_FILE, read_token_file
 from deploy.multipart import encode_form_data
 
 SNAPSHOT_TIMEOUT_S = 3600.0  # a SEPT snapshot trains: allow it time
@@ -30,38 +31,95 @@ class AdminError(RuntimeError):
     """A failed admin request or offline snapshot; `str()` is one line for the user."""
 
 
-def resolve_endpoint(url: str | None, token: str | None, config: Path | None) -> tuple[str, str | None]:
-    """The daemon's base URL and admin token: as given, else from the settings (env, .env, --config),
-    else the token the daemon generated in its state dir (`<TAILORD_STATE_DIR>/admin.token`)."""
+def resolve_endpoint(url: str | None, token: str | None, config: Path | None,
+                     token_file: str | Path | None = None) -> tuple[str, str | None]:
+    """The daemon's base URL and admin token.
+
+    The token is, first found: `token` (the deprecated `--token`), `token_file`, the settings'
+    TAILORD_ADMIN_TOKEN (env, .env, --config), the token the daemon generated in its state dir
+    (`<TAILORD_STATE_DIR>/admin.token`). The last two are only for the configured daemon
+    (TAILORD_HTTP_HOST/PORT; loopback names count as one): for another `url` they are not
+    sent, and a UsageError asks for `--token-file`.
+    """
+    if token is None and token_file is not None:
+        token = read_token_argument(token_file)
     if url is not None and token is not None:
         return url.rstrip("/"), token
     from deploy.settings import load_settings
 
     settings = load_settings(config)
-    if url is None:
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.http_host, settings.http_host)
-        url = f"http://{f'[{host}]' if ':' in host else host}:{settings.http_port}"
-    if token is None and settings.admin_token is not None:
-        token = settings.admin_token.get_secret_value()
-    if token is None:  # the daemon generated one: <state>/admin.token
-        token = read_token_file(settings.state_dir / TOKEN_FILE)
-    return url.rstrip("/"), token
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.http_host, settings.http_host)
+    configured = f"http://{f'[{host}]' if ':' in host else host}:{settings.http_port}"
+    url = (url or configured).rstrip("/")
+    if token is None:
+        implicit = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
+        if implicit is None:  # the daemon generated one: <state>/admin.token
+            implicit = read_token_file(settings.state_dir / TOKEN_FILE)
+        if implicit and not same_endpoint(url, configured):
+            from deploy.errors import UsageError
+
+            raise UsageError(f"--url {url} is not the configured daemon ({configured}): the token from "
+                             "TAILORD_ADMIN_TOKEN/.env/the state dir is only sent there; pass --token-file")
+        token = implicit
+    return url, token
+
+
+def read_token_argument(path: str | Path) -> str:
+    """The token in a `--token-file` (whitespace stripped); UsageError if unreadable or empty."""
+    from deploy.errors import UsageError
+
+    try:
+        token = read_token_file(Path(path))
+    except OSError as exc:
+        raise UsageError(f"--token-file {path}: {exc.strerror or exc}") from None
+    if token is None:
+        raise UsageError(f"--token-file {path}: missing or empty")
+    return token
+
+
+def same_endpoint(url: str, other: str) -> bool:
+    """Whether two base URLs reach the same host and port (localhost, 127.0.0.1 and ::1 count as one)."""
+    def key(value: str) -> tuple[str, int | None] | None:
+        try:
+            parts = urllib.parse.urlsplit(value)
+            port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+        except ValueError:
+            return None
+        name = (parts.hostname or "").rstrip(".")
+        return ("loopback" if name in LOOPBACK_NAMES else name), port
+
+    mine = key(url)
+    return mine is not None and mine == key(other)
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: urllib would resend the Authorization header to the new URL."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
+        return None  # the 3xx becomes an HTTPError
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
 
 
 def _request(url: str, path: str, token: str | None, data: bytes | None = None,
              content_type: str | None = None, timeout: float = REQUEST_TIMEOUT_S) -> bytes:
     request = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET")
     if token:
-        request.add_header("Authorization", f"Bearer {token}")
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
     if content_type:
         request.add_header("Content-Type", content_type)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _OPENER.open(request, timeout=timeout) as response:
             return response.read()
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:
+            location = str(exc.headers.get("Location", "?"))[:200]
+            raise AdminError(f"{path}: HTTP {exc.code}: redirected to {location}; not followed "
+                             "(the admin token is only sent to the URL given)") from None
         try:
             message = json.loads(exc.read()).get("error", exc.reason)
-        except ValueError:
+        except (ValueError, AttributeError):
             message = exc.reason
         raise AdminError(f"{path}: HTTP {exc.code}: {message}") from None
     except (urllib.error.URLError, OSError) as exc:
@@ -76,7 +134,7 @@ def admin_get(url: str, path: str, token: str | None) -> dict[str, Any]:
 
 def request_snapshot(target: str | Path, labels: str | Path | None, out: str | Path, strategy: str,
                      budget: int | None, state_dir: Path | None, url: str | None, token: str | None,
-                     config: Path | None) -> dict[str, Any]:
+                     config: Path | None, token_file: str | Path | None = None) -> dict[str, Any]:
     """Build a snapshot for the images in folder `target` and put its files in `out`.
 
     Online (default) it asks the running daemon; with `state_dir` it works offline.
@@ -102,7 +160,7 @@ def request_snapshot(target: str | Path, labels: str | Path | None, out: str | P
         manifest = _offline(Path(state_dir), files, labels_text, out, strategy, budget)
         mode = "offline"
     else:
-        manifest = _online(files, labels_text, out, strategy, budget, *resolve_endpoint(url, token, config))
+        manifest = _online(files, labels_text, out, strategy, budget, *resolve_endpoint(url, token, config, token_file))
         mode = "online"
     return {"name": manifest["name"], "path": str(out.resolve()), "mode": mode,
             "strategy": manifest["strategy"], "chosen_experience": manifest["chosen_experience"],

@@ -111,10 +111,12 @@ def restore_logging():
     structlog.configure(**saved)
 
 
-def test_cli_status_prints_json_and_fails_in_one_line(daemon, capsys, restore_logging):
-    assert main(["status", "--url", daemon, "--token", TOKEN]) == 0
+def test_cli_status_prints_json_and_fails_in_one_line(daemon, capsys, restore_logging, tmp_path):
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    (tmp_path / "wrong").write_text("wrong")
+    assert main(["status", "--url", daemon, "--token-file", str(tmp_path / "token")]) == 0
     assert json.loads(capsys.readouterr().out) == {"index_size": 48}
-    assert main(["status", "--url", daemon, "--token", "wrong"]) == 1
+    assert main(["status", "--url", daemon, "--token-file", str(tmp_path / "wrong")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "HTTP 401" in err
 
@@ -140,5 +142,7 @@ def test_endpoint_defaults_come_from_the_settings(monkeypatch):
     monkeypatch.setenv("TAILORD_HTTP_PORT", "9123")
     monkeypatch.setenv("TAILORD_ADMIN_TOKEN", "from-env")
     assert resolve_endpoint(None, None, None) == ("http://127.0.0.1:9123", "from-env")
-    assert resolve_endpoint("http://h:1/", None, None) == ("http://h:1", "from-env")
+    assert resolve_endpoint("http://localhost:9123/", None, None) == ("http://localhost:9123", "from-env")
+    with pytest.raises(UsageError, match="--token-file"):  # the env token only goes to the configured daemon
+        resolve_endpoint("http://h:1/", None, None)
     assert resolve_endpoint("http://h:1", "given", None) == ("http://h:1", "given")
