@@ -109,10 +109,11 @@ def score_baselines(learner: Learner, probes: ProbeSet, state_dir: Path) -> dict
 
 
 @torch.no_grad()
-def probe_ssl_loss(learner: Learner, images: torch.Tensor, batch: int = 256) -> float:
-    """Mean SSL loss on probe images (fixed seed, so rows are comparable over time)."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(1234)
+def probe_ssl_loss(learner: Learner, images: torch.Tensor, batch: int = 256, seed: int = 1234) -> float:
+    """Mean SSL loss on probe images, the views drawn from a private generator seeded `seed`
+    (rows comparable over time). The global RNGs (CPU and every accelerator), which drive the
+    training augmentation, are neither read nor reseeded."""
+    generator = torch.Generator(device=learner.device).manual_seed(seed)
     was_training = learner.method.training
     learner.method.eval()
     losses = []
@@ -120,8 +121,7 @@ def probe_ssl_loss(learner: Learner, images: torch.Tensor, batch: int = 256) -> 
         for start in range(0, len(images), batch):
             chunk = images[start:start + batch].to(learner.device)
             if len(chunk) >= 2:
-                losses.append(float(ssl_loss(learner.method, learner.augment, chunk)))
+                losses.append(float(ssl_loss(learner.method, learner.augment, chunk, generator=generator)))
     finally:
         learner.method.train(was_training)
-        torch.random.set_rng_state(generator_state)
     return sum(losses) / len(losses) if losses else float("nan")
