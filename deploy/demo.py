@@ -74,6 +74,7 @@ def run_demo(quick: bool, state_dir: Path, keep: bool) -> int:
         try:
             daemon.start()
             say(f"[2/5] daemon up (pid {daemon.proc.pid}), metrics {daemon.url}/metrics, log {daemon.log_path}")
+            say(f"      status page: {daemon.url}/  (open it in a browser; it refreshes every 5 s)")
             first = daemon.status()["experience"]
             say(f"[3/5] streaming {len(plan.domains)} domains, one experience each:")
             for name, count in plan.domains:
@@ -280,6 +281,7 @@ def print_summary(state_dir: Path, daemon: Daemon, plan: Plan, snapshot: dict[st
     say(f"              {snapshot['path']}")
     say(f"checkpoints:  {state_dir / 'checkpoints'}")
     say(f"report:       {report}")
+    say(f"status page:  {daemon.url}/   (live until the demo exits)")
     say(f"metrics:      {daemon.url}/metrics   admin API: {daemon.url}/admin/status "
         f"(Bearer token in {daemon.token_path}); served until the demo exits")
     say(f"serve it again: TAILORD_STATE_DIR={state_dir} tailord run")
