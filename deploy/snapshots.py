@@ -44,7 +44,6 @@ from deploy.checkpoints import MANIFEST
 from deploy.http_api import ApiError
 from deploy.indexer import (
     Encoder,
-    backbone_from_checkpoint,
     decode_images,
     experience_checkpoints,
     lock_state,
@@ -52,7 +51,7 @@ from deploy.indexer import (
 )
 from deploy.metrics import Metrics
 from deploy.multipart import MultipartError, parse_form_data
-from learners.augment import BatchAugment
+from learners.augment import BatchAugment, EvalTransform
 from learners.backbones import build_backbone
 from learners.device import default_amp, pick_device, use_channels_last
 from learners.evaluation import encode_labels
@@ -85,6 +84,10 @@ SEPT_EPOCHS, SEPT_MAX_STEPS, SEPT_LR_SCALE = 10, 200, 0.5
 # a larger budget would only make retrieval and reads hold the index and store locks longer.
 MAX_BUDGET = SEPT_MAX_STEPS * max(preset.batch_size for preset in PRESETS.values())
 ATTEMPTS = 3  # re-embed when the index swapped encoder versions under a snapshot
+SNAPSHOT_MAX_BYTES = 2 << 30
+"""Decoded pixels one snapshot may hold (its targets and SEPT samples, counting the stacking copy);
+a request over it is refused before anything is decoded, a default budget shrinks to fit."""
+SEPT_SEED = 0  # SEPT's own generators: the daemon's training RNG stream is never drawn from
 
 
 # ---- request helpers (also used by the CLI client)
@@ -181,11 +184,16 @@ class SnapshotEngine:
         metrics: counts `snapshot_requests{strategy,outcome}` and `snapshot_seconds`.
         targets_dir: TAILORD_TARGETS_DIR; JSON requests may only name paths inside it.
         limits: decode limits for target images.
+        max_bytes: ceiling of decoded pixels per snapshot (SNAPSHOT_MAX_BYTES).
+
+    SEPT runs on HTTP threads beside training: it draws its crops and batch order from its
+    own generators and builds its model on the meta device, so it never reads, advances
+    or reseeds the global RNGs that drive the daemon's augmentation.
     """
 
     def __init__(self, state_dir: Path, store: SampleStore, index: VectorIndex, device: torch.device | str,
                  decode_size: int, metrics: Metrics | None = None, targets_dir: Path | None = None,
-                 limits: DecodeLimits | None = None) -> None:
+                 limits: DecodeLimits | None = None, max_bytes: int = SNAPSHOT_MAX_BYTES) -> None:
         self.state_dir = Path(state_dir)
         self.checkpoint_root = self.state_dir / "checkpoints"
         self.root = self.state_dir / "snapshots"
@@ -196,6 +204,7 @@ class SnapshotEngine:
         self.metrics = metrics
         self.targets_dir = Path(targets_dir) if targets_dir is not None else None
         self.limits = limits or DecodeLimits()
+        self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._encoder: Encoder | None = None
         self._lock_fd: int | None = None  # held when opened offline
@@ -293,12 +302,12 @@ class SnapshotEngine:
             started = time.perf_counter()
             if (self.root / name).exists():
                 raise ApiError(409, f"snapshot {name!r} already exists")
+            self._check_targets(targets)
+            stored = len(self.store.sample_ids(probe=False))
+            budget = self._fit_budget(len(targets), budget, stored, "sept" in strategy)
             images = self._decode_targets(targets)
             labels = self._check_labels(labels, [filename for filename, _ in targets])
             checkpoints = experience_checkpoints(self.checkpoint_root)
-            stored = len(self.store.sample_ids(probe=False))
-            if budget is None:
-                budget = max(BUDGET_MIN, min(round(BUDGET_SHARE * stored), BUDGET_MAX))
             for _ in range(ATTEMPTS):
                 encoder = self._live_encoder(checkpoints)
                 queries = encoder(images)
@@ -319,7 +328,7 @@ class SnapshotEngine:
                 rows, encoded = self._read(retrieved[:sept_capacity(source)])
                 backbone, steps = self._sept(source, encoded, epochs)
             else:
-                backbone, steps = backbone_from_checkpoint(source, "cpu")[0], 0
+                backbone, steps = _backbone(source, "cpu")[0], 0
             manifest = {
                 "name": name, "strategy": strategy, "chosen_experience": chosen,
                 "source_checkpoint": source.name, "candidates": candidates,
@@ -340,7 +349,8 @@ class SnapshotEngine:
         if self.metrics is not None:
             self.metrics.snapshot_requests.labels(strategy, outcome).inc()
 
-    def _decode_targets(self, targets: list[tuple[str, bytes]]) -> torch.Tensor:
+    @staticmethod
+    def _check_targets(targets: list[tuple[str, bytes]]) -> None:
         if not targets:
             raise ApiError(400, "no target images")
         if len(targets) > MAX_TARGETS:
@@ -348,6 +358,32 @@ class SnapshotEngine:
         names = [filename for filename, _ in targets]
         if len(set(names)) != len(names):
             raise ApiError(400, "target file names must be distinct")
+
+    def _fit_budget(self, targets: int, budget: int | None, stored: int, sept: bool) -> int:
+        """The SEPT budget, checked with the targets against `max_bytes` before anything is decoded.
+
+        Targets and SEPT samples are decoded to (3, decode_size, decode_size) uint8, held one by
+        one and then stacked (twice the bytes at the peak). An explicit budget, or targets, over
+        the ceiling is ApiError(400); the default budget shrinks to what fits.
+        """
+        per_image = 2 * 3 * self.decode_size ** 2
+        fits = self.max_bytes // per_image  # images in all
+        room = fits - targets
+        if room < (2 if sept else 0):
+            raise ApiError(400, f"{targets} target images at {self.decode_size} px are over this daemon's snapshot "
+                                f"memory ceiling ({self.max_bytes} bytes of decoded pixels): send at most "
+                                f"{max(fits - (2 if sept else 0), 0)}")
+        if budget is None:
+            budget = max(BUDGET_MIN, min(round(BUDGET_SHARE * stored), BUDGET_MAX))
+            return min(budget, room) if sept else budget
+        if sept and budget > room:
+            raise ApiError(400, f"budget {budget} with {targets} target images at {self.decode_size} px is over "
+                                f"this daemon's snapshot memory ceiling ({self.max_bytes} bytes of decoded pixels): "
+                                f"at most {room}")
+        return budget
+
+    def _decode_targets(self, targets: list[tuple[str, bytes]]) -> torch.Tensor:
+        self._check_targets(targets)
         images = []
         for filename, data in targets:
             if sniff_format(data) == "tar":
@@ -374,7 +410,7 @@ class SnapshotEngine:
         if version not in checkpoints:
             raise ApiError(409, f"the checkpoint of encoder version {version} is gone; wait for the next experience")
         if self._encoder is None or self._encoder.version != version:
-            self._encoder = Encoder.load(version, checkpoints[version], self.device)
+            self._encoder = _encoder(version, checkpoints[version], self.device)
         return self._encoder
 
     def _candidates(self, queries: np.ndarray, checkpoints: dict[int, Path]) -> list[dict[str, Any]]:
@@ -400,7 +436,7 @@ class SnapshotEngine:
         y, _ = encode_labels([labels[names[i]] for i in labelled])
         for candidate in candidates[:LABEL_CANDIDATES]:
             exp = candidate["experience"]
-            encoder = Encoder.load(exp, checkpoints[exp], self.device)
+            encoder = _encoder(exp, checkpoints[exp], self.device)
             candidate["knn_accuracy"], _ = loo_knn_accuracy(torch.from_numpy(encoder(images[labelled])), y)
         best = max(candidates[:LABEL_CANDIDATES], key=lambda c: (c["knn_accuracy"], c["vote_share"]))
         return best["experience"]
@@ -427,18 +463,21 @@ class SnapshotEngine:
             raise ApiError(409, f"only {len(images)} stored sample(s) retrieved: too few to train on")
         state, manifest = read_checkpoint(checkpoint_dir)
         spec = manifest["backbone"]
-        method = build_method(manifest["method"], build_backbone(spec["name"], spec.get("kwargs", {})))
-        method.load_state_dict(state)
+        with torch.device("meta"):  # no weight init: it would draw from the global RNG; the checkpoint fills it
+            method = build_method(manifest["method"], build_backbone(spec["name"], spec.get("kwargs", {})))
+        method.load_state_dict(state, assign=True)
         base = PRESETS[manifest["preset"]]
         preset = replace(base, lr=base.lr * SEPT_LR_SCALE)
         inputs = manifest["input"]
-        augment = BatchAugment(inputs["resolution"], mean=inputs["mean"], std=inputs["std"])
+        views = torch.Generator(device=self.device).manual_seed(SEPT_SEED)
+        augment = SeededAugment(BatchAugment(inputs["resolution"], mean=inputs["mean"], std=inputs["std"]), views)
         step = TrainStep(method, augment, build_optimizer(method, preset), self.device,
                          amp=default_amp(self.device), channels_last=use_channels_last(self.device))
         batch = min(preset.batch_size, len(images))
+        shuffle = torch.Generator().manual_seed(SEPT_SEED)
         steps = attempted = 0
         for _ in range(epochs):
-            order = torch.randperm(len(images))
+            order = torch.randperm(len(images), generator=shuffle)
             for start in range(0, len(images), batch):
                 chunk = order[start:start + batch]
                 if len(chunk) < 2 or attempted >= SEPT_MAX_STEPS:  # BatchNorm needs 2 images
@@ -531,6 +570,38 @@ class SnapshotEngine:
         if not path.is_relative_to(base):
             raise ApiError(400, "target paths must stay inside TAILORD_TARGETS_DIR")
         return path
+
+
+def _backbone(checkpoint_dir: Path, device: torch.device | str) -> tuple[nn.Module, dict]:
+    """`backbone_from_checkpoint` built on the meta device and assigned the checkpoint's tensors:
+    no weight init, so no draw from the global RNG on an HTTP thread."""
+    state, manifest = read_checkpoint(checkpoint_dir)
+    spec = manifest["backbone"]
+    with torch.device("meta"):
+        backbone = build_backbone(spec["name"], spec.get("kwargs", {}))
+    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")},
+                             assign=True)
+    return backbone.to(device).eval(), manifest
+
+
+def _encoder(version: int, checkpoint_dir: Path, device: torch.device | str) -> Encoder:
+    """`Encoder.load` without weight init (see `_backbone`)."""
+    backbone, manifest = _backbone(checkpoint_dir, device)
+    backbone.requires_grad_(False)
+    spec = manifest["input"]
+    return Encoder(version, backbone, EvalTransform(spec["resolution"], spec["mean"], spec["std"]).to(device), manifest)
+
+
+class SeededAugment(nn.Module):
+    """`augment` drawing from `generator` when called without one (as TrainStep calls it)."""
+
+    def __init__(self, augment: BatchAugment, generator: torch.Generator) -> None:
+        super().__init__()
+        self.augment = augment
+        self.generator = generator
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.augment(images, generator=generator if generator is not None else self.generator)
 
 
 def sept_capacity(checkpoint_dir: Path) -> int:
