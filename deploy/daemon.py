@@ -290,6 +290,7 @@ def run_rank(settings: Settings, world: World) -> int:
     service.publish_evaluation(history)
     prefetcher.start()
     exit_code = 0
+    mid_iteration = False  # model, buffers, probes and offsets are being changed: a failure leaves them out of step
     unstepped_wait = 0.0  # the idle wait after the last step is not input wait
     try:
         while True:
@@ -320,6 +321,7 @@ def run_rank(settings: Settings, world: World) -> int:
                 continue
             last_data = time.monotonic()
             metrics.records_consumed.labels(settings.topic).inc(agreed.records)  # rank 0 shows the world's
+            mid_iteration = True
             if agreed.boundary_to is not None and settings.split_on_domain and progress.images_in_experience > 0:
                 end_experience(agreed.boundary_to)  # before the probes: they belong to the new experience
             if progress.domain is None or not settings.split_on_domain:
@@ -375,6 +377,7 @@ def run_rank(settings: Settings, world: World) -> int:
                 save("interval")
                 last_checkpoint = time.monotonic()
             metrics.experience.set(progress.experience)
+            mid_iteration = False
             if settings.stop_after_images and progress.images_total >= settings.stop_after_images:
                 log.info("stop_after_images", images_total=progress.images_total)
                 break
@@ -385,6 +388,13 @@ def run_rank(settings: Settings, world: World) -> int:
         prefetcher.stop()
         if exit_code == 0:
             save("interval")
+        elif not mid_iteration and not world.distributed:  # failed between iterations: the state is consistent
+            try:
+                save("interval")
+            except Exception:
+                log.exception("checkpoint_after_failure_failed")
+        else:  # mid-step (e.g. CUDA OOM): offsets already cover the batch, weights may be half-updated
+            log.error("no_checkpoint_after_failure", kept=service.checkpoint_name)
         if server is not None:
             server.stop()
         if indexer is not None:
