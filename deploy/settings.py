@@ -13,9 +13,11 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from learners.regularizers import (
+    STRATEGIES,  # the registry's list: one strategy list in the code base
+)
+
 ENV_PREFIX = "TAILORD_"
-STRATEGIES = ("naive", "replay", "ewc", "mas", "si", "l2", "distill", "replay+ewc", "replay+mas",
-              "replay+si", "replay+l2", "replay+distill")
 
 
 class SettingsError(Exception):
