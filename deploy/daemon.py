@@ -118,14 +118,15 @@ def run_rank(settings: Settings, world: World) -> int:
     world.barrier()
 
     # ---- learner, replay buffer, probes and progress: fresh, or from the last good checkpoint
-    learner = build_learner(settings, world)
+    checkpoint = load_latest(ckpt_root) if world.is_main else None
+    if world.distributed:  # every rank resumes from the checkpoint rank 0 verified
+        checkpoint = world.broadcast(checkpoint)
+    # same backbone as the checkpoint (else UsageError); TAILORD_INIT_WEIGHTS only when fresh
+    learner = build_learner(settings, world, resume=checkpoint.manifest if checkpoint is not None else None)
     buffer = build_buffer(settings) if learner.use_replay else None
     progress = Progress()
     history = History()
     probes = ProbeSet(1, settings.probe_max_images)
-    checkpoint = load_latest(ckpt_root) if world.is_main else None
-    if world.distributed:  # every rank resumes from the checkpoint rank 0 verified
-        checkpoint = world.broadcast(checkpoint)
     if checkpoint is not None:
         load_learner_state(learner, checkpoint.path)
         progress = Progress.from_json(checkpoint.manifest["progress"])
@@ -140,10 +141,12 @@ def run_rank(settings: Settings, world: World) -> int:
     else:
         log.info("fresh_start", state_dir=str(state_dir))
         if world.is_main:
-            durable("untrained", lambda: keep_untrained(learner, state_dir))  # every probe set's second floor
+            # every probe set's second floor: the encoder before tailord trained it (the starting weights if set)
+            durable("untrained", lambda: keep_untrained(learner, state_dir))
     probe_sets = read_probe_sets(state_dir / "metrics" / "probes")
     probe_sets = {j: p for j, p in probe_sets.items() if j < progress.experience}
-    log.info("learner", device=str(learner.device), **learner.describe()["backbone"]["kwargs"],
+    log.info("learner", device=str(learner.device), backbone=learner.describe()["backbone"]["name"],
+             **learner.describe()["backbone"]["kwargs"],
              preset=learner.preset.name, method=settings.method, strategy=settings.strategy,
              batch_size=learner.preset.batch_size, resolution=learner.preset.resolution)
 

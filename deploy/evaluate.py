@@ -73,7 +73,10 @@ def evaluate_row(learner: Learner, probe_sets: dict[int, ProbeSet], experience: 
 
 
 def keep_untrained(learner: Learner, state_dir: Path) -> None:
-    """On a fresh start, keep the step-0 backbone weights (written once, atomically)."""
+    """On a fresh start, keep the step-0 backbone weights (written once, atomically).
+
+    This is "the encoder before tailord trained it": random init, or the starting weights of
+    TAILORD_INIT_WEIGHTS when set, so the untrained floor then measures what tailord added."""
     path = state_dir / UNTRAINED_FILE
     if not path.is_file():
         state = {k: v.detach().cpu().contiguous() for k, v in learner.backbone.state_dict().items()}

@@ -3,22 +3,31 @@ from the settings, and moves its state in and out of checkpoints."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+import structlog
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from deploy.errors import UsageError
 from deploy.settings import Settings
 from deploy.world import World
 from learners.augment import BatchAugment, EvalTransform
-from learners.backbones import ResNet18
+from learners.backbones import HEAD_PREFIXES, build_backbone, input_defaults
 from learners.device import pick_device
 from learners.methods import build_method
 from learners.presets import PRESETS, Preset
 from learners.regularizers import Regularizer, build_regularizer, parse_strategy
+from learners.snapshot import backbone_spec
 from learners.train_step import LinearWarmup, TrainStep, build_optimizer, build_scheduler
+
+log = structlog.get_logger()
 
 
 @dataclass
@@ -35,6 +44,7 @@ class Learner:
     step: TrainStep
     use_replay: bool
     scheduler: LinearWarmup | None = None  # the lr warmup (preset.warmup_steps), stepped by `step`
+    init_weights: dict | None = None  # {"file", "sha256"} of TAILORD_INIT_WEIGHTS this run started from
 
     @property
     def backbone(self) -> nn.Module:
@@ -45,8 +55,8 @@ class Learner:
         return {
             "preset": self.preset.name,
             "method": type(self.method).__name__.lower(),
-            "backbone": {"name": "resnet18", "class": "learners.backbones.ResNet18",
-                         "kwargs": self.backbone.config()},
+            "backbone": backbone_spec(self.backbone),
+            "init_weights": self.init_weights,  # null: trained from random init
             "input": {"resolution": self.preset.resolution, "mean": list(self.eval_transform.mean.flatten().tolist()),
                       "std": list(self.eval_transform.std.flatten().tolist())},
         }
@@ -61,10 +71,88 @@ def resolve_preset(settings: Settings, device: torch.device) -> Preset:
     return replace(preset, **overrides)
 
 
-def build_learner(settings: Settings, world: World | None = None, preset: Preset | None = None) -> Learner:
+def backbone_choice(settings: Settings, preset: Preset) -> tuple[str, dict[str, Any]]:
+    """The backbone's registry name and kwargs: `TAILORD_BACKBONE` (else the preset's); kwargs are the
+    backbone's defaults for the preset's resolution, then the preset's own (when it is the preset's
+    backbone), then `TAILORD_BACKBONE_KWARGS`."""
+    name = settings.backbone or preset.backbone
+    kwargs = input_defaults(name, preset.resolution)
+    if name == preset.backbone:
+        kwargs.update(preset.backbone_kwargs)
+    kwargs.update(settings.backbone_kwargs or {})
+    return name, kwargs
+
+
+def check_backbone(manifest: dict, backbone: nn.Module, state_dir: Path | str = "the state dir") -> None:
+    """UsageError (one line) unless the checkpoint `manifest` was trained with `backbone`'s name and
+    kwargs (its full `config()`): a state dir keeps the backbone it started with."""
+    stored = manifest.get("backbone", {})
+    name, kwargs = backbone_spec(backbone)["name"], backbone.config()
+    if stored.get("name") == name and stored.get("kwargs", {}) == kwargs:
+        return
+    raise UsageError(
+        f"{state_dir} was trained with backbone {stored.get('name')!r} {stored.get('kwargs', {})}, but "
+        f"{name!r} {kwargs} is configured: set TAILORD_BACKBONE/TAILORD_BACKBONE_KWARGS (or the preset) "
+        f"back to the stored one, or start a new state dir (TAILORD_STATE_DIR=<new folder>)")
+
+
+def headless_state(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """`state` mapped onto a headless backbone: `module.` (DDP) and `backbone.` (SSL method) prefixes
+    stripped, classification-head keys (fc./heads./classifier.) dropped unless the backbone has them
+    (ConvNeXt keeps its classifier LayerNorm)."""
+    own = set(backbone.state_dict())
+    mapped = {}
+    for key, value in state.items():
+        for prefix in ("module.", "backbone."):
+            key = key.removeprefix(prefix)
+        if key.startswith(HEAD_PREFIXES) and key not in own:
+            continue
+        mapped[key] = value
+    return mapped
+
+
+def load_init_weights(backbone: nn.Module, path: Path) -> dict:
+    """Load starting weights from `path` (.safetensors, else a torch state dict read with
+    weights_only=True) into `backbone`; returns {"file", "sha256"} for the manifests.
+
+    UsageError (one line) for an unreadable file or keys that do not fit, listing them."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        if path.suffix == ".safetensors":
+            state = load_safetensors(data)
+        else:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+                state = state["state_dict"]  # a training checkpoint holding the weights
+    except Exception as exc:  # OSError, safetensors/pickle errors
+        raise UsageError(f"TAILORD_INIT_WEIGHTS={path}: cannot read weights ({exc})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"TAILORD_INIT_WEIGHTS={path}: not a state dict of tensors")
+    state = headless_state(state, backbone)
+    own = backbone.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        def shown(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+        parts = [f"{label} {shown(keys)}" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("shape differs", wrong)) if keys]
+        raise UsageError(f"TAILORD_INIT_WEIGHTS={path} does not fit backbone {backbone_spec(backbone)['name']} "
+                         f"{backbone.config()}: " + "; ".join(parts))
+    backbone.load_state_dict(state)
+    return {"file": path.name, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def build_learner(settings: Settings, world: World | None = None, preset: Preset | None = None,
+                  resume: dict | None = None) -> Learner:
     """A fresh learner for `settings` (weights from the seed; a checkpoint may overwrite them).
 
     `preset` replaces the one the settings name (benchmarks trying other recipes).
+    `resume` is the manifest of the checkpoint the run will resume from (None: a fresh state dir).
+    A resumed run must have that checkpoint's backbone (else UsageError, before any weights load)
+    and ignores `TAILORD_INIT_WEIGHTS`; a fresh one starts from those weights when set.
 
     In a DDP `world` each rank trains on its local GPU (or the CPU) and the method runs
     under DistributedDataParallel, which starts every rank from rank 0's weights.
@@ -77,7 +165,25 @@ def build_learner(settings: Settings, world: World | None = None, preset: Preset
     if device.type == "cuda" and world.distributed:
         device = torch.device("cuda", world.local_rank)
     preset = preset or resolve_preset(settings, device)
-    backbone = ResNet18(**preset.backbone_kwargs)
+    name, kwargs = backbone_choice(settings, preset)
+    try:
+        backbone = build_backbone(name, kwargs)
+    except ValueError as exc:
+        raise UsageError(f"TAILORD_BACKBONE={name}: {exc}") from None
+    if resume is not None:
+        check_backbone(resume, backbone, settings.state_dir)
+    if getattr(backbone, "image_size", preset.resolution) != preset.resolution:
+        raise UsageError(f"backbone {name} takes {backbone.image_size} px images but the resolution is "
+                         f"{preset.resolution}: set TAILORD_BACKBONE_KWARGS image_size or TAILORD_RESOLUTION")
+    init_weights = None
+    if resume is not None:
+        init_weights = resume.get("init_weights")
+        if settings.init_weights is not None:
+            log.info("init_weights_ignored", file=str(settings.init_weights),
+                     note="resuming from a checkpoint; starting weights apply to a fresh state dir only")
+    elif settings.init_weights is not None:  # before the method copies the backbone (BYOL/MoCo targets)
+        init_weights = load_init_weights(backbone, settings.init_weights)
+        log.info("init_weights_loaded", **init_weights)
     method_kwargs = {"temperature": preset.simclr_temperature} \
         if settings.method == "simclr" and preset.simclr_temperature is not None else {}
     method = build_method(settings.method, backbone, **method_kwargs).to(device)
@@ -98,7 +204,7 @@ def build_learner(settings: Settings, world: World | None = None, preset: Preset
     if settings.compile:
         step.forward = torch.compile(step.forward)
     return Learner(preset, device, method, augment, eval_transform, regularizer, optimizer, step, use_replay,
-                   scheduler)
+                   scheduler, init_weights)
 
 
 def learner_writers(learner: Learner) -> dict:

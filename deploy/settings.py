@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     )
     strategy: str = Field("replay", description="anti-forgetting strategy: " + ", ".join(STRATEGIES))
     regularizer_lambda: float | None = Field(None, ge=0, description="regularizer weight; unset: the strategy's default")
+    backbone: str | None = Field(
+        None, description="encoder by registry name: resnet18, resnet34, resnet50, convnext_tiny, vit (learners/backbones.py); unset: the preset's. Fixed for a state dir")
+    backbone_kwargs: dict[str, Any] | None = Field(
+        None, description='JSON object of backbone constructor arguments over the preset\'s (another backbone: its defaults for the resolution), e.g. `{"width": 32}`')
+    init_weights: Path | None = Field(
+        None, description="starting weights for a fresh state dir: .safetensors or a torch state dict (head and `backbone.`/`module.` prefixes dropped); ignored on resume")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="training device")
     batch_size: int | None = Field(None, ge=2, le=8192, description="images per step (stream part); unset: preset")
     resolution: int | None = Field(None, ge=16, le=1024, description="training resolution; unset: preset")
@@ -109,6 +115,16 @@ class Settings(BaseSettings):
     def _known_strategy(cls, value: str) -> str:
         if value not in STRATEGIES:
             raise ValueError(f"must be one of {', '.join(STRATEGIES)}")
+        return value
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str | None) -> str | None:
+        if value is not None:
+            from learners.backbones import BACKBONES  # torchvision: imported only when named
+
+            if value not in BACKBONES:
+                raise ValueError(f"must be one of {', '.join(BACKBONES)}")
         return value
 
     @model_validator(mode="after")

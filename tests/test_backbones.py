@@ -42,7 +42,7 @@ def test_config_is_json_and_rebuilds_same_shapes():
 
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="unknown backbone"):
-        build_backbone("vit", {})
+        build_backbone("vgg16", {})
     with pytest.raises(ValueError, match="small stem"):
         ResNet18(small_stem=False, stem_stride=2)
     with pytest.raises(ValueError):

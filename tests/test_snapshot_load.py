@@ -68,7 +68,7 @@ def test_unknown_or_mismatched_backbone_is_rejected(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="does not match"):
         load_snapshot(tmp_path)
-    manifest["backbone"]["name"] = "vit"
+    manifest["backbone"]["name"] = "vgg16"
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="unknown backbone"):
         load_snapshot(tmp_path)
