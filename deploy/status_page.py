@@ -18,6 +18,7 @@ function of it (unit tests render synthetic data).
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import math
@@ -180,6 +181,12 @@ def text_colour(value: float, palette: tuple[str, ...] = VIRIDIS) -> str:
     return "#000" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 110 else "#fff"
 
 
+@functools.lru_cache(maxsize=4096)
+def cell_colours(value: float, palette: tuple[str, ...]) -> str:
+    """`background:..;color:..` of a heatmap cell (cached: a 50-experience matrix has thousands)."""
+    return f"background:{colour(value, palette)};color:{text_colour(value, palette)}"
+
+
 def nice_step(span: float, ticks: int = 4) -> float:
     """A round tick step (1, 2 or 5 times a power of ten) giving about `ticks` ticks over `span`."""
     if span <= 0:
@@ -310,8 +317,7 @@ def cell(value: float | None, evaluated: bool, palette: tuple[str, ...] | None, 
     if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value):
         return '<td class="na" title="not evaluated: no labels or too few probes">n/a</td>' if evaluated \
             else '<td class="empty"></td>'
-    style = (f' style="background:{colour(value, palette)};color:{text_colour(value, palette)}"'
-             if palette is not None else "")
+    style = f' style="{cell_colours(round(value, 3), palette)}"' if palette is not None else ""
     return f'<td class="v" data-value="{float(value)!r}"{style}>{value:.{digits}f}</td>'
 
 
