@@ -17,10 +17,8 @@ and closed without taking a thread.
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import json
-import os
 import secrets
 import shutil
 import socket
@@ -37,6 +35,7 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from deploy.status_page import PAGE_CONTENT_TYPE, PAGE_HEADERS
+from replay.atomic import write_exclusive
 
 log = structlog.get_logger()
 
@@ -62,23 +61,12 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 def write_token_file(state_dir: Path) -> tuple[str, Path]:
     """A fresh random admin token written to `<state_dir>/admin.token` (mode 0600); (token, path).
 
-    The file is created under a random temporary name with O_CREAT|O_EXCL|O_NOFOLLOW (a
-    planted file or symlink is never written through) and renamed over the old one.
+    Written with `replay.atomic.write_exclusive` (a planted file or symlink is never
+    written through; the old file is replaced by a rename).
     """
     token = secrets.token_urlsafe(32)
     path = Path(state_dir) / TOKEN_FILE
-    tmp = path.with_name(f".{TOKEN_FILE}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_exclusive(path, (token + "\n").encode(), mode=0o600)
     return token, path
 
 

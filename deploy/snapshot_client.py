@@ -9,11 +9,8 @@ that the CLI prints.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import secrets
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,6 +19,7 @@ from typing import Any
 
 from deploy.http_api import LOOPBACK_NAMES, TOKEN_FILE, read_token_file
 from deploy.multipart import encode_form_data
+from replay.atomic import write_exclusive
 
 SNAPSHOT_TIMEOUT_S = 3600.0  # a SEPT snapshot trains: allow it time
 REQUEST_TIMEOUT_S = 30.0
@@ -210,17 +208,4 @@ def _write_file(path: Path, data: bytes) -> None:
     a symlink (or any file) planted in `--out` is never written through; the rename then
     replaces whatever `path` was (a symlink there is replaced, not followed).
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.part")
-    fd = os.open(tmp, flags, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
+    write_exclusive(path, data)

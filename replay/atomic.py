@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import threading
 from pathlib import Path
 
@@ -26,3 +28,26 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def write_exclusive(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` through a file nobody could have planted.
+
+    The temporary file gets an unpredictable name and is created with
+    O_CREAT|O_EXCL|O_NOFOLLOW and ``mode`` (a planted file or symlink is never written
+    through), fsynced, then renamed over ``path`` (a symlink there is replaced, not followed).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
