@@ -6,6 +6,7 @@ is skipped. `TAILORD_UPDATE_SCREENSHOT=1` also writes its screenshot to docs/sta
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import os
@@ -28,14 +29,16 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / "docs" / "status-page.png"
 SCREENSHOT_MAX_BYTES = 300_000
+HOSTILE = "<img src=x onerror=alert(1)>"  # the third experience's domain header: must show as text
 
 
 @pytest.fixture(scope="module")
 def daemon(broker, tmp_path_factory) -> Iterator[DaemonProcess]:
     """A daemon that has finished digits and fashion (textures closes fashion and stays in progress)."""
     topic = unique_topic("page")
-    for source, count in (("builtin:digits", 240), ("builtin:fashion", 240), ("builtin:textures", 40)):
+    for source, count in (("builtin:digits", 240), ("builtin:fashion", 240)):
         produce(broker.bootstrap, topic, source, count, batch=8)
+    produce(broker.bootstrap, topic, "builtin:textures", 40, domain=HOSTILE, batch=8)
     state = tmp_path_factory.mktemp("page") / "state"
     running = DaemonProcess(state, broker.bootstrap, topic, experience_images=100_000, probe_fraction=0.3,
                             batch_size=32, checkpoint_interval_s=3600).start()
@@ -78,7 +81,8 @@ def test_status_page_shows_r_and_its_floors(daemon):
     assert "1 · digits" in headers_text and "after 2 · fashion" in headers_text
     assert f">{matrix['acc']:.3f}<" in page
     status = daemon.status()
-    assert f"{status['experience']} · textures" in page  # the experience in progress
+    assert f"{status['experience']} · {html.escape(HOSTILE)}" in page  # the experience in progress, as text
+    assert HOSTILE not in page and "<img" not in page.lower()
     assert "<svg" in page and page.count('class="end"') == 2  # both experience ends on the chart
 
 
@@ -95,6 +99,11 @@ def test_status_page_in_headless_chromium(daemon, tmp_path):
                     f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1600",
                     f"--screenshot={shot}", daemon.url + "/"],
                    check=True, capture_output=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          f"--user-data-dir={tmp_path / 'profile'}", daemon.url + "/"],
+                         check=True, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HOME": str(tmp_path)}).stdout
+    assert "<img" not in dom.lower() and html.escape(HOSTILE, quote=False) in dom  # no injected element
     image = Image.open(shot).convert("RGB")
     assert image.size == (1280, 1600)
     colours = image.getcolors(1 << 24) or []
