@@ -76,6 +76,8 @@ SNAPSHOT_FILES = ("model.safetensors", "manifest.json")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm",
                             ".gif"})
 MAX_TARGETS = 10_000
+TARGETS_MAX_BYTES = 512 << 20  # encoded target images read for one JSON (target_path) request
+LABELS_MAX_BYTES = 16 << 20  # a labels CSV
 ROUTE_K = 50  # neighbours per target image that vote
 LABEL_CANDIDATES = 3  # top candidates compared by kNN accuracy when labels are given
 BUDGET_SHARE, BUDGET_MIN, BUDGET_MAX = 0.05, 64, 2000  # default SEPT budget
@@ -100,11 +102,17 @@ def check_name(name: str) -> str:
     return name
 
 
-def collect_images(folder: Path) -> list[Path]:
-    """Image files directly in `folder` (by suffix or magic bytes), sorted; hidden files skipped."""
+def collect_images(folder: Path, base: Path | None = None) -> list[Path]:
+    """Image files directly in `folder` (by suffix or magic bytes), sorted; hidden files skipped.
+
+    With `base`, an entry whose real path (symlinks resolved) leaves `base` is skipped before
+    it is opened.
+    """
     found = []
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_file():
+            continue
+        if base is not None and not path.resolve().is_relative_to(base.resolve()):
             continue
         if path.suffix.lower() in IMAGE_SUFFIXES:
             found.append(path)
@@ -114,6 +122,25 @@ def collect_images(folder: Path) -> list[Path]:
         if fmt not in (None, "tar"):
             found.append(path)
     return found
+
+
+def read_bounded(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of the regular file `path` (never through a symlink), 400 past `limit`.
+
+    The size is checked on the opened file, so a file swapped in after a check cannot
+    be larger than what was checked.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise ApiError(400, f"{what} {path.name!r} cannot be read: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size > limit:
+            raise ApiError(400, f"{what} {path.name!r} is over {limit} bytes")
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(400, f"{what} {path.name!r} is over {limit} bytes")
+    return data
 
 
 def parse_labels_csv(text: str) -> dict[str, str]:
@@ -540,20 +567,23 @@ class SnapshotEngine:
         folder = self._inside_targets(request["target_path"])
         if not folder.is_dir():
             raise ApiError(400, "target_path is not a folder")
-        files = collect_images(folder)
+        files = collect_images(folder, base=self.targets_dir)
         if len(files) > MAX_TARGETS:
             raise ApiError(400, f"{len(files)} target images; at most {MAX_TARGETS}")
-        targets = []
+        targets, total = [], 0
         for path in files:
-            if self._inside_targets(str(path)).stat().st_size > self.limits.max_record_bytes:
-                raise ApiError(400, f"target {path.name!r} is over {self.limits.max_record_bytes} bytes")
-            targets.append((path.name, path.read_bytes()))
+            data = read_bounded(self._inside_targets(str(path)), self.limits.max_record_bytes, "target")
+            total += len(data)
+            if total > TARGETS_MAX_BYTES:
+                raise ApiError(400, f"target images over {TARGETS_MAX_BYTES} bytes in all")
+            targets.append((path.name, data))
         labels = None
         if request.get("labels_path") is not None:
             labels_file = self._inside_targets(str(request["labels_path"]))
             if not labels_file.is_file():
                 raise ApiError(400, "labels_path is not a file")
-            labels = parse_labels_csv(labels_file.read_text(encoding="utf-8-sig", errors="replace"))
+            text = read_bounded(labels_file, LABELS_MAX_BYTES, "labels file").decode("utf-8-sig", errors="replace")
+            labels = parse_labels_csv(text)
         name = request.get("name")
         if name is not None and not isinstance(name, str):
             raise ApiError(400, "name must be a string")

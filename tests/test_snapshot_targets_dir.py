@@ -1,0 +1,80 @@
+"""JSON snapshot requests naming a folder under TAILORD_TARGETS_DIR: bounded reads that stay inside it."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+import deploy.snapshots as snapshots
+from deploy.http_api import ApiError
+from deploy.snapshots import SnapshotEngine, collect_images, read_bounded
+from streamer.limits import DecodeLimits
+
+
+def png(shade: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (shade, shade, shade)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def targets(tmp_path):
+    base = tmp_path / "targets"
+    (base / "task").mkdir(parents=True)
+    for i in range(3):
+        (base / "task" / f"{i}.png").write_bytes(png(40 * i))
+    (base / "labels.csv").write_text("filename,label\n0.png,a\n1.png,b\n2.png,a\n")
+    return base
+
+
+def parser(base) -> SnapshotEngine:
+    engine = SnapshotEngine.__new__(SnapshotEngine)
+    engine.targets_dir, engine.limits = base, DecodeLimits()
+    return engine
+
+
+def request(body: dict) -> bytes:
+    return json.dumps(body).encode()
+
+
+def test_a_folder_request_reads_its_images_and_labels(targets):
+    parsed = parser(targets).parse_request("application/json",
+                                           request({"target_path": "task", "labels_path": "labels.csv"}))
+    assert [name for name, _ in parsed.targets] == ["0.png", "1.png", "2.png"]
+    assert parsed.labels == {"0.png": "a", "1.png": "b", "2.png": "a"}
+
+
+def test_the_images_of_one_request_are_capped_in_total(targets, monkeypatch):
+    one = len(png(0))
+    monkeypatch.setattr(snapshots, "TARGETS_MAX_BYTES", 2 * one + 10)
+    with pytest.raises(ApiError, match="in all") as error:
+        parser(targets).parse_request("application/json", request({"target_path": "task"}))
+    assert error.value.status == 400
+
+
+def test_the_labels_file_is_read_with_a_limit(targets, monkeypatch):
+    monkeypatch.setattr(snapshots, "LABELS_MAX_BYTES", 16)
+    with pytest.raises(ApiError, match="labels file 'labels.csv' is over 16 bytes"):
+        parser(targets).parse_request("application/json",
+                                      request({"target_path": "task", "labels_path": "labels.csv"}))
+
+
+def test_an_entry_leading_outside_is_skipped_before_it_is_opened(targets, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_bytes(png(9))  # a readable image outside TAILORD_TARGETS_DIR
+    (targets / "task" / "leak.png").symlink_to(secret)
+    (targets / "task" / "noext").symlink_to(secret)
+    assert [p.name for p in collect_images(targets / "task", base=targets)] == ["0.png", "1.png", "2.png"]
+
+
+def test_a_symlink_is_never_read_through(targets, tmp_path):
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(png(1))
+    link = targets / "task" / "link.png"
+    link.symlink_to(outside)
+    with pytest.raises(ApiError, match="cannot be read"):
+        read_bounded(link, 1 << 20, "target")
+    assert read_bounded(targets / "task" / "0.png", 1 << 20, "target") == png(0)
