@@ -4,7 +4,7 @@
 
 1. embed the target images with the encoder of the live index version;
 2. `route` (SDR-style): kNN of the targets among stored samples -> similarity-weighted
-   votes per experience -> ranked candidate checkpoints; with labels, two-fold kNN
+   votes per experience -> ranked candidate checkpoints; with labels, leave-one-out kNN
    accuracy of the top candidates on the labelled targets decides;
 3. `sept`: retrieve the `budget` nearest stored samples and continue SSL on them, from
    the chosen checkpoint (`route+sept`) or the latest one (`sept`);
