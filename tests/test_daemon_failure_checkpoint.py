@@ -63,8 +63,8 @@ def test_a_failure_between_iterations_still_checkpoints(run_daemon, monkeypatch)
 def test_a_failure_inside_a_step_writes_no_checkpoint(run_daemon, monkeypatch) -> None:
     real_build, steps = daemon.build_learner, itertools.count(1)
 
-    def learner_failing_on_the_third_step(settings, world):
-        learner = real_build(settings, world)
+    def learner_failing_on_the_third_step(*args, **kwargs):
+        learner = real_build(*args, **kwargs)
         step = learner.step
 
         def failing(*args, **kwargs):
