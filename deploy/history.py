@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from deploy.evaluate import EvalRow
 from learners.forgetting import average_accuracy, average_forgetting, backward_transfer
 from learners.protocol import KNN_K, KNN_TEMPERATURE, LINEAR_FOLDS, MIN_CLASS_IMAGES
 from replay.atomic import write_atomic
+
+if TYPE_CHECKING:  # an annotation only: `tailord report` reads histories without loading the learner
+    from deploy.evaluate import EvalRow
 
 PROTOCOL = {"knn": f"leave-one-out weighted kNN, k <= {KNN_K} (capped per probe set), T={KNN_TEMPERATURE}",
             "linear": f"logistic regression on standardised frozen features, stratified {LINEAR_FOLDS}-fold CV",
