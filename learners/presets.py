@@ -1,6 +1,6 @@
 """Named training presets: backbone size, input resolution, batch size, optimizer.
 
-``PRESETS["gpu"]`` is the standard ResNet-18 at 224 px. ``PRESETS["cpu"]``
+``PRESETS["gpu"]`` is the papers' ResNet-50 at 224 px. ``PRESETS["cpu"]``
 is sized so the daemon keeps up with a stream on a small CPU box (see its
 ``description`` for the measurement). Pick one with ``PRESETS[name]``.
 """
@@ -75,20 +75,30 @@ warm up again.""",
 
 GPU = Preset(
     name="gpu",
-    backbone_kwargs={"width": 64, "small_stem": False, "stem_stride": 1},
+    backbone="resnet50",
+    backbone_kwargs={"small_stem": False, "stem_stride": 1},
     resolution=224,
     batch_size=256,
-    lr=0.05,
+    lr=0.03,
     weight_decay=1e-4,
     warmup_steps=50_000,
-    description="""Standard ResNet-18 (torchvision shapes, 512-d features), ImageNet stem, 224 px, batch 256.
+    simclr_temperature=0.2,
+    description="""torchvision ResNet-50 (2048-d features), ImageNet stem, 224 px, batch 256: the backbone
+and input of SimCLR, MoCo v2, BYOL and SimSiam's ImageNet results, so ImageNet weights
+(TAILORD_INIT_WEIGHTS) load as they are.
 
-Bare SimSiam train step on one H100 (bf16 autocast, channels_last): ~4.4k
-images/s (~5.7k with torch.compile; fp32 contiguous ~2.2k). SimSiam's
-ImageNet recipe: SGD, base lr 0.05 per 256 images, weight decay 1e-4.
-Linear warmup of 50,000 steps: SimCLR's 10 ImageNet epochs (10 x 1.28M images /
-256 per step), then constant (no decay on an endless stream; the warmup's position
-is checkpointed). Not measured here (no GPU run of benchmarks/recipe.py yet).""",
+Optimizer: MoCo v2's recipe for batch 256 (SimCLR's own needs LARS at batch 4096):
+SGD (momentum 0.9), base lr 0.03 per 256 images
+(scaled linearly if TAILORD_BATCH_SIZE changes it), weight decay 1e-4, SimCLR temperature
+0.2 (MoCo v2's; SimCLR's 0.1 was tuned for batch 4096). Linear warmup of 50,000 steps:
+SimCLR's 10 ImageNet epochs (10 x 1.28M images / 256 per step), then constant (no decay on
+an endless stream; the warmup's position is checkpointed).
+
+One GPU: the step runs 2 x 256 images through ResNet-50 (bf16 autocast, channels_last);
+estimated at ~30 GB of activations, so it wants a 40 GB+ GPU; on a 24 GB one set
+TAILORD_BATCH_SIZE=128. Not measured here: no GPU run of benchmarks/train_step.py or
+benchmarks/recipe.py with ResNet-50 yet (the ResNet-18 this preset had before did ~4.4k
+images/s on one H100, docs/scaling.md).""",
 )
 
 PRESETS: dict[str, Preset] = {"cpu": CPU, "gpu": GPU}
