@@ -1,0 +1,155 @@
+"""A distribution-shift detector on embeddings of a live stream (no labels, no header).
+
+The stream's recent samples (a window of ``window`` embeddings) are compared with the
+samples just before them in the current experience (a reference of up to ``reference``
+embeddings) by a kernel two-sample statistic: the (biased) squared MMD with a Gaussian
+kernel whose bandwidth is the mean pairwise squared distance. A permutation null (the same
+pooled samples, relabelled ``permutations`` times) turns it into a z-score, which is
+the statistic reported: how many null standard deviations the observed MMD lies above
+the null mean. A boundary is due when the z-score exceeds ``threshold`` on ``patience``
+consecutive checks, the experience holds ``min_images`` and the last drift boundary is
+at least ``cooldown_images`` back. The reference slides (first in, first out), so a
+slow drift is absorbed into it and never cuts; only a change faster than the window
+and reference span is significant. While the z-score is above the threshold the
+reference stops sliding, so a shift held back by the min length or the cool-down is
+still cut once they allow it.
+
+Usage::
+
+    detector = DriftDetector(window=32, reference=128, threshold=6.0, patience=3)
+    for images, feats in stream:               # feats: (n, D) float embeddings of a sample of `images`
+        z = detector.update(feats, images=len(images))
+        if z is not None:                      # a drift boundary: end the experience
+            detector.boundary("drift")
+    torch.save(detector.state_dict(), path)    # tensors only (safetensors-compatible)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+REASONS = ("header", "count", "drift")
+
+
+class DriftDetector:
+    """Sliding two-window kernel MMD test with a permutation z-score, patience, min length and cool-down."""
+
+    def __init__(self, window: int = 32, reference: int = 128, threshold: float = 6.0, patience: int = 3,
+                 permutations: int = 100, min_images: int = 256, cooldown_images: int = 512,
+                 check_every: int = 8, seed: int = 0) -> None:
+        if window < 2 or reference < window or patience < 1 or permutations < 10:
+            raise ValueError("need window >= 2, reference >= window, patience >= 1, permutations >= 10")
+        self.window, self.reference, self.threshold, self.patience = window, reference, threshold, patience
+        self.permutations, self.min_images, self.cooldown_images = permutations, min_images, cooldown_images
+        self.check_every, self.seed = check_every, seed
+        self.recent: Tensor | None = None  # (<= window, D) newest embeddings
+        self.past: Tensor | None = None  # (<= reference, D) the experience's embeddings before `recent`
+        self.statistic = 0.0  # z-score of the last check
+        self.streak = 0  # consecutive checks above the threshold
+        self.images_in_experience = 0
+        self.images_since_drift = cooldown_images  # no drift boundary yet: not cooling down
+        self.since_check = 0  # embeddings added since the last check
+        self.checks = 0  # checks run so far (seeds the permutations: a restart draws the same)
+
+    def update(self, features: Tensor, images: int) -> float | None:
+        """Add embeddings (n, D) of a sample of `images` stream images; the z-score when a boundary is due."""
+        self.images_in_experience += images
+        self.images_since_drift += images
+        features = features.detach().float().cpu()
+        if len(features):
+            self._push(features)
+            self.since_check += len(features)
+        if self.since_check < self.check_every or not self.ready():
+            return None
+        self.since_check = 0
+        self.statistic = self.test()
+        self.streak = self.streak + 1 if self.statistic > self.threshold else 0
+        due = (self.streak >= self.patience and self.images_in_experience >= self.min_images
+               and self.images_since_drift >= self.cooldown_images)
+        return self.statistic if due else None
+
+    def ready(self) -> bool:
+        """A full window and a reference at least as large: enough to test."""
+        return (self.recent is not None and len(self.recent) >= self.window
+                and self.past is not None and len(self.past) >= self.window)
+
+    def boundary(self, reason: str) -> None:
+        """An experience ended for `reason`: drift keeps the window (the new distribution) as the
+        new reference, a header change forgets everything, a count cut keeps everything."""
+        if reason not in REASONS:
+            raise ValueError(f"reason must be one of {REASONS}")
+        self.images_in_experience = 0
+        self.streak = 0
+        if reason == "drift":
+            self.images_since_drift = 0
+            self.past, self.recent = self.recent, None
+        elif reason == "header":
+            self.past = self.recent = None
+
+    def test(self) -> float:
+        """z-score of MMD²(recent, past) against its permutation null (0 when the null is degenerate).
+
+        Runs on one intra-op thread: at this size (a few hundred rows) more threads only add
+        synchronisation, which on a busy 2-core box made a test 10x slower (25 ms vs 2.3 ms).
+        """
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._z_score()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _z_score(self) -> float:
+        x, y = self.recent, self.past  # (m, D), (n, D)
+        pooled = torch.cat([x, y])  # (m+n, D)
+        distances = torch.cdist(pooled, pooled).pow(2)  # (m+n, m+n) squared distances
+        pairs = len(pooled) * (len(pooled) - 1)
+        bandwidth = (distances.sum() / pairs).clamp_min(1e-12)  # mean pairwise squared distance
+        kernel = torch.exp(-distances / bandwidth)  # Gaussian kernel
+        m, n = len(x), len(y)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.checks)
+        self.checks += 1
+        order = torch.rand(self.permutations, m + n, generator=generator).argsort(1)  # (P, m+n) permutations
+        labels = torch.cat([torch.arange(m + n).unsqueeze(0), order]) < m  # (P+1, m+n): row 0 observed
+        weights = torch.where(labels, 1.0 / m, -1.0 / n)  # MMD² = wᵀ K w
+        mmd = ((weights @ kernel) * weights).sum(1)  # (P+1,)
+        null = mmd[1:]
+        spread = null.std()
+        if not math.isfinite(float(spread)) or float(spread) <= 1e-12:
+            return 0.0
+        return float((mmd[0] - null.mean()) / spread)
+
+    def _push(self, features: Tensor) -> None:
+        """Append to the window; what leaves it joins the reference, whose oldest leave it."""
+        recent = features if self.recent is None else torch.cat([self.recent, features])
+        overflow = len(recent) - self.window
+        if overflow > 0:
+            aged, recent = recent[:overflow], recent[overflow:]
+            if self.streak == 0:  # while a shift is pending the reference holds the old distribution
+                past = aged if self.past is None else torch.cat([self.past, aged])
+                self.past = past[-self.reference:]
+        self.recent = recent
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Everything needed to continue after a restart, as tensors (a safetensors file)."""
+        counters = [self.streak, self.images_in_experience, self.images_since_drift, self.since_check, self.checks]
+        state = {"counters": torch.tensor(counters, dtype=torch.int64),
+                 "statistic": torch.tensor([self.statistic], dtype=torch.float64)}
+        if self.recent is not None:
+            state["recent"] = self.recent.contiguous()
+        if self.past is not None:
+            state["past"] = self.past.contiguous()
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore `state_dict()`'s output (the configuration comes from the constructor)."""
+        (self.streak, self.images_in_experience, self.images_since_drift, self.since_check,
+         self.checks) = (int(v) for v in state["counters"].tolist())
+        self.statistic = float(state["statistic"][0])
+        self.recent = state.get("recent")
+        self.past = state.get("past")
+        if self.past is not None:
+            self.past = self.past[-self.reference:]

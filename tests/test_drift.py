@@ -1,0 +1,87 @@
+"""The drift detector: detects a clear shift within its delay, stays quiet on a stationary
+stream, honours min length and cool-down, and survives a state_dict round trip."""
+
+import torch
+import torch.nn.functional as F
+
+from learners.drift import DriftDetector
+
+DIM = 64
+PER_STEP = 4  # embeddings per step
+IMAGES = 32  # stream images per step
+
+
+def features(generator: torch.Generator, shift: float = 0.0) -> torch.Tensor:
+    """(PER_STEP, DIM) unit vectors of one of two clusters of noisy embeddings."""
+    x = torch.randn(PER_STEP, DIM, generator=generator)
+    x[:, 0] += shift
+    return F.normalize(x, dim=1)
+
+
+def stream(detector: DriftDetector, steps: int, shift_at: int | None, seed: int = 0) -> list[int]:
+    """Feed `steps` steps (shifted from step `shift_at`); the images at which boundaries were cut."""
+    generator = torch.Generator().manual_seed(seed)
+    cuts = []
+    for step in range(steps):
+        shifted = shift_at is not None and step >= shift_at
+        if detector.update(features(generator, 4.0 if shifted else 0.0), IMAGES) is not None:
+            cuts.append(step * IMAGES)
+            detector.boundary("drift")
+    return cuts
+
+
+def test_detects_a_clear_shift_within_500_images():
+    for seed in range(3):
+        cuts = stream(DriftDetector(seed=seed), 200, shift_at=100, seed=seed)
+        assert len(cuts) == 1
+        assert 0 <= cuts[0] - 100 * IMAGES <= 500
+
+
+def test_no_boundary_on_a_stationary_stream():
+    for seed in range(3):
+        detector = DriftDetector(seed=seed)
+        assert stream(detector, 600, shift_at=None, seed=seed) == []  # 19,200 images
+        assert detector.statistic < detector.threshold
+
+
+def test_min_length_holds_a_cut_back():
+    detector = DriftDetector(min_images=100 * IMAGES + 2000, cooldown_images=0)
+    cuts = stream(detector, 200, shift_at=100)
+    assert cuts and cuts[0] >= 100 * IMAGES + 2000  # persistent shift: cut once the experience is long enough
+
+
+def test_cooldown_after_a_drift_boundary():
+    detector = DriftDetector(cooldown_images=3000, min_images=0)
+    stream(detector, 40, shift_at=None)
+    detector.boundary("drift")  # the last drift boundary is now
+    generator = torch.Generator().manual_seed(1)
+    cuts = []
+    for step in range(150):  # the stream flips every 10 steps: clearly shifting all the time
+        shift = 4.0 if (step // 10) % 2 else 0.0
+        if detector.update(features(generator, shift), IMAGES) is not None:
+            cuts.append(step * IMAGES)
+            detector.boundary("drift")
+    assert cuts
+    assert all(b - a >= 3000 for a, b in zip([0, *cuts], cuts, strict=False))
+
+
+def test_header_boundary_forgets_count_boundary_keeps():
+    detector = DriftDetector()
+    stream(detector, 60, shift_at=None)
+    assert detector.ready()
+    detector.boundary("count")
+    assert detector.ready() and detector.images_in_experience == 0
+    detector.boundary("header")
+    assert not detector.ready()
+
+
+def test_state_dict_round_trip_continues_identically():
+    a = DriftDetector(seed=3)
+    stream(a, 80, shift_at=None, seed=3)
+    b = DriftDetector(seed=3)
+    b.load_state_dict({k: v.clone() for k, v in a.state_dict().items()})
+    generator_a, generator_b = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    for step in range(40):
+        shift = 4.0 if step >= 10 else 0.0
+        assert a.update(features(generator_a, shift), IMAGES) == b.update(features(generator_b, shift), IMAGES)
+        assert a.statistic == b.statistic
