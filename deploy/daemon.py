@@ -192,7 +192,7 @@ def run_rank(settings: Settings, world: World) -> int:
     stream_batch = stream_batch_size(learner.preset.batch_size, settings.replay_share if buffer else 0.0)
     pin = learner.device.type == "cuda"
     prefetcher = Prefetcher(source, decode, on_reject, batch_size=stream_batch,
-                            split_on_domain=settings.split_on_domain, workers=settings.decode_workers,
+                            split_on_domain="header" in settings.boundaries, workers=settings.decode_workers,
                             prepare=lambda samples: Prepared.of(samples, settings.probe_fraction, pin),
                             decode_batch=decode_batch)
     if world.distributed:
@@ -325,9 +325,9 @@ def run_rank(settings: Settings, world: World) -> int:
             last_data = time.monotonic()
             metrics.records_consumed.labels(settings.topic).inc(agreed.records)  # rank 0 shows the world's
             mid_iteration = True
-            if agreed.boundary_to is not None and settings.split_on_domain and progress.images_in_experience > 0:
+            if agreed.boundary_to is not None and "header" in settings.boundaries and progress.images_in_experience > 0:
                 end_experience(agreed.boundary_to)  # before the probes: they belong to the new experience
-            if progress.domain is None or not settings.split_on_domain:
+            if progress.domain is None or "header" not in settings.boundaries:
                 progress.domain = agreed.domain or progress.domain
             shared = world.gather(Shared.of(train, held_out, batch.positions if batch else {}, world))
             if shared is not None:  # rank 0: every rank's samples go to the store, probes and audit log
@@ -375,7 +375,7 @@ def run_rank(settings: Settings, world: World) -> int:
             service.record_throughput(rate.value, progress.images_total)
 
             if progress.images_in_experience >= settings.experience_images:
-                end_experience(None if settings.split_on_domain else progress.domain)
+                end_experience(None if "header" in settings.boundaries else progress.domain)
             elif agreed.checkpoint_due if world.distributed else interval_due():  # one process: after the step
                 save("interval")
                 last_checkpoint = time.monotonic()

@@ -18,6 +18,7 @@ from learners.regularizers import (
 )
 
 ENV_PREFIX = "TAILORD_"
+BOUNDARY_MODES = ("header", "count", "drift")  # what may end an experience (TAILORD_BOUNDARY)
 
 
 class SettingsError(Exception):
@@ -73,7 +74,15 @@ class Settings(BaseSettings):
 
     # experiences
     experience_images: int = Field(2000, ge=1, description="trained images per experience")
-    split_on_domain: bool = Field(True, description="also end an experience when the domain header changes")
+    boundary: str = Field(
+        "header", description="what else ends an experience (TAILORD_EXPERIENCE_IMAGES is always the upper bound): header = the domain header changes, drift = the embedding distribution shifts (no header needed), count = nothing else; combine with commas, e.g. `header,drift` (docs/continual.md)")
+    split_on_domain: bool | None = Field(None, description="deprecated, read when TAILORD_BOUNDARY is unset: true = `header`, false = `count`")
+    drift_threshold: float = Field(6.0, gt=0, description="drift: z-score of the window-vs-reference MMD (permutation null) above which a check counts as shifted")
+    drift_patience: int = Field(3, ge=1, le=100, description="drift: consecutive shifted checks before a boundary")
+    drift_min_images: int = Field(256, ge=0, description="drift: no drift boundary in an experience shorter than this (trained images)")
+    drift_cooldown_images: int = Field(512, ge=0, description="drift: trained images after a drift boundary before the next one")
+    drift_window: int = Field(32, ge=4, le=4096, description="drift: embeddings in the recent window (the reference holds 4x as many)")
+    drift_sample: int = Field(4, ge=1, le=1024, description="drift: stream images per step embedded for the detector (its cost)")
     probe_fraction: float = Field(0.2, ge=0, le=0.5, description="hash fraction of records kept out for evaluation (0.2: >= 30 probes per class of a 10-class domain at the default experience size)")
     probe_max_images: int = Field(500, ge=0, description="probe images kept per experience")
 
@@ -142,6 +151,24 @@ class Settings(BaseSettings):
 
             HostPolicy.of("127.0.0.1", 0, value)  # ValueError names the bad entry
         return value
+
+    @model_validator(mode="after")
+    def _boundary_modes(self) -> Settings:
+        if "boundary" not in self.model_fields_set and self.split_on_domain is not None:
+            self.boundary = "header" if self.split_on_domain else "count"
+        modes = {part.strip() for part in self.boundary.split(",") if part.strip()}
+        unknown = sorted(modes - set(BOUNDARY_MODES))
+        if unknown or not modes:
+            raise ValueError(f"boundary: {unknown[0] if unknown else 'empty'!r} is not one of {', '.join(BOUNDARY_MODES)}")
+        if self.split_on_domain is not None and self.split_on_domain != ("header" in modes):
+            raise ValueError("split_on_domain: contradicts TAILORD_BOUNDARY (drop the deprecated setting)")
+        self.boundary = ",".join(m for m in BOUNDARY_MODES if m in modes)
+        return self
+
+    @property
+    def boundaries(self) -> frozenset[str]:
+        """The boundary modes that are on, besides the count upper bound (`header`, `drift`)."""
+        return frozenset(self.boundary.split(",")) - {"count"}
 
     @model_validator(mode="after")
     def _ondisk_needs_ivf(self) -> Settings:

@@ -76,3 +76,29 @@ def test_readme_table_is_current():
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert settings_table() in readme, "regenerate with: make docs"
+
+
+@pytest.mark.parametrize(("env", "boundary"), [
+    ({}, "header"),
+    ({"TAILORD_BOUNDARY": "drift,header"}, "header,drift"),
+    ({"TAILORD_BOUNDARY": "count"}, "count"),
+    ({"TAILORD_SPLIT_ON_DOMAIN": "false"}, "count"),  # the deprecated setting maps onto TAILORD_BOUNDARY
+    ({"TAILORD_SPLIT_ON_DOMAIN": "true", "TAILORD_BOUNDARY": "header,drift"}, "header,drift"),
+])
+def test_boundary_modes(monkeypatch, env, boundary):
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    settings = load_settings()
+    assert settings.boundary == boundary
+    assert settings.boundaries == set(boundary.split(",")) - {"count"}
+
+
+@pytest.mark.parametrize(("env", "needle"), [
+    ({"TAILORD_BOUNDARY": "header,magic"}, "TAILORD_BOUNDARY"),
+    ({"TAILORD_BOUNDARY": "drift", "TAILORD_SPLIT_ON_DOMAIN": "true"}, "TAILORD_SPLIT_ON_DOMAIN"),
+])
+def test_bad_boundary_names_setting(monkeypatch, env, needle):
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    with pytest.raises(SettingsError, match=needle):
+        load_settings()
