@@ -20,6 +20,12 @@ The last line of output is one JSON object::
 Example: ``python benchmarks/train_step.py --preset cpu --method simsiam --steps 20``.
 On a shared machine other processes lower both numbers; report the load
 (``loadavg_1m``) with them.
+
+``--backbone NAME`` measures another registered backbone with the kwargs the daemon would
+give it for ``TAILORD_BACKBONE=NAME`` under the preset (``deploy.learner.backbone_choice``:
+its defaults for the preset's resolution, e.g. the small ResNet stem or a patch-4 ViT at
+32 px); ``--backbone all`` measures each in turn, one JSON line each, then a last line
+``{"backbones": {name: images_per_second}, ...}``.
 """
 
 from __future__ import annotations
@@ -33,18 +39,26 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms import v2
 
+from deploy.learner import backbone_choice
+from deploy.settings import Settings
 from learners.augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment
-from learners.backbones import build_backbone
+from learners.backbones import BACKBONES, build_backbone
 from learners.device import default_amp, pick_device, use_channels_last
 from learners.methods import build_method
 from learners.presets import PRESETS, Preset
 from learners.train_step import TrainStep, build_optimizer
 
 
-def build(preset: Preset, method_name: str, backbone_kwargs: dict) -> torch.nn.Module:
+def backbone_spec(preset: Preset, name: str | None, overrides: dict) -> tuple[str, dict]:
+    """Registry name and kwargs the daemon builds for ``TAILORD_BACKBONE=name`` (None: the
+    preset's) and ``TAILORD_BACKBONE_KWARGS=overrides``, so the benchmark times that model."""
+    settings = Settings.model_construct(backbone=name, backbone_kwargs=overrides)  # no env, no .env
+    return backbone_choice(settings, preset)
+
+
+def build(preset: Preset, method_name: str, backbone: tuple[str, dict]) -> torch.nn.Module:
     torch.manual_seed(0)
-    backbone = build_backbone(preset.backbone, {**preset.backbone_kwargs, **backbone_kwargs})
-    return build_method(method_name, backbone)
+    return build_method(method_name, build_backbone(*backbone))
 
 
 def images_per_second(
@@ -69,7 +83,7 @@ def tailord_loop(
     batch: torch.Tensor,
     compile_model: bool,
 ) -> float:
-    method = build(preset, args.method, args.backbone_kwargs)
+    method = build(preset, args.method, args.spec)
     if compile_model:
         method.compile()
     step = TrainStep(
@@ -86,7 +100,7 @@ def tailord_loop(
 def baseline_loop(
     args: argparse.Namespace, preset: Preset, device: torch.device, batch: torch.Tensor
 ) -> float:
-    method = build(preset, args.method, args.backbone_kwargs).to(device)
+    method = build(preset, args.method, args.spec).to(device)
     optimizer = build_optimizer(method, preset)
     transform = v2.Compose(
         [
@@ -113,10 +127,16 @@ def baseline_loop(
     return images_per_second(step, len(batch), args.steps, args.warmup, device)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--method", choices=["simsiam", "byol", "simclr", "moco"], default="simclr")
+    parser.add_argument(
+        "--backbone",
+        choices=[*sorted(BACKBONES), "all"],
+        default=None,
+        help="registered backbone to time (default: the preset's); all: each in turn",
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
@@ -130,12 +150,52 @@ def main() -> None:
         "--backbone-kwargs",
         type=json.loads,
         default={},
-        help="JSON overrides of the preset backbone, e.g. '{\"width\": 64}'",
+        help="JSON overrides of the backbone's kwargs, e.g. '{\"width\": 64}'",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the method")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain eager loop")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def measure(args: argparse.Namespace, preset: Preset, device: torch.device, batch: torch.Tensor) -> dict:
+    """Times the tailord step (and the baseline unless --no-baseline) for ``args.spec``."""
+    compile_status = "off"
+    if args.compile:
+        try:
+            ips = tailord_loop(args, preset, device, batch, compile_model=True)
+            compile_status = "ok"
+        except Exception as exc:  # report and fall back to eager: compile is optional
+            compile_status = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            torch._dynamo.reset()
+            ips = tailord_loop(args, preset, device, batch, compile_model=False)
+    else:
+        ips = tailord_loop(args, preset, device, batch, compile_model=False)
+    base = None if args.no_baseline else baseline_loop(args, preset, device, batch)
+    backbone = build_backbone(*args.spec)
+    return {
+        "preset": preset.name,
+        "method": args.method,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "backbone": args.spec[0],
+        "images_per_second": round(ips, 1),
+        "baseline_images_per_second": None if base is None else round(base, 1),
+        "speedup": None if base is None else round(ips / base, 2),
+        "threads": torch.get_num_threads(),
+        "batch_size": preset.batch_size,
+        "resolution": preset.resolution,
+        "backbone_kwargs": args.spec[1],
+        "feature_dim": backbone.feature_dim,
+        "backbone_parameters_m": round(sum(p.numel() for p in backbone.parameters()) / 1e6, 2),
+        "amp": default_amp(device),
+        "channels_last": use_channels_last(device),
+        "compile": compile_status,
+        "steps": args.steps,
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def main() -> None:
+    args = parse_args()
     preset = PRESETS[args.preset]
     device = pick_device(args.device)
     size = args.input_size or preset.resolution
@@ -149,42 +209,17 @@ def main() -> None:
     if device.type == "cuda":
         batch = batch.pin_memory()
 
-    compile_status = "off"
-    if args.compile:
-        try:
-            ips = tailord_loop(args, preset, device, batch, compile_model=True)
-            compile_status = "ok"
-        except Exception as exc:  # report and fall back to eager: compile is optional
-            compile_status = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            torch._dynamo.reset()
-            ips = tailord_loop(args, preset, device, batch, compile_model=False)
-    else:
-        ips = tailord_loop(args, preset, device, batch, compile_model=False)
-    base = None if args.no_baseline else baseline_loop(args, preset, device, batch)
-
-    print(
-        json.dumps(
-            {
-                "preset": preset.name,
-                "method": args.method,
-                "device": str(device)
-                if device.type == "cpu"
-                else torch.cuda.get_device_name(device),
-                "images_per_second": round(ips, 1),
-                "baseline_images_per_second": None if base is None else round(base, 1),
-                "speedup": None if base is None else round(ips / base, 2),
-                "threads": torch.get_num_threads(),
-                "batch_size": preset.batch_size,
-                "resolution": preset.resolution,
-                "backbone_kwargs": {**preset.backbone_kwargs, **args.backbone_kwargs},
-                "amp": default_amp(device),
-                "channels_last": use_channels_last(device),
-                "compile": compile_status,
-                "steps": args.steps,
-                "loadavg_1m": round(os.getloadavg()[0], 2),
-            }
-        )
-    )
+    names = sorted(BACKBONES) if args.backbone == "all" else [args.backbone]
+    results = {}
+    for name in names:
+        args.spec = backbone_spec(preset, name, args.backbone_kwargs)
+        result = measure(args, preset, device, batch)
+        results[result["backbone"]] = result["images_per_second"]
+        print(json.dumps(result), flush=True)
+    if len(names) > 1:
+        print(json.dumps({"preset": preset.name, "method": args.method, "device": result["device"],
+                          "backbones": results, "steps": args.steps,
+                          "loadavg_1m": round(os.getloadavg()[0], 2)}))
 
 
 if __name__ == "__main__":
