@@ -243,138 +243,149 @@ def start_http(host: str, port: int, backend: AdminBackend, admin_token: str | N
     told to with an empty TAILORD_ADMIN_TOKEN); the Host/Origin checks apply regardless.
     `metrics_auth` puts /metrics behind the same bearer token (/healthz and /readyz stay open).
     """
-    policy_box: list[HostPolicy] = []
-    handler = _make_handler(backend, admin_token, upload_max_bytes, timeout, policy_box, metrics_auth)
+    handler = type("BoundAdminHandler", (AdminHandler,), {
+        "backend": backend, "token": admin_token.encode() if admin_token else None,
+        "upload_max_bytes": upload_max_bytes, "timeout": timeout, "metrics_auth": metrics_auth})
     server = _BoundedHTTPServer((host, port), handler, max_connections)
-    policy_box.append(HostPolicy.of(host, server.server_address[1], allowed_hosts))
+    handler.policy = HostPolicy.of(host, server.server_address[1], allowed_hosts)  # the bound port
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     thread.start()
     return HttpServer(server, thread)
 
 
-def _make_handler(backend: AdminBackend, admin_token: str | None, upload_max_bytes: int,
-                  read_timeout: float, policy_box: list[HostPolicy], metrics_auth: bool = False) -> type:
-    token = admin_token.encode() if admin_token else None
+class AdminHandler(BaseHTTPRequestHandler):
+    """One request: the Host/Origin/token checks, then a route. `start_http` binds the class
+    attributes below in a subclass, one per server."""
 
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "tailord"
-        timeout = read_timeout  # StreamRequestHandler sets it on the socket
+    server_version = "tailord"
+    backend: AdminBackend
+    token: bytes | None
+    upload_max_bytes: int
+    metrics_auth: bool
+    policy: HostPolicy
+    timeout: float  # StreamRequestHandler sets it on the socket
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-            # a client that timed out before its request line has no `requestline` yet
-            log.debug("http", request=getattr(self, "requestline", None), code=args[1] if len(args) > 1 else None)
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        # a client that timed out before its request line has no `requestline` yet
+        log.debug("http", request=getattr(self, "requestline", None), code=args[1] if len(args) > 1 else None)
 
-        def _send(self, status: int, body: bytes, content_type: str = "application/json",
-                  headers: dict[str, str] | None = None) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        self._dispatch("GET")
 
-        def _send_file(self, path: Path) -> None:
-            with open(path, "rb") as fh:
-                self.send_response(200)
-                self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(path.stat().st_size))
-                self.end_headers()
-                shutil.copyfileobj(fh, self.wfile)
+    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+        self._dispatch("POST")
 
-        def _json(self, status: int, payload: dict[str, Any]) -> None:
-            self._send(status, json.dumps(payload, indent=2, default=str).encode() + b"\n")
-
-        def _authorized(self) -> bool:
-            if token is None:
-                return True
-            got = self.headers.get("Authorization", "")
-            expected = b"Bearer " + token
-            return hmac.compare_digest(got.encode("utf-8", "replace"), expected)
-
-        def _dispatch(self, method: str) -> None:
-            path = self.path.split("?", 1)[0]
-            try:
-                if path not in OPEN_PATHS and not policy_box[0].allows(self.headers.get("Host")):
-                    self.close_connection = True
-                    return self._json(403, {"error": "unknown Host header: not this server's name "
-                                                     "(TAILORD_HTTP_ALLOWED_HOSTS adds names a proxy uses)"})
-                if method == "GET" and path == "/":  # the status page (deploy/status_page.py)
-                    if metrics_auth and not self._authorized():  # the same rule as /metrics
-                        return self._json(401, {"error": "missing or wrong bearer token (TAILORD_METRICS_AUTH)"})
-                    return self._send(200, backend.status_page(), PAGE_CONTENT_TYPE, PAGE_HEADERS)
-                if method == "GET" and path == "/metrics":
-                    if metrics_auth and not self._authorized():
-                        return self._json(401, {"error": "missing or wrong bearer token (TAILORD_METRICS_AUTH)"})
-                    return self._send(200, backend.metrics_text(), CONTENT_TYPE_LATEST)
-                if method == "GET" and path == "/healthz":
-                    return self._json(200, {"status": "alive"})
-                if method == "GET" and path == "/readyz":
-                    ok, detail = backend.ready()
-                    return self._json(200 if ok else 503, {"ready": ok, **detail})
-                if path.startswith("/admin/"):
-                    if not policy_box[0].allows_origin(self.headers.get("Origin")):
-                        self.close_connection = True
-                        return self._json(403, {"error": "cross-origin request refused"})
-                    if not self._authorized():
-                        self.close_connection = True  # a POST body stays unread
-                        return self._json(401, {"error": "missing or wrong bearer token"})
-                    return self._admin(method, path)
-                raise ApiError(404, f"no route {method} {path}")
-            except ApiError as exc:
-                self._json(exc.status, {"error": exc.message})
-            except Exception as exc:  # a bug must not kill the server thread
-                log.exception("http_error", path=path)
-                self._json(500, {"error": f"internal error: {type(exc).__name__}"})
-
-        def _admin(self, method: str, path: str) -> None:
-            if method == "GET" and path == "/admin/status":
-                return self._json(200, backend.status())
-            if method == "POST" and path == "/admin/snapshots":
-                declared = (self.headers.get("Content-Length") or "0").strip()
-                if not (declared.isascii() and declared.isdigit()):  # "-1" would read until EOF
-                    raise ApiError(400, f"bad Content-Length {declared[:20]!r}")
-                length = int(declared)
-                if length > upload_max_bytes:
-                    raise ApiError(413, f"upload of {length} bytes is over the limit of {upload_max_bytes}")
-                body = self._read_body(length)
-                status, payload = backend.create_snapshot(self.headers.get("Content-Type", ""), body)
-                return self._json(status, payload)
-            if method == "GET" and path.startswith("/admin/snapshots/"):
-                name, _, filename = path.removeprefix("/admin/snapshots/").partition("/")
-                if filename:
-                    return self._send_file(backend.snapshot_file(name, filename))
-                return self._json(200, backend.get_snapshot(name))
+    def _dispatch(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            if path not in OPEN_PATHS and not self.policy.allows(self.headers.get("Host")):
+                self.close_connection = True
+                return self._json(403, {"error": "unknown Host header: not this server's name "
+                                                 "(TAILORD_HTTP_ALLOWED_HOSTS adds names a proxy uses)"})
+            if method == "GET" and path in ("/", "/metrics", "/healthz", "/readyz"):
+                return self._open_get(path)
+            if path.startswith("/admin/"):
+                return self._guarded_admin(method, path)
             raise ApiError(404, f"no route {method} {path}")
+        except ApiError as exc:
+            self._json(exc.status, {"error": exc.message})
+        except Exception as exc:  # a bug must not kill the server thread
+            log.exception("http_error", path=path)
+            self._json(500, {"error": f"internal error: {type(exc).__name__}"})
 
-        def _read_body(self, length: int) -> bytes:
-            """`length` body bytes, read within `read_timeout` + length / MIN_UPLOAD_BYTES_PER_S."""
-            deadline = time.monotonic() + read_timeout + length / MIN_UPLOAD_BYTES_PER_S
-            chunks, remaining = [], length
-            while remaining:
-                chunk = self._read_chunk(min(remaining, 1 << 16), deadline)
-                chunks.append(chunk)
-                remaining -= len(chunk)
-            return b"".join(chunks)
+    def _open_get(self, path: str) -> None:
+        """The status page and /metrics (behind the token with TAILORD_METRICS_AUTH), the probes."""
+        if path in ("/", "/metrics") and self.metrics_auth and not self._authorized():
+            return self._json(401, {"error": "missing or wrong bearer token (TAILORD_METRICS_AUTH)"})
+        if path == "/":  # the status page (deploy/status_page.py)
+            return self._send(200, self.backend.status_page(), PAGE_CONTENT_TYPE, PAGE_HEADERS)
+        if path == "/metrics":
+            return self._send(200, self.backend.metrics_text(), CONTENT_TYPE_LATEST)
+        if path == "/healthz":
+            return self._json(200, {"status": "alive"})
+        ok, detail = self.backend.ready()
+        return self._json(200 if ok else 503, {"ready": ok, **detail})
 
-        def _read_chunk(self, most: int, deadline: float) -> bytes:
-            """Up to `most` body bytes from one socket read; ApiError if the client stalls, is too
-            slow or stops early (the connection is then closed: the rest of the body is unread)."""
-            try:
-                chunk = self.rfile.read1(most)
-            except TimeoutError:
-                chunk = None
-            if chunk and time.monotonic() <= deadline:
-                return chunk
+    def _guarded_admin(self, method: str, path: str) -> None:
+        if not self.policy.allows_origin(self.headers.get("Origin")):
             self.close_connection = True
-            if chunk == b"":
-                raise ApiError(400, "the body ended before Content-Length bytes")
-            raise ApiError(408, f"upload stalled or slower than {MIN_UPLOAD_BYTES_PER_S} bytes/s")
+            return self._json(403, {"error": "cross-origin request refused"})
+        if not self._authorized():
+            self.close_connection = True  # a POST body stays unread
+            return self._json(401, {"error": "missing or wrong bearer token"})
+        return self._admin(method, path)
 
-        def do_GET(self) -> None:  # noqa: N802 - stdlib name
-            self._dispatch("GET")
+    def _admin(self, method: str, path: str) -> None:
+        if method == "GET" and path == "/admin/status":
+            return self._json(200, self.backend.status())
+        if method == "POST" and path == "/admin/snapshots":
+            body = self._read_body(self._content_length())
+            status, payload = self.backend.create_snapshot(self.headers.get("Content-Type", ""), body)
+            return self._json(status, payload)
+        if method == "GET" and path.startswith("/admin/snapshots/"):
+            name, _, filename = path.removeprefix("/admin/snapshots/").partition("/")
+            if filename:
+                return self._send_file(self.backend.snapshot_file(name, filename))
+            return self._json(200, self.backend.get_snapshot(name))
+        raise ApiError(404, f"no route {method} {path}")
 
-        def do_POST(self) -> None:  # noqa: N802 - stdlib name
-            self._dispatch("POST")
+    def _authorized(self) -> bool:
+        if self.token is None:
+            return True
+        got = self.headers.get("Authorization", "")
+        return hmac.compare_digest(got.encode("utf-8", "replace"), b"Bearer " + self.token)
 
-    return Handler
+    def _content_length(self) -> int:
+        """The declared body size, refused before reading when malformed or over the upload limit."""
+        declared = (self.headers.get("Content-Length") or "0").strip()
+        if not (declared.isascii() and declared.isdigit()):  # "-1" would read until EOF
+            raise ApiError(400, f"bad Content-Length {declared[:20]!r}")
+        length = int(declared)
+        if length > self.upload_max_bytes:
+            raise ApiError(413, f"upload of {length} bytes is over the limit of {self.upload_max_bytes}")
+        return length
+
+    def _read_body(self, length: int) -> bytes:
+        """`length` body bytes, read within `timeout` + length / MIN_UPLOAD_BYTES_PER_S."""
+        deadline = time.monotonic() + self.timeout + length / MIN_UPLOAD_BYTES_PER_S
+        chunks, remaining = [], length
+        while remaining:
+            chunk = self._read_chunk(min(remaining, 1 << 16), deadline)
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+
+    def _read_chunk(self, most: int, deadline: float) -> bytes:
+        """Up to `most` body bytes from one socket read; ApiError if the client stalls, is too
+        slow or stops early (the connection is then closed: the rest of the body is unread)."""
+        try:
+            chunk = self.rfile.read1(most)
+        except TimeoutError:
+            chunk = None
+        if chunk and time.monotonic() <= deadline:
+            return chunk
+        self.close_connection = True
+        if chunk == b"":
+            raise ApiError(400, "the body ended before Content-Length bytes")
+        raise ApiError(408, f"upload stalled or slower than {MIN_UPLOAD_BYTES_PER_S} bytes/s")
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json",
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _send_file(self, path: Path) -> None:
+        with open(path, "rb") as fh:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(path.stat().st_size))
+            self.end_headers()
+            shutil.copyfileobj(fh, self.wfile)
+
+    def _json(self, status: int, payload: dict[str, Any]) -> None:
+        self._send(status, json.dumps(payload, indent=2, default=str).encode() + b"\n")
