@@ -32,7 +32,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
     try:
         sent = produce(args.source, topic=args.topic, bootstrap=args.bootstrap, domain=args.domain,
-                       limit=args.limit, batch=args.batch, probe_every=args.probe_every)
+                       limit=args.limit, batch=args.batch, probe_every=args.probe_every, no_domain=args.no_domain)
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from exc
     print(json.dumps({"sent": sent, "topic": args.topic, "source": args.source}))
@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic", required=True)
     p.add_argument("--bootstrap", default=os.environ.get("TAILORD_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
     p.add_argument("--domain", default=None, help="domain header (default: the source's name)")
+    p.add_argument("--no-domain", action="store_true",
+                   help="send no domain header (a header-less stream: TAILORD_BOUNDARY=drift finds its experiences)")
     p.add_argument("--limit", type=int, default=None, help="send at most N images")
     p.add_argument("--batch", type=int, default=1, help="images per record (K>1 sends tar batches)")
     p.add_argument("--probe-every", type=int, default=0, help="mark every N-th image probe=1 (0: none)")

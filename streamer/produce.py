@@ -38,9 +38,11 @@ TAR_CONTENT_TYPE = "application/x-tar"
 MAX_REQUEST_BYTES = DecodeLimits().max_record_bytes + 64 * 1024
 
 
-def sample_headers(item: Item, domain: str, probe: bool) -> dict[str, str]:
-    """The per-image headers (without content-type)."""
-    headers = {"domain": domain, "sample-id": f"{domain}/{item.key}"}
+def sample_headers(item: Item, domain: str, probe: bool, with_domain: bool = True) -> dict[str, str]:
+    """The per-image headers (without content-type); `with_domain=False` leaves the domain header out
+    (a header-less stream; the sample id keeps the source name, which the daemon never reads as a domain)."""
+    headers = {"domain": domain} if with_domain else {}
+    headers["sample-id"] = f"{domain}/{item.key}"
     if item.label is not None:
         headers["label"] = item.label
     if probe:
@@ -70,13 +72,13 @@ def tar_batch(members: list[tuple[Item, dict[str, str]]]) -> bytes:
 
 
 def record_value(
-    members: list[tuple[Item, dict[str, str]]], domain: str, as_tar: bool
+    members: list[tuple[Item, dict[str, str]]], domain: str | None, as_tar: bool
 ) -> tuple[bytes, dict[str, str]]:
     """(value, record headers) for one image, or for a tar batch of (usually) several."""
     if not as_tar:
         item, headers = members[0]
         return item.encoded, {"content-type": CONTENT_TYPES.get(item.fmt_ext, ""), **headers}
-    return tar_batch(members), {"content-type": TAR_CONTENT_TYPE, "domain": domain}
+    return tar_batch(members), {"content-type": TAR_CONTENT_TYPE, **({"domain": domain} if domain else {})}
 
 
 def _is_probe(index: int, probe_every: int) -> bool:
@@ -99,12 +101,14 @@ def produce(
     client: dict[str, Any] | None = None,
     progress: bool | None = None,
     probe_every: int = 0,
+    no_domain: bool = False,
 ) -> int:
     """Publish up to `limit` images of `source` to `topic`; the number of images sent.
 
     `source` is `builtin:NAME`, a directory or a .tar (ValueError otherwise); the topic
     is created if missing. The domain defaults to the builtin's or directory's name. A
-    progress bar shows on a terminal (or with progress=True). Raises RuntimeError if
+    progress bar shows on a terminal (or with progress=True). `no_domain` sends no `domain`
+    header (experiences then end by count or drift: TAILORD_BOUNDARY). Raises RuntimeError if
     the broker refused a record; everything is flushed before returning.
     """
     if batch < 1:
@@ -128,10 +132,10 @@ def produce(
         try:
             for chunk in _chunks(islice(parsed.items, limit), batch):
                 members = [
-                    (item, sample_headers(item, domain, _is_probe(sent + i, probe_every)))
+                    (item, sample_headers(item, domain, _is_probe(sent + i, probe_every), not no_domain))
                     for i, item in enumerate(chunk)
                 ]
-                value, headers = record_value(members, domain, as_tar=batch > 1)
+                value, headers = record_value(members, None if no_domain else domain, as_tar=batch > 1)
                 future = producer.send(
                     topic,
                     value=value,
