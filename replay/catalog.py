@@ -9,6 +9,7 @@ behind a lock makes it safe to use from several threads.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
@@ -31,6 +32,11 @@ CREATE TABLE IF NOT EXISTS samples (
 CREATE INDEX IF NOT EXISTS samples_experience ON samples(experience);
 CREATE INDEX IF NOT EXISTS samples_domain ON samples(domain);
 CREATE INDEX IF NOT EXISTS samples_shard ON samples(shard, offset);
+CREATE TABLE IF NOT EXISTS experiences (
+    experience INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    info TEXT NOT NULL
+);
 """
 _COLUMNS = "sample_id, experience, domain, shard, offset, length, probe, label, added_at"
 _CHUNK = 900  # stay under SQLite's bound-parameter limit
@@ -219,6 +225,18 @@ class Catalog:
         ):
             out.setdefault(exp, {})[domain] = n
         return out
+
+    def name_experience(self, experience: int, name: str, info: dict) -> None:
+        """Record a finished experience's name (`exp-7`, or its domain) and what describes it
+        (JSON: what ended it, first/last stream offsets, time span); a later call replaces it."""
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO experiences (experience, name, info) VALUES (?,?,?)",
+                       (experience, name, json.dumps(info, sort_keys=True)))
+
+    def experience_names(self) -> dict[int, dict]:
+        """Every named experience: {experience: {"name": ..., **info}}."""
+        return {exp: {"name": name, **json.loads(info)}
+                for exp, name, info in self._query("SELECT experience, name, info FROM experiences")}
 
     def shard_extents(self) -> dict[str, tuple[int, int, int]]:
         """Per shard: (end of its last payload, payload bytes, record count)."""

@@ -178,3 +178,14 @@ def test_catalog_is_usable_from_threads(tmp_path):
         results = list(pool.map(lambda sid: store.read([sid]), ids))
     assert len(results) == 50
     assert Catalog(tmp_path / "catalog.sqlite").count() == 50
+
+
+def test_catalog_names_experiences(tmp_path):
+    from replay.catalog import Catalog
+
+    catalog = Catalog(tmp_path / "catalog.sqlite")
+    catalog.name_experience(7, "exp-7", {"boundary": "drift", "offsets": {"0": [100, 899]}})
+    catalog.name_experience(7, "exp-7", {"boundary": "drift", "offsets": {"0": [100, 900]}})  # replaced
+    catalog.close()
+    assert Catalog(tmp_path / "catalog.sqlite").experience_names() == {
+        7: {"name": "exp-7", "boundary": "drift", "offsets": {"0": [100, 900]}}}
