@@ -23,6 +23,7 @@ from pathlib import Path
 import structlog
 import torch
 
+from deploy.boundaries import DRIFT_FILE, Boundaries, experience_record, label
 from deploy.checkpoints import clean_temporaries, load_latest, write_checkpoint
 from deploy.errors import UsageError
 from deploy.evaluate import evaluate_row, keep_untrained, score_baselines
@@ -127,8 +128,10 @@ def run_rank(settings: Settings, world: World) -> int:
     progress = Progress()
     history = History()
     probes = ProbeSet(1, settings.probe_max_images)
+    boundaries = Boundaries(settings, metrics)
     if checkpoint is not None:
         load_learner_state(learner, checkpoint.path)
+        boundaries.load(checkpoint.path)
         progress = Progress.from_json(checkpoint.manifest["progress"])
         progress.positions = read_offsets(checkpoint.path / "offsets.json")
         history = History.from_json(checkpoint.manifest["history"])
@@ -223,6 +226,8 @@ def run_rank(settings: Settings, world: World) -> int:
         writers = learner_writers(learner)
         writers["offsets.json"] = lambda p: write_offsets(p, settings.topic, progress.positions)
         writers["probes.safetensors"] = lambda p: probes.save(p)
+        if boundaries.detector is not None:
+            writers[DRIFT_FILE] = boundaries.save
         if buffer is not None:
             writers[f"{replay_dir(0)}/buffer"] = lambda p: buffer.save(p.parent)  # buffer.{safetensors,json}
             for rank, state in enumerate(buffers[1:], start=1):
@@ -251,10 +256,13 @@ def run_rank(settings: Settings, world: World) -> int:
                  images_total=progress.images_total)
         return True
 
-    def end_experience(next_domain: str | None) -> None:
-        """Close the experience: regularizer statistics, probe set, one row of R, checkpoint."""
+    def end_experience(reason: str, statistic: float | None, next_domain: str | None) -> None:
+        """Close the experience (ended by `reason`): regularizer statistics, probe set, one row of R,
+        its name and span in the catalog, checkpoint."""
         nonlocal probes
         ended = progress.experience
+        boundaries.ended(reason, statistic, progress)
+        record = {"domain": label(progress), **experience_record(progress, reason, statistic)}
         if learner.regularizer is not None:
             update_regularizer(learner, recent, world)
         if world.is_main:
@@ -262,15 +270,17 @@ def run_rank(settings: Settings, world: World) -> int:
             probe_sets[ended] = probes
             row = evaluate_row(learner, probe_sets, ended, state_dir / "metrics" / "probe_features")
             history.add_row(ended, row, score_baselines(learner, probes, state_dir),
-                            {"domain": progress.domain, "images": progress.images_in_experience,
+                            {**record, "images": progress.images_in_experience,
                              "images_total": progress.images_total, "time": time.time(),
                              "images_per_second": rate.value})
+            durable("catalog_name", lambda: indexer.store.catalog.name_experience(ended, record["domain"], record))
             service.publish_evaluation(history)
             log.info("experience_end", experience=ended, accuracy=row.accuracy, linear=row.linear,
                      baselines=history.baselines[str(ended)], **history.summary())
         progress.experience += 1
         progress.images_in_experience = 0
         progress.domain = next_domain
+        progress.first_offsets, progress.started_at = dict(progress.positions), time.time()
         probes = ProbeSet(progress.experience, settings.probe_max_images)
         recent.clear()
         if save("experience") and indexer is not None:
@@ -290,6 +300,7 @@ def run_rank(settings: Settings, world: World) -> int:
     rate = Throughput()
     trained_here = 0  # stream images this rank trained (its own partitions)
     metrics.experience.set(progress.experience)
+    progress.started_at = progress.started_at or time.time()
     service.publish_evaluation(history)
     prefetcher.start()
     exit_code = 0
@@ -311,7 +322,7 @@ def run_rank(settings: Settings, world: World) -> int:
                         stepped=len(train) + (len(replay) if replay is not None else 0), domain=domain,
                         changed_to=domain if domain is not None and rank_domain not in (None, domain) else None,
                         stop=stop.requested, idle=idle,
-                        checkpoint_due=world.is_main and interval_due(),
+                        checkpoint_due=world.is_main and interval_due(), drift=boundaries.pending,
                         lag=prefetcher.lag() if world.distributed and not world.is_main else {})
             agreed = agree(world.exchange(tick), progress.domain)
             rank_domain = domain or rank_domain
@@ -325,8 +336,9 @@ def run_rank(settings: Settings, world: World) -> int:
             last_data = time.monotonic()
             metrics.records_consumed.labels(settings.topic).inc(agreed.records)  # rank 0 shows the world's
             mid_iteration = True
-            if agreed.boundary_to is not None and "header" in settings.boundaries and progress.images_in_experience > 0:
-                end_experience(agreed.boundary_to)  # before the probes: they belong to the new experience
+            ending = boundaries.before_step(agreed, progress)
+            if ending is not None:
+                end_experience(*ending)  # before the probes: they belong to the new experience
             if progress.domain is None or "header" not in settings.boundaries:
                 progress.domain = agreed.domain or progress.domain
             shared = world.gather(Shared.of(train, held_out, batch.positions if batch else {}, world))
@@ -369,13 +381,16 @@ def run_rank(settings: Settings, world: World) -> int:
                         buffer.add([s.sample_id for s in train], images, [s.domain for s in train])
                         metrics.replay_buffer_images.set(len(buffer))
                     recent.append(images)
+                    if world.is_main:
+                        boundaries.observe(learner, images, agreed.images)
                 progress.steps += 1
                 progress.images_total += agreed.images
                 progress.images_in_experience += agreed.images
             service.record_throughput(rate.value, progress.images_total)
 
-            if progress.images_in_experience >= settings.experience_images:
-                end_experience(None if "header" in settings.boundaries else progress.domain)
+            ending = boundaries.after_step(progress)
+            if ending is not None:
+                end_experience(*ending)
             elif agreed.checkpoint_due if world.distributed else interval_due():  # one process: after the step
                 save("interval")
                 last_checkpoint = time.monotonic()
@@ -412,6 +427,7 @@ def run_rank(settings: Settings, world: World) -> int:
              images_stepped=rate.images_stepped, train_seconds=round(rate.elapsed(), 3),
              images_per_second_overall=round(rate.images_stepped / max(rate.elapsed(), 1e-9), 2),
              input_wait_seconds=round(rate.input_wait, 3), step_seconds=round(rate.step_seconds, 3),
+             drift_seconds=round(boundaries.seconds, 3),
              weights_sha256=weights_digest(learner))
     return exit_code
 

@@ -23,6 +23,11 @@ class Metrics:
         self.replay_buffer_images = Gauge("tailord_replay_buffer_images", "images in the replay buffer", registry=r)
         self.index_vectors = Gauge("tailord_index_vectors", "vectors in the FAISS index", ["encoder_version"], registry=r)
         self.experience = Gauge("tailord_experience", "current experience number", registry=r)
+        self.experience_boundaries = Counter(
+            "tailord_experience_boundaries", "experience ends by what ended them (header, count, drift)", ["reason"],
+            registry=r)
+        self.drift_statistic = Gauge(
+            "tailord_drift_statistic", "drift detector z-score of the last check (window vs reference MMD)", registry=r)
         self.consumer_lag = Gauge("tailord_consumer_lag", "records behind the end of the topic", ["partition"], registry=r)
         self.checkpoint_seconds = Histogram(
             "tailord_checkpoint_seconds", "seconds to write a checkpoint", registry=r,

@@ -18,16 +18,20 @@ class Progress:
     steps_skipped: int = 0
     domain: str | None = None
     positions: dict[int, int] = field(default_factory=dict)  # partition -> next offset to read
+    first_offsets: dict[int, int] = field(default_factory=dict)  # partition -> first offset of this experience
+    started_at: float | None = None  # unix time this experience began
 
     def to_json(self) -> dict:
         data = asdict(self)
         data["positions"] = {str(p): o for p, o in self.positions.items()}
+        data["first_offsets"] = {str(p): o for p, o in self.first_offsets.items()}
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> Progress:
         data = dict(data)
         data["positions"] = {int(p): int(o) for p, o in data.get("positions", {}).items()}
+        data["first_offsets"] = {int(p): int(o) for p, o in data.get("first_offsets", {}).items()}
         return cls(**data)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import structlog
 
+from deploy.boundaries import label
 from deploy.history import History
 from deploy.http_api import ApiError, HttpServer, start_http, write_token_file
 from deploy.learner import Learner
@@ -127,6 +128,10 @@ class DaemonService:
             "step": p.steps,
             "steps_skipped": p.steps_skipped,
             "domain": p.domain,
+            "experience_name": label(p),  # the domain header, or `exp-N` on a header-less stream
+            "experience_started_at": p.started_at,
+            "experience_first_offsets": {str(k): v for k, v in p.first_offsets.items()},
+            "boundary": self.settings.boundary,
             "positions": {str(k): v for k, v in p.positions.items()},
             "lag": {str(k): v for k, v in lag.items()},
             "broker_reachable": bool(self.stream.reachable()),

@@ -350,6 +350,9 @@ class SnapshotEngine:
                 chosen = self._choose(candidates, images, [filename for filename, _ in targets], labels,
                                       checkpoints)
             source = checkpoints[chosen]
+            names = self.store.catalog.experience_names()
+            for candidate in candidates:
+                candidate["name"] = (names.get(candidate["experience"]) or {}).get("name")
             rows: list[SampleRow] = []
             if "sept" in strategy:
                 rows, encoded = self._read(retrieved[:sept_capacity(source)])
@@ -358,6 +361,7 @@ class SnapshotEngine:
                 backbone, steps = _backbone(source, "cpu")[0], 0
             manifest = {
                 "name": name, "strategy": strategy, "chosen_experience": chosen,
+                "chosen_experience_info": names.get(chosen),  # its name, boundary, offsets, time span
                 "source_checkpoint": source.name, "candidates": candidates,
                 "labels_used": any("knn_accuracy" in c for c in candidates),
                 "target_count": len(targets), "labelled_count": len(labels),

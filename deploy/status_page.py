@@ -217,7 +217,7 @@ def status_section(data: PageData) -> str:
     checkpoint = esc(s.get("last_checkpoint") or "none yet")
     if data.last_checkpoint_time is not None:
         checkpoint += f" <span class=\"dim\">({duration(data.now - data.last_checkpoint_time)} ago)</span>"
-    domain = s.get("domain")
+    domain = s.get("experience_name") or s.get("domain")
     rows = [
         ("experience in progress", f"{esc(s.get('experience', 'n/a'))}" + (f" · {esc(domain)}" if domain else "")),
         ("images trained", f"{count(s.get('images_total'))} <span class=\"dim\">({count(s.get('images_in_experience'))}"
@@ -444,7 +444,7 @@ def experiences_section(data: PageData) -> str:
         previous_end = end if isinstance(end, int | float) else None
     s = data.status
     since = f"since {clock(previous_end)} ({duration(data.now - previous_end)})" if previous_end else "in progress"
-    rows.append(f'<tr class="current"><td>{esc(s.get("experience", "?"))}</td><td>{esc(s.get("domain") or "?")}</td>'
+    rows.append(f'<tr class="current"><td>{esc(s.get("experience", "?"))}</td><td>{esc(s.get("experience_name") or s.get("domain") or "?")}</td>'
                 f'<td class="r">{count(s.get("images_in_experience"))}</td><td class="r">{count(s.get("images_total"))}'
                 f'</td><td class="r">{num(s.get("images_per_second"), 1)}</td><td>in progress, {since}</td></tr>')
     return ('<section id="experiences"><h2>Experiences</h2><table class="list"><tr><th>#</th><th>domain</th>'
@@ -535,7 +535,7 @@ def render(data: PageData) -> str:
     history = data.history
     domains: dict[int, Any] = {r.get("experience"): r.get("domain") for r in history.records}
     s = data.status
-    title = "tailord — " + (f"experience {s.get('experience')}" + (f" · {s.get('domain')}" if s.get("domain") else "")
+    title = "tailord — " + (f"experience {s.get('experience')}" + (f" · {s.get('experience_name') or s.get('domain')}" if s.get("domain") else "")
                             if "experience" in s else "status")
     return "".join([
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',

@@ -35,6 +35,7 @@ class Tick:
     stop: bool = False  # a stop was requested on this rank
     idle: bool = False  # this rank would exit for idleness (no data, no lag)
     checkpoint_due: bool = False  # the main rank's interval timer fired
+    drift: float | None = None  # the main rank's drift detector found a shift (its z-score)
     lag: dict[int, int] = field(default_factory=dict)  # consumer lag of this rank's partitions
 
 
@@ -52,6 +53,7 @@ class Agreement:
     idle: bool
     checkpoint_due: bool
     lag: dict[int, int]
+    drift: float | None = None  # a drift boundary is due (its z-score): end the experience first
 
     def weight(self, rank: int, world_size: int) -> float:
         """Loss scale so that DDP's gradient mean is the mean over all images of all ranks.
@@ -85,6 +87,7 @@ def agree(ticks: list[Tick], current_domain: str | None) -> Agreement:
         idle=all(t.idle for t in ticks),
         checkpoint_due=any(t.checkpoint_due for t in ticks),
         lag=lag,
+        drift=next((t.drift for t in ticks if t.drift is not None), None),
     )
 
 

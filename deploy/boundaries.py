@@ -1,0 +1,117 @@
+"""Where an experience ends: the domain header, the image count, or a detected drift.
+
+`TAILORD_BOUNDARY` names the signals (docs/continual.md, "Experience boundaries");
+`TAILORD_EXPERIENCE_IMAGES` is always the upper bound. The drift detector
+(`learners.drift.DriftDetector`) runs on rank 0: after each step it embeds a few of the
+step's stream images (`TAILORD_DRIFT_SAMPLE`) with the current encoder in eval mode; when it
+finds a shift, the z-score rides rank 0's next `Tick`, so every rank ends the experience at
+the same iteration, before that iteration's batch (which belongs to the new experience).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import structlog
+import torch
+from safetensors.torch import load_file, save_file
+
+from deploy.learner import Learner
+from deploy.metrics import Metrics
+from deploy.progress import Progress
+from deploy.settings import Settings
+from deploy.world import Agreement
+from learners.drift import DriftDetector
+from learners.evaluation import embed
+
+log = structlog.get_logger()
+
+DRIFT_FILE = "drift.safetensors"  # the detector's state inside a checkpoint
+NO_HEADER = "default"  # Sample.domain of a record without a domain header
+
+
+class Boundaries:
+    """The boundary decision of the daemon loop, one place for all three signals."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.modes = settings.boundaries
+        self.limit = settings.experience_images
+        self.sample = settings.drift_sample
+        self.metrics = metrics
+        self.detector = DriftDetector(
+            window=settings.drift_window, reference=4 * settings.drift_window, threshold=settings.drift_threshold,
+            patience=settings.drift_patience, min_images=settings.drift_min_images,
+            cooldown_images=settings.drift_cooldown_images, seed=settings.seed) if "drift" in self.modes else None
+        self.pending: float | None = None  # z-score of a drift boundary this rank found, for its next tick
+        self.seconds = 0.0  # spent embedding samples and testing (the detector's cost), this process
+
+    def before_step(self, agreed: Agreement, progress: Progress) -> tuple[str, float | None, str | None] | None:
+        """(reason, statistic, next domain) when the experience ends before this iteration's batch."""
+        if progress.images_in_experience == 0:
+            return None
+        if agreed.boundary_to is not None and "header" in self.modes:
+            return "header", None, agreed.boundary_to
+        if agreed.drift is not None:
+            return "drift", agreed.drift, self.carried(progress)
+        return None
+
+    def after_step(self, progress: Progress) -> tuple[str, None, str | None] | None:
+        """("count", None, next domain) when the experience reached TAILORD_EXPERIENCE_IMAGES."""
+        return ("count", None, self.carried(progress)) if progress.images_in_experience >= self.limit else None
+
+    def carried(self, progress: Progress) -> str | None:
+        """The domain the next experience starts with: with headers on, the next batch's."""
+        return None if "header" in self.modes else progress.domain
+
+    def observe(self, learner: Learner, images: torch.Tensor, stream_images: int) -> None:
+        """Feed the detector embeddings of TAILORD_DRIFT_SAMPLE of this step's stream images (B,3,S,S) uint8."""
+        if self.detector is None or self.pending is not None or not len(images):
+            return
+        started = time.perf_counter()
+        pick = torch.linspace(0, len(images) - 1, min(self.sample, len(images))).long()
+        features = embed(learner.backbone, images[pick], learner.eval_transform, device=learner.device)  # (k, D)
+        self.pending = self.detector.update(features, stream_images)
+        self.metrics.drift_statistic.set(self.detector.statistic)
+        self.seconds += time.perf_counter() - started
+
+    def ended(self, reason: str, statistic: float | None, progress: Progress) -> None:
+        """An experience ended for `reason`: count it, log it, and tell the detector."""
+        self.metrics.experience_boundaries.labels(reason).inc()
+        log.info("experience_boundary", reason=reason, experience=progress.experience,
+                 images_in_experience=progress.images_in_experience, drift_statistic=statistic,
+                 drift_threshold=self.detector.threshold if self.detector else None)
+        if self.detector is not None:
+            self.detector.boundary(reason)
+        self.pending = None  # a new experience starts: a shift found in the old one is moot
+
+    def save(self, path: Path) -> None:
+        """Write the detector's state (a checkpoint writer for `DRIFT_FILE`)."""
+        if self.detector is not None:
+            save_file(self.detector.state_dict(), str(path))
+
+    def load(self, checkpoint_dir: Path) -> None:
+        """Resume the detector from a checkpoint that has its state (older ones start it fresh)."""
+        path = checkpoint_dir / DRIFT_FILE
+        if self.detector is not None and path.is_file():
+            self.detector.load_state_dict(load_file(str(path)))
+            self.metrics.drift_statistic.set(self.detector.statistic)
+
+
+def experience_name(progress: Progress) -> str:
+    """The automatic name of the experience in progress: `exp-7`."""
+    return f"exp-{progress.experience}"
+
+
+def experience_record(progress: Progress, reason: str, statistic: float | None) -> dict:
+    """What the history, the catalog and manifests keep about a finished experience: its name,
+    what ended it, its first and last stream offsets per partition and its time span."""
+    offsets = {str(p): [progress.first_offsets.get(p, 0), o - 1] for p, o in sorted(progress.positions.items())
+               if o > progress.first_offsets.get(p, 0)}
+    return {"name": experience_name(progress), "boundary": reason, "drift_statistic": statistic,
+            "offsets": offsets, "started_at": progress.started_at}
+
+
+def label(progress: Progress) -> str:
+    """The experience's domain header, or its automatic name when the stream carries none."""
+    return progress.domain if progress.domain not in (None, NO_HEADER) else experience_name(progress)

@@ -1,0 +1,50 @@
+"""The daemon's boundary decision (deploy/boundaries.py) and header-less producing."""
+
+from deploy.boundaries import Boundaries, experience_record, label
+from deploy.metrics import Metrics
+from deploy.progress import Progress
+from deploy.settings import load_settings
+from deploy.world import Tick, agree
+from streamer.produce import record_value, sample_headers
+from streamer.sources import Item
+
+
+def test_header_wins_then_drift_then_count():
+    boundaries = Boundaries(load_settings(boundary="header,drift", experience_images=100), Metrics())
+    progress = Progress(images_in_experience=10, domain="digits")
+    both = agree([Tick(records=1, images=4, domain="fashion", changed_to="fashion", drift=9.0)], "digits")
+    assert boundaries.before_step(both, progress) == ("header", None, "fashion")
+    drift = agree([Tick(records=1, images=4, domain="digits", drift=9.0)], "digits")
+    assert boundaries.before_step(drift, progress) == ("drift", 9.0, None)
+    assert boundaries.after_step(progress) is None
+    progress.images_in_experience = 100
+    assert boundaries.after_step(progress) == ("count", None, None)
+
+
+def test_drift_only_ignores_headers_and_keeps_the_domain():
+    boundaries = Boundaries(load_settings(boundary="drift"), Metrics())
+    progress = Progress(images_in_experience=10, domain="default")
+    agreed = agree([Tick(records=1, images=4, domain="x", changed_to="x")], "default")
+    assert boundaries.before_step(agreed, progress) is None
+    boundaries.pending = 7.5
+    boundaries.ended("drift", 7.5, progress)
+    assert boundaries.pending is None
+    assert b'tailord_experience_boundaries_total{reason="drift"} 1.0' in boundaries.metrics.render()
+
+
+def test_automatic_name_and_span():
+    progress = Progress(experience=7, domain="default", positions={0: 900, 1: 40},
+                        first_offsets={0: 100, 1: 40}, started_at=5.0)
+    assert label(progress) == "exp-7"
+    assert label(Progress(domain="photos")) == "photos"
+    record = experience_record(progress, "drift", 8.25)
+    assert record == {"name": "exp-7", "boundary": "drift", "drift_statistic": 8.25,
+                      "offsets": {"0": [100, 899]}, "started_at": 5.0}
+    assert Progress.from_json(progress.to_json()) == progress
+
+
+def test_no_domain_headers():
+    item = Item(key="7", encoded=b"x", fmt_ext="png", label="3")
+    assert sample_headers(item, "digits", False, with_domain=False) == {"sample-id": "digits/7", "label": "3"}
+    _, headers = record_value([(item, {})], None, as_tar=True)
+    assert "domain" not in headers
