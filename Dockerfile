@@ -17,6 +17,7 @@ COPY streamer streamer
 COPY learners learners
 COPY replay replay
 COPY deploy deploy
+COPY safefiles safefiles
 RUN pip install torch==2.14.1 torchvision==0.29.1 && pip install .
 
 RUN useradd --create-home --uid 10001 tailord \
