@@ -3,7 +3,7 @@
 `TAILORD_BOUNDARY` names the signals (docs/continual.md, "Experience boundaries");
 `TAILORD_EXPERIENCE_IMAGES` is always the upper bound. The drift detector
 (`learners.drift.DriftDetector`) runs on rank 0: after each step it embeds a few of the
-step's stream images (`TAILORD_DRIFT_SAMPLE`) with the current encoder in eval mode; when it
+step's stream images (the `TAILORD_DRIFT_SAMPLE` share, evenly spaced) with the current encoder in eval mode; when it
 finds a shift, the z-score rides rank 0's next `Tick`, so every rank ends the experience at
 the same iteration, before that iteration's batch (which belongs to the new experience).
 """
@@ -65,14 +65,21 @@ class Boundaries:
         return None if "header" in self.modes else progress.domain
 
     def observe(self, learner: Learner, images: torch.Tensor, stream_images: int) -> None:
-        """Feed the detector embeddings of TAILORD_DRIFT_SAMPLE of this step's stream images (B,3,S,S) uint8."""
+        """Feed the detector embeddings of a TAILORD_DRIFT_SAMPLE share of this step's stream images (B,3,S,S) uint8."""
         if self.detector is None or self.pending is not None or not len(images):
             return
         started = time.perf_counter()
-        pick = torch.linspace(0, len(images) - 1, min(self.sample, len(images))).long()
-        features = embed(learner.backbone, images[pick], learner.eval_transform, device=learner.device)  # (k, D)
-        self.pending = self.detector.update(features, stream_images)
-        self.metrics.drift_statistic.set(self.detector.statistic)
+        pick = torch.linspace(0, len(images) - 1, max(1, round(self.sample * len(images)))).long()
+        def encode(sample: torch.Tensor) -> torch.Tensor:  # (k,3,S,S) uint8 -> (k,D) unit norm
+            return embed(learner.backbone, sample, learner.eval_transform, device=learner.device)
+
+        sample = images[pick].cpu()
+        checks = self.detector.checks
+        self.pending = self.detector.update(encode(sample), stream_images, inputs=sample, embed=encode)
+        if self.detector.checks != checks:
+            self.metrics.drift_statistic.set(self.detector.statistic)
+            log.debug("drift_check", statistic=round(self.detector.statistic, 3), streak=self.detector.streak,
+                      images_in_experience=self.detector.images_in_experience)
         self.seconds += time.perf_counter() - started
 
     def ended(self, reason: str, statistic: float | None, progress: Progress) -> None:

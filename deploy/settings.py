@@ -80,9 +80,9 @@ class Settings(BaseSettings):
     drift_threshold: float = Field(6.0, gt=0, description="drift: z-score of the window-vs-reference MMD (permutation null) above which a check counts as shifted")
     drift_patience: int = Field(3, ge=1, le=100, description="drift: consecutive shifted checks before a boundary")
     drift_min_images: int = Field(256, ge=0, description="drift: no drift boundary in an experience shorter than this (trained images)")
-    drift_cooldown_images: int = Field(512, ge=0, description="drift: trained images after a drift boundary before the next one")
+    drift_cooldown_images: int = Field(256, ge=0, description="drift: trained images after a drift boundary before the next one")
     drift_window: int = Field(32, ge=4, le=4096, description="drift: embeddings in the recent window (the reference holds 4x as many)")
-    drift_sample: int = Field(4, ge=1, le=1024, description="drift: stream images per step embedded for the detector (its cost)")
+    drift_sample: float = Field(0.125, gt=0, le=1, description="drift: share of each step's stream images embedded for the detector (its cost: ~1-2 % of a cpu-preset step at 0.125)")
     probe_fraction: float = Field(0.2, ge=0, le=0.5, description="hash fraction of records kept out for evaluation (0.2: >= 30 probes per class of a 10-class domain at the default experience size)")
     probe_max_images: int = Field(500, ge=0, description="probe images kept per experience")
 

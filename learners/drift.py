@@ -17,8 +17,8 @@ still cut once they allow it.
 Usage::
 
     detector = DriftDetector(window=32, reference=128, threshold=6.0, patience=3)
-    for images, feats in stream:               # feats: (n, D) float embeddings of a sample of `images`
-        z = detector.update(feats, images=len(images))
+    for images, sample in stream:              # sample: (n, 3, S, S) of `images`; embed: (n, ...) -> (n, D)
+        z = detector.update(embed(sample), images=len(images), inputs=sample, embed=embed)
         if z is not None:                      # a drift boundary: end the experience
             detector.boundary("drift")
     torch.save(detector.state_dict(), path)    # tensors only (safetensors-compatible)
@@ -27,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -38,8 +39,8 @@ class DriftDetector:
     """Sliding two-window kernel MMD test with a permutation z-score, patience, min length and cool-down."""
 
     def __init__(self, window: int = 32, reference: int = 128, threshold: float = 6.0, patience: int = 3,
-                 permutations: int = 100, min_images: int = 256, cooldown_images: int = 512,
-                 check_every: int = 8, seed: int = 0) -> None:
+                 permutations: int = 100, min_images: int = 256, cooldown_images: int = 256,
+                 check_every: int = 4, seed: int = 0) -> None:
         if window < 2 or reference < window or patience < 1 or permutations < 10:
             raise ValueError("need window >= 2, reference >= window, patience >= 1, permutations >= 10")
         self.window, self.reference, self.threshold, self.patience = window, reference, threshold, patience
@@ -47,6 +48,8 @@ class DriftDetector:
         self.check_every, self.seed = check_every, seed
         self.recent: Tensor | None = None  # (<= window, D) newest embeddings
         self.past: Tensor | None = None  # (<= reference, D) the experience's embeddings before `recent`
+        self.recent_inputs: Tensor | None = None  # (<= window, ...) what `recent` was embedded from, if given
+        self.past_inputs: Tensor | None = None  # (<= reference, ...) likewise for `past`
         self.statistic = 0.0  # z-score of the last check
         self.streak = 0  # consecutive checks above the threshold
         self.images_in_experience = 0
@@ -54,13 +57,20 @@ class DriftDetector:
         self.since_check = 0  # embeddings added since the last check
         self.checks = 0  # checks run so far (seeds the permutations: a restart draws the same)
 
-    def update(self, features: Tensor, images: int) -> float | None:
-        """Add embeddings (n, D) of a sample of `images` stream images; the z-score when a boundary is due."""
+    def update(self, features: Tensor, images: int, inputs: Tensor | None = None,
+               embed: Callable[[Tensor], Tensor] | None = None) -> float | None:
+        """Add embeddings (n, D) of a sample of `images` stream images; the z-score when a boundary is due.
+
+        With `inputs` (n, ...) (what the embeddings were computed from; pass them always or
+        never) and `embed`, a boundary is confirmed first: window and reference are embedded
+        again by `embed` (the encoder as it is now, when the stored embeddings came from older
+        versions of a model in training) and tested once more; no boundary if z falls back.
+        """
         self.images_in_experience += images
         self.images_since_drift += images
         features = features.detach().float().cpu()
         if len(features):
-            self._push(features)
+            self._push(features, inputs)
             self.since_check += len(features)
         if self.since_check < self.check_every or not self.ready():
             return None
@@ -69,6 +79,12 @@ class DriftDetector:
         self.streak = self.streak + 1 if self.statistic > self.threshold else 0
         due = (self.streak >= self.patience and self.images_in_experience >= self.min_images
                and self.images_since_drift >= self.cooldown_images)
+        if due and embed is not None and self.recent_inputs is not None and self.past_inputs is not None:
+            self.recent, self.past = embed(self.recent_inputs).float().cpu(), embed(self.past_inputs).float().cpu()
+            self.statistic = self.test()
+            if self.statistic <= self.threshold:
+                self.streak = 0
+                return None
         return self.statistic if due else None
 
     def ready(self) -> bool:
@@ -86,8 +102,9 @@ class DriftDetector:
         if reason == "drift":
             self.images_since_drift = 0
             self.past, self.recent = self.recent, None
+            self.past_inputs, self.recent_inputs = self.recent_inputs, None
         elif reason == "header":
-            self.past = self.recent = None
+            self.past = self.recent = self.past_inputs = self.recent_inputs = None
 
     def test(self) -> float:
         """z-score of MMD²(recent, past) against its permutation null (0 when the null is degenerate).
@@ -122,26 +139,27 @@ class DriftDetector:
             return 0.0
         return float((mmd[0] - null.mean()) / spread)
 
-    def _push(self, features: Tensor) -> None:
+    def _push(self, features: Tensor, inputs: Tensor | None) -> None:
         """Append to the window; what leaves it joins the reference, whose oldest leave it."""
-        recent = features if self.recent is None else torch.cat([self.recent, features])
+        recent, recent_inputs = _cat(self.recent, features), _cat(self.recent_inputs, inputs)
         overflow = len(recent) - self.window
         if overflow > 0:
-            aged, recent = recent[:overflow], recent[overflow:]
             if self.streak == 0:  # while a shift is pending the reference holds the old distribution
-                past = aged if self.past is None else torch.cat([self.past, aged])
-                self.past = past[-self.reference:]
-        self.recent = recent
+                self.past = _cat(self.past, recent[:overflow])[-self.reference:]
+                if recent_inputs is not None:
+                    self.past_inputs = _cat(self.past_inputs, recent_inputs[:overflow])[-self.reference:]
+            recent = recent[overflow:]
+            recent_inputs = recent_inputs[overflow:] if recent_inputs is not None else None
+        self.recent, self.recent_inputs = recent, recent_inputs
 
     def state_dict(self) -> dict[str, Tensor]:
         """Everything needed to continue after a restart, as tensors (a safetensors file)."""
         counters = [self.streak, self.images_in_experience, self.images_since_drift, self.since_check, self.checks]
         state = {"counters": torch.tensor(counters, dtype=torch.int64),
                  "statistic": torch.tensor([self.statistic], dtype=torch.float64)}
-        if self.recent is not None:
-            state["recent"] = self.recent.contiguous()
-        if self.past is not None:
-            state["past"] = self.past.contiguous()
+        for key in ("recent", "past", "recent_inputs", "past_inputs"):
+            if getattr(self, key) is not None:
+                state[key] = getattr(self, key).contiguous()
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -149,7 +167,12 @@ class DriftDetector:
         (self.streak, self.images_in_experience, self.images_since_drift, self.since_check,
          self.checks) = (int(v) for v in state["counters"].tolist())
         self.statistic = float(state["statistic"][0])
-        self.recent = state.get("recent")
-        self.past = state.get("past")
-        if self.past is not None:
-            self.past = self.past[-self.reference:]
+        for key in ("recent", "past", "recent_inputs", "past_inputs"):
+            setattr(self, key, state.get(key))
+
+
+def _cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """`a` then `b` along rows, either may be None."""
+    if a is None or b is None:
+        return b if a is None else a
+    return torch.cat([a, b])

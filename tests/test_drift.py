@@ -25,7 +25,7 @@ def stream(detector: DriftDetector, steps: int, shift_at: int | None, seed: int 
     for step in range(steps):
         shifted = shift_at is not None and step >= shift_at
         if detector.update(features(generator, 4.0 if shifted else 0.0), IMAGES) is not None:
-            cuts.append(step * IMAGES)
+            cuts.append((step + 1) * IMAGES)  # images seen when it cut
             detector.boundary("drift")
     return cuts
 
@@ -59,7 +59,7 @@ def test_cooldown_after_a_drift_boundary():
     for step in range(150):  # the stream flips every 10 steps: clearly shifting all the time
         shift = 4.0 if (step // 10) % 2 else 0.0
         if detector.update(features(generator, shift), IMAGES) is not None:
-            cuts.append(step * IMAGES)
+            cuts.append((step + 1) * IMAGES)  # images seen when it cut
             detector.boundary("drift")
     assert cuts
     assert all(b - a >= 3000 for a, b in zip([0, *cuts], cuts, strict=False))
@@ -85,3 +85,28 @@ def test_state_dict_round_trip_continues_identically():
         shift = 4.0 if step >= 10 else 0.0
         assert a.update(features(generator_a, shift), IMAGES) == b.update(features(generator_b, shift), IMAGES)
         assert a.statistic == b.statistic
+
+
+def test_confirmation_re_embeds_so_an_encoder_change_is_no_shift():
+    """The inputs stay stationary but the encoder changes at step 50: stored embeddings alone see a
+    shift; re-embedding window and reference with the current encoder (embed=) cuts nothing."""
+    def run(confirm: bool) -> int:
+        detector, generator = DriftDetector(), torch.Generator().manual_seed(4)
+        encoder = {"shift": 0.0}
+
+        def embed(x: torch.Tensor) -> torch.Tensor:  # (n, DIM) -> (n, DIM)
+            y = x.clone()
+            y[:, 0] += encoder["shift"]
+            return F.normalize(y, dim=1)
+
+        cuts = 0
+        for step in range(150):
+            encoder["shift"] = 4.0 if step >= 50 else 0.0
+            x = torch.randn(PER_STEP, DIM, generator=generator)
+            if detector.update(embed(x), IMAGES, inputs=x if confirm else None, embed=embed if confirm else None):
+                cuts += 1
+                detector.boundary("drift")
+        return cuts
+
+    assert run(confirm=False) >= 1
+    assert run(confirm=True) == 0

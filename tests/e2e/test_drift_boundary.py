@@ -26,8 +26,10 @@ def test_headerless_switch_cuts_a_drift_boundary(broker, tmp_path):
     for source in ("builtin:digits", "builtin:fashion"):
         produce(source, topic, broker.bootstrap, limit=PER_DOMAIN, batch=BATCH, progress=False, no_domain=True)
     state = tmp_path / "state"
+    # a denser sample and a smaller window than the defaults: the detector is ready after ~130
+    # trained images, so two short domains suffice (the defaults' delays: benchmarks/boundaries.py)
     daemon = DaemonProcess(state, broker.bootstrap, topic, boundary="drift", experience_images=100_000,
-                           batch_size=32, checkpoint_interval_s=3600).start()
+                           batch_size=32, checkpoint_interval_s=3600, drift_sample=0.25, drift_window=16).start()
     try:
         history = state / "metrics" / "history.json"
         daemon.wait_for(lambda: history.is_file() and json.loads(history.read_text())["records"], 60,
@@ -47,5 +49,6 @@ def test_headerless_switch_cuts_a_drift_boundary(broker, tmp_path):
     assert re.search(r'^tailord_experience_boundaries_total\{reason="drift"\} [1-9]', text, re.M)
     assert "tailord_drift_statistic " in text
     assert status["experience_name"].startswith("exp-") and status["boundary"] == "drift"
+    assert (state / "checkpoints" / "exp-000001" / "drift.safetensors").is_file()  # the detector survives restarts
     logged = [e for e in daemon.logs() if e.get("event") == "experience_boundary"]
     assert logged[0]["reason"] == "drift" and logged[0]["drift_statistic"] == first["drift_statistic"]
