@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     # experiences
     experience_images: int = Field(2000, ge=1, description="trained images per experience")
     boundary: str = Field(
-        "header", description="what else ends an experience (TAILORD_EXPERIENCE_IMAGES is always the upper bound): header = the domain header changes, drift = the embedding distribution shifts (no header needed), count = nothing else; combine with commas, e.g. `header,drift` (docs/continual.md)")
+        "header", description="what else ends an experience (TAILORD_EXPERIENCE_IMAGES is always the upper bound): header = the domain header changes, drift = the embedding distribution shifts (no header needed), count = nothing else; combine with commas, e.g. `header,drift` (docs/operations.md, Experience boundaries)")
     split_on_domain: bool | None = Field(None, description="deprecated, read when TAILORD_BOUNDARY is unset: true = `header`, false = `count`")
     drift_threshold: float = Field(6.0, gt=0, description="drift: z-score of the window-vs-reference MMD (permutation null) above which a check counts as shifted")
     drift_patience: int = Field(3, ge=1, le=100, description="drift: consecutive shifted checks before a boundary")
