@@ -1,17 +1,14 @@
 """Atomic, verifiable checkpoints under `<state>/checkpoints/`.
 
 A checkpoint is a folder of files plus `manifest.json` holding the sha256 of every
-file. It is written into a temporary folder, each file fsynced, then renamed into
-place, and only then is `LATEST` swapped. Loading verifies the manifest; a torn or
-tampered checkpoint is skipped for the previous good one.
+file. It is published with `safefiles.publish`: written into a temporary folder, each
+file fsynced, then renamed into place, and only then is `LATEST` swapped. Loading
+verifies the manifest; a torn or tampered checkpoint is skipped for the previous good one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,11 +16,20 @@ from pathlib import Path
 
 import structlog
 
-from replay.atomic import fsync_path, write_atomic
+from safefiles.publish import (
+    MANIFEST,
+    clean_staging,
+    first_mismatch,
+    flip_pointer,
+    publish_dir,
+    read_pointer,
+    staging_dir,
+    sync_tree,
+)
 
 log = structlog.get_logger()
 
-MANIFEST = "manifest.json"
+LATEST = "LATEST"
 FileWriter = Callable[[Path], None]
 
 
@@ -39,49 +45,21 @@ class Checkpoint:
         return self.path.name
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_checkpoint(root: Path, name: str, writers: dict[str, FileWriter], manifest: dict) -> Checkpoint:
     """Write `writers` (file name -> function writing that file) as checkpoint `name`.
 
     Files may be nested (`replay/buffer.safetensors`). The manifest gets `files`
     (relative path -> sha256) and `created_at`; `LATEST` points at the new folder.
     """
-    root.mkdir(parents=True, exist_ok=True)
     final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staging_dir(root, name) as tmp:
         for rel, write in writers.items():
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             write(target)
-        files = {}
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            with open(path, "rb+") as fh:
-                os.fsync(fh.fileno())
-            files[str(path.relative_to(tmp))] = sha256_file(path)
-        full = {**manifest, "name": name, "created_at": time.time(), "files": files}
-        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
-        with open(tmp / MANIFEST, "rb+") as fh:
-            os.fsync(fh.fileno())
-        fsync_path(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_path(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    write_atomic(root / "LATEST", name.encode())
+        full = {**manifest, "name": name, "created_at": time.time(), "files": sync_tree(tmp)}
+        publish_dir(tmp, final, json.dumps(full, indent=2, sort_keys=True).encode(), replace=True)
+    flip_pointer(root / LATEST, name)
     return Checkpoint(final, full)
 
 
@@ -89,10 +67,10 @@ def verify(path: Path) -> Checkpoint | None:
     """The checkpoint at `path` if its manifest and every listed file check out, else None."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-        for rel, digest in manifest["files"].items():
-            if sha256_file(path / rel) != digest:
-                log.warning("checkpoint_corrupt", checkpoint=path.name, file=rel)
-                return None
+        torn = first_mismatch(path, manifest["files"])
+        if torn is not None:
+            log.warning("checkpoint_corrupt", checkpoint=path.name, file=torn)
+            return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("checkpoint_unreadable", checkpoint=path.name, error=str(exc))
         return None
@@ -109,9 +87,9 @@ def list_checkpoints(root: Path) -> list[Path]:
 def load_latest(root: Path) -> Checkpoint | None:
     """The newest checkpoint that verifies: `LATEST` first, then the others newest first."""
     candidates = list_checkpoints(root)[::-1]
-    latest = root / "LATEST"
-    if latest.is_file():
-        named = root / latest.read_text().strip()
+    latest = read_pointer(root / LATEST)
+    if latest:
+        named = root / latest
         if named in candidates:
             candidates.remove(named)
             candidates.insert(0, named)
@@ -125,6 +103,4 @@ def load_latest(root: Path) -> Checkpoint | None:
 
 def clean_temporaries(root: Path) -> None:
     """Remove temporary folders left by a crash during a write."""
-    if root.is_dir():
-        for tmp in root.glob(".tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+    clean_staging(root)

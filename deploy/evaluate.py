@@ -22,7 +22,7 @@ from deploy.probes import ProbeSet
 from learners.evaluation import embed, linear_cka
 from learners.protocol import UNSCORED, ProbeScore, pixel_features, score_probes
 from learners.train_step import ssl_loss
-from replay.atomic import write_atomic
+from safefiles.files import write_atomic
 
 UNTRAINED_FILE = "untrained.safetensors"  # in the state dir: the encoder before its first step
 

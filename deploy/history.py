@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from learners.forgetting import average_accuracy, average_forgetting, backward_transfer
 from learners.protocol import KNN_K, KNN_TEMPERATURE, LINEAR_FOLDS, MIN_CLASS_IMAGES
-from replay.atomic import write_atomic
+from safefiles.files import write_atomic
 
 if TYPE_CHECKING:  # an annotation only: `tailord report` reads histories without loading the learner
     from deploy.evaluate import EvalRow

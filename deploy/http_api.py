@@ -35,7 +35,7 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from deploy.status_page import PAGE_CONTENT_TYPE, PAGE_HEADERS
-from replay.atomic import write_exclusive
+from safefiles.files import write_exclusive
 
 log = structlog.get_logger()
 
@@ -61,7 +61,7 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 def write_token_file(state_dir: Path) -> tuple[str, Path]:
     """A fresh random admin token written to `<state_dir>/admin.token` (mode 0600); (token, path).
 
-    Written with `replay.atomic.write_exclusive` (a planted file or symlink is never
+    Written with `safefiles.files.write_exclusive` (a planted file or symlink is never
     written through; the old file is replaced by a rename).
     """
     token = secrets.token_urlsafe(32)

@@ -37,12 +37,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from deploy.checkpoints import MANIFEST, sha256_file
+from deploy.checkpoints import MANIFEST
 from learners.augment import EvalTransform
 from learners.backbones import build_backbone
 from learners.evaluation import embed
 from replay.index import VectorIndex
 from replay.store import SampleStore
+from safefiles.files import sha256_file
 from streamer.decode import decode_record
 from streamer.limits import DecodeLimits
 from streamer.records import RejectedRecord

@@ -19,7 +19,7 @@ from typing import Any
 
 from deploy.http_api import LOOPBACK_NAMES, TOKEN_FILE, read_token_file
 from deploy.multipart import encode_form_data
-from replay.atomic import write_exclusive
+from safefiles.files import write_exclusive
 
 SNAPSHOT_TIMEOUT_S = 3600.0  # a SEPT snapshot trains: allow it time
 REQUEST_TIMEOUT_S = 30.0

@@ -25,10 +25,8 @@ import json
 import os
 import re
 import secrets
-import shutil
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -60,12 +58,12 @@ from learners.presets import PRESETS
 from learners.protocol import loo_knn_accuracy
 from learners.snapshot import backbone_spec, save_backbone
 from learners.train_step import TrainStep, build_optimizer
-from replay.atomic import fsync_path, write_atomic
 from replay.catalog import SampleRow
-from replay.index import VectorIndex
+from replay.index import CURRENT_FILE, VectorIndex
 from replay.retrieval import retrieve_budget
 from replay.routing import experience_votes, rank_experiences
 from replay.store import SampleStore
+from safefiles.publish import clean_staging, publish_dir, read_pointer, staging_dir
 from streamer.decode import decode_record, sniff_format
 from streamer.limits import DecodeLimits
 from streamer.records import RejectedRecord
@@ -236,8 +234,7 @@ class SnapshotEngine:
         self._encoder: Encoder | None = None
         self._lock_fd: int | None = None  # held when opened offline
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for leftover in self.root.glob(".tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        clean_staging(self.root)
 
     @classmethod
     def open_offline(cls, state_dir: Path, device: torch.device | str = "auto") -> SnapshotEngine:
@@ -518,22 +515,14 @@ class SnapshotEngine:
         return method.backbone.eval(), steps
 
     def _write(self, name: str, backbone: nn.Module, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Write the snapshot folder under a temporary name, then rename it into place."""
-        tmp = self.root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(mode=0o700)
-        try:
+        """Publish the snapshot folder (`safefiles.publish`: staged, fsynced, renamed into place)."""
+        with staging_dir(self.root, name, mode=0o700) as tmp:
             digest = save_backbone(backbone, tmp)
             manifest = {**manifest, "files": {"model.safetensors": digest}, "created_at": time.time()}
-            write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
-            fsync_path(tmp)
             try:
-                os.rename(tmp, self.root / name)
-            except OSError:
+                publish_dir(tmp, self.root / name, json.dumps(manifest, indent=2, sort_keys=True).encode())
+            except FileExistsError:
                 raise ApiError(409, f"snapshot {name!r} already exists") from None
-            fsync_path(self.root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return manifest
 
     # ---- request parsing
@@ -655,9 +644,9 @@ def _index_dim(state_dir: Path) -> int:
     """The vector size of the published index (its manifest), or ApiError(409) without one."""
     index_dir = state_dir / "index"
     try:
-        current = (index_dir / "CURRENT").read_text().strip()
-        return int(json.loads((index_dir / current / "manifest.json").read_text())["dim"])
-    except (OSError, ValueError, KeyError):
+        current = read_pointer(index_dir / CURRENT_FILE)
+        return int(json.loads((index_dir / current / MANIFEST).read_text())["dim"])
+    except (OSError, ValueError, KeyError, TypeError):
         raise ApiError(409, f"{state_dir} has no index yet: no experience finished") from None
 
 

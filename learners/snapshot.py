@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import safetensors.torch
 from torch import nn
 
 from learners.backbones import BACKBONES, build_backbone
+from safefiles.files import write_atomic
 
 MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -43,27 +43,15 @@ def backbone_spec(backbone: nn.Module) -> dict[str, Any]:
 def save_backbone(backbone: nn.Module, path: str | Path) -> str:
     """Write ``backbone``'s state_dict to ``path/model.safetensors`` atomically; return its sha256.
 
-    Atomic: written to a temporary file in the same directory, fsynced, then
-    renamed over the target (and the directory fsynced), so a crash leaves
-    either the old file or the new one, never a torn one.
+    Atomic (``safefiles.files.write_atomic``): a crash leaves either the old file or the
+    new one, never a torn one.
     """
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     # safetensors needs contiguous CPU tensors (channels_last weights are not contiguous).
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     data = safetensors.torch.save(state)
-    target = directory / MODEL_FILE
-    tmp = directory / f".{MODEL_FILE}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(directory / MODEL_FILE, data)
     return hashlib.sha256(data).hexdigest()
 
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from replay.atomic import write_atomic
+from safefiles.files import write_atomic
 
 TENSORS_FILE = "buffer.safetensors"
 META_FILE = "buffer.json"

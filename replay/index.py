@@ -33,7 +33,6 @@ import math
 import os
 import shutil
 import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
@@ -43,13 +42,14 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
-from replay.atomic import fsync_path, write_atomic
+from safefiles.files import file_matches, fsync_path, write_synced
+from safefiles.publish import MANIFEST as MANIFEST_FILE
+from safefiles.publish import flip_pointer, publish_dir, read_pointer, staging_dir
 
 INDEX_FILE = "index.faiss"
 SHARD_FILE = "shard-{:03d}.faiss"  # index.faiss of each shard of a sharded index
 LISTS_SUFFIX = ".ivfdata"  # inverted lists of an on-disk IVF shard, named after its .faiss file
 IDS_FILE = "ids.json"
-MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
 HNSW_REBUILD_DEAD = 0.25  # rebuild an HNSW index once this fraction of it is tombstones
 # Published lists are read for their metadata only, then mapped read-only from their own file.
@@ -552,28 +552,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _file_matches(path: Path, sha256: str, size: int) -> bool:
-    """Whether ``path`` has ``size`` bytes hashing to ``sha256``; read in chunks, so a big
-    list file passes through the page cache, not the heap."""
-    try:
-        if path.stat().st_size != size:
-            return False
-        digest, chunk = hashlib.sha256(), bytearray(1 << 20)
-        with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(chunk):
-                digest.update(memoryview(chunk)[:n])
-    except OSError:
-        return False
-    return digest.hexdigest() == sha256
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 class VectorIndex:
     """The live index of the current encoder version, plus its published history on disk.
 
@@ -705,8 +683,8 @@ class VectorIndex:
     def swap(self, built: BuiltIndex) -> None:
         """Publish ``built`` on disk, flip CURRENT, make it live, prune old versions."""
         with self._publish_lock:
-            staging = self._stage()
-            self._commit(staging, built.version, built.table.snapshot(staging))
+            with staging_dir(self.dir, "publish") as staging:
+                self._commit(staging, built.version, built.table.snapshot(staging))
             with self._lock:
                 self._version, self._table = built.version, built.table
             self._prune()
@@ -717,12 +695,13 @@ class VectorIndex:
         An on-disk table writes its list files under the lock (searches wait, as they wait
         for an in-RAM index's serialization) and is served from them afterwards."""
         with self._publish_lock:
-            with self._lock:
-                if self._table is None:
-                    return
-                staging = self._stage()
-                version, snapshot = self._version, self._table.snapshot(staging)
-            self._commit(staging, version, snapshot)
+            with staging_dir(self.dir, "publish") as staging:
+                with self._lock:
+                    if self._table is None:
+                        staging.rmdir()
+                        return
+                    version, snapshot = self._version, self._table.snapshot(staging)
+                self._commit(staging, version, snapshot)
             self._prune()
 
     def _dirs(self) -> list[tuple[int, int, Path]]:
@@ -734,18 +713,12 @@ class VectorIndex:
                 found.append((*parsed, path))
         return sorted(found)
 
-    def _stage(self) -> Path:
-        """A new temporary directory to build a publication in (pruned if never committed)."""
-        staging = self.dir / f".tmp-{uuid.uuid4().hex}"
-        staging.mkdir()
-        return staging
-
     def _commit(self, staging: Path, version: int, snapshot: TableSnapshot) -> None:
         """Write ``snapshot``'s files and a manifest (sha256 and size of every file) into
-        ``staging``, fsync all of it, rename it into place as the next generation of
-        ``version`` and flip CURRENT to it."""
+        ``staging``, fsync all of it, publish it as the next generation of ``version`` and flip
+        CURRENT to it (``safefiles.publish``)."""
         for fname, data in snapshot.files.items():
-            _write_synced(staging / fname, data)
+            write_synced(staging / fname, data)
         for fname in snapshot.lists:  # written by the snapshot: only made durable here
             fsync_path(staging / fname)
         generation = 1 + max((g for v, g, _ in self._dirs() if v == version), default=0)
@@ -760,15 +733,12 @@ class VectorIndex:
             "sha256": sums,
             "bytes": {fname: (staging / fname).stat().st_size for fname in sums},
         }
-        _write_synced(staging / MANIFEST_FILE, json.dumps(manifest).encode())
-        fsync_path(staging)
-        os.rename(staging, self.dir / name)
-        fsync_path(self.dir)
-        write_atomic(self.dir / CURRENT_FILE, name.encode())
+        publish_dir(staging, self.dir / name, json.dumps(manifest).encode())
+        flip_pointer(self.dir / CURRENT_FILE, name)
 
     def _prune(self) -> None:
         """Keep CURRENT and the newest directory of the version before it; delete the rest."""
-        current = (self.dir / CURRENT_FILE).read_text().strip()
+        current = read_pointer(self.dir / CURRENT_FILE)
         version = _parse_dir(current)[0]
         older = [path for v, _, path in self._dirs() if v < version]
         keep = {current, older[-1].name if older else current}
@@ -795,7 +765,7 @@ class VectorIndex:
             return None
         if any(_sha256(data) != sums[name] for name, data in files.items()):
             return None
-        if not all(_file_matches(file, sums[name], sizes[name]) for name, file in lists.items()):
+        if not all(file_matches(file, sums[name], sizes[name]) for name, file in lists.items()):
             return None
         try:
             return manifest, Table.deserialize(files, self.options, lists)
@@ -808,8 +778,7 @@ class VectorIndex:
         Torn or mismatched directories (bad manifest, sha256 or dim) are ignored.
         """
         with self._publish_lock:
-            current_file = self.dir / CURRENT_FILE
-            current = current_file.read_text().strip() if current_file.exists() else ""
+            current = read_pointer(self.dir / CURRENT_FILE)
             candidates = [path for _, _, path in reversed(self._dirs())]
             candidates.sort(key=lambda path: path.name != current)
             for path in candidates:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from replay.atomic import fsync_path
 from replay.catalog import Catalog, SampleRow
+from safefiles.files import fsync_path
 
 HEADER = struct.Struct("<4sII")  # magic, payload length, crc32 of the payload
 MAGIC = b"TLSR"

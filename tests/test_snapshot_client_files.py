@@ -44,7 +44,7 @@ def test_a_failed_write_leaves_no_part_file(tmp_path: Path, monkeypatch: pytest.
     def refuse(*_args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("replay.atomic.os.replace", refuse)
+    monkeypatch.setattr("safefiles.files.os.replace", refuse)
     with pytest.raises(OSError):
         _write_file(out / "model.safetensors", b"weights")
     assert list(out.iterdir()) == []

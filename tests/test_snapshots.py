@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deploy.checkpoints import sha256_file
 from deploy.http_api import ApiError
 from deploy.indexer import backbone_from_checkpoint
 from deploy.metrics import Metrics
@@ -16,6 +15,7 @@ from deploy.multipart import MultipartError, encode_form_data, parse_form_data
 from deploy.snapshots import SnapshotEngine, check_name, parse_labels_csv
 from learners.backbones import ResNet18
 from learners.snapshot import load_snapshot
+from safefiles.files import sha256_file
 from tests.snapshot_testkit import (
     KWARGS,
     RES,
