@@ -28,11 +28,13 @@ data:
 demo: install
 	$(BIN)/tailord demo
 
+# Two workers (pytest-xdist); a test file stays on one worker, so its module fixtures start once.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/pytest -q --durations=15 tests
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 test-fast: install
-	$(BIN)/pytest -q -m "not slow and not e2e" tests
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not e2e" tests
 
 docs: install
 	$(BIN)/python -m deploy.settings --update README.md
