@@ -13,7 +13,7 @@ from deploy.http_api import ApiError
 from deploy.multipart import encode_form_data
 from deploy.snapshots import MAX_BUDGET, SnapshotEngine, parse_budget, parse_labels_csv
 from learners.presets import PRESETS
-from replay.index import SearchResult
+from replay.index_table import SearchResult
 from replay.retrieval import MAX_RESULTS, retrieve_budget
 from tests.snapshot_testkit import build_state, target_images
 
