@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from learners.regularizers import (
     STRATEGIES,  # the registry's list: one strategy list in the code base
 )
+from replay.index_options import IndexOptions
 
 ENV_PREFIX = "TAILORD_"
 BOUNDARY_MODES = ("header", "count", "drift")  # what may end an experience (TAILORD_BOUNDARY)
@@ -98,10 +99,11 @@ class Settings(BaseSettings):
     keep_experiences: int | None = Field(None, ge=1, description="experience checkpoints kept (newest N + snapshot-chosen); unset: all")
     keep_distinct: int = Field(2, ge=0, description="older experience checkpoints kept for being most unlike the kept ones")
     store_max_bytes: int = Field(1024**3, ge=1024, description="disk budget of the sample store")
-    index_exact_max: int = Field(200_000, ge=1, description="vectors before the index turns approximate")
-    index_shard_max: int = Field(0, ge=0, description="vectors per index shard before search fans out over several (0: one shard)")
-    index_kind: Literal["ivf", "hnsw"] = Field("ivf", description="approximate index past index_exact_max")
-    index_ondisk: bool = Field(False, description="IVF shards serve their inverted lists memory-mapped from disk, not from RAM (docs/scaling.md)")
+    # defaults: replay.index_options.IndexOptions (one set, read by the library too)
+    index_exact_max: int = Field(IndexOptions.exact_max, ge=1, description="vectors before the index turns approximate")
+    index_shard_max: int = Field(IndexOptions.shard_max, ge=0, description="vectors per index shard before search fans out over several (0: one shard)")
+    index_kind: Literal["ivf", "hnsw"] = Field(IndexOptions.kind, description="approximate index past index_exact_max")
+    index_ondisk: bool = Field(IndexOptions.ondisk, description="IVF shards serve their inverted lists memory-mapped from disk, not from RAM (docs/scaling.md)")
 
     # service
     http_host: str = Field("127.0.0.1", description="bind address of the HTTP server")
@@ -169,6 +171,11 @@ class Settings(BaseSettings):
     def boundaries(self) -> frozenset[str]:
         """The boundary modes that are on, besides the count upper bound (`header`, `drift`)."""
         return frozenset(self.boundary.split(",")) - {"count"}
+
+    def index_options(self, gpu: bool = False) -> IndexOptions:
+        """The index's build options from these settings (``gpu``: search on GPU copies)."""
+        return IndexOptions(exact_max=self.index_exact_max, kind=self.index_kind, gpu=gpu,
+                            shard_max=self.index_shard_max, ondisk=self.index_ondisk)
 
     @model_validator(mode="after")
     def _ondisk_needs_ivf(self) -> Settings:

@@ -16,7 +16,7 @@ class IndexOptions:
     """How indexes are built: shards of at most ``shard_max`` vectors (0: one shard), each
     exact up to ``exact_max`` vectors, then ``kind``."""
 
-    exact_max: int = 50_000
+    exact_max: int = 200_000
     kind: str = "ivf"  # "ivf" | "hnsw"
     nprobe: int = 16
     hnsw_m: int = 32
