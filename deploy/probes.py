@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from safefiles.files import write_atomic
 
 
 def hashed_probe(sample_id: str, fraction: float) -> bool:
@@ -57,12 +59,17 @@ class ProbeSet:
         """True when every image has a label and there are at least two classes."""
         return bool(self.labels) and all(lbl is not None for lbl in self.labels) and len(set(self.labels)) > 1
 
-    def save(self, path: Path) -> None:
-        """Write `path` (.safetensors) and its `.json` sidecar."""
-        save_file({"images": self.stacked().contiguous()}, str(path))
+    def encode(self) -> tuple[bytes, bytes]:
+        """The `.safetensors` bytes (the images) and the `.json` sidecar bytes (everything else)."""
         meta = {"experience": self.experience, "max_images": self.max_images, "sample_ids": self.sample_ids,
                 "labels": self.labels, "domains": self.domains}
-        path.with_suffix(".json").write_text(json.dumps(meta))
+        return save({"images": self.stacked().contiguous()}), json.dumps(meta).encode()
+
+    def save(self, path: Path) -> None:
+        """Write `path` (.safetensors) and its `.json` sidecar."""
+        tensors, meta = self.encode()
+        path.write_bytes(tensors)
+        path.with_suffix(".json").write_bytes(meta)
 
     @classmethod
     def load(cls, path: Path) -> ProbeSet:
@@ -73,13 +80,12 @@ class ProbeSet:
 
 
 def write_probe_set(probes: ProbeSet, folder: Path) -> None:
-    """Persist a finished experience's probe set under `folder` atomically (tmp, then rename)."""
+    """Persist a finished experience's probe set under `folder`, each file atomically (sidecar first)."""
     folder.mkdir(parents=True, exist_ok=True)
     name = f"exp-{probes.experience:06d}"
-    tmp = folder / f".{name}.tmp.safetensors"
-    probes.save(tmp)
-    tmp.with_suffix(".json").replace(folder / f"{name}.json")
-    tmp.replace(folder / f"{name}.safetensors")
+    tensors, meta = probes.encode()
+    write_atomic(folder / f"{name}.json", meta)
+    write_atomic(folder / f"{name}.safetensors", tensors)
 
 
 def read_probe_sets(folder: Path) -> dict[int, ProbeSet]:

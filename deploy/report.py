@@ -8,9 +8,9 @@ says so, so the command is safe to run at any time.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+from safefiles.files import write_atomic  # noqa: E402
 
 DPI = 110
 
@@ -41,12 +43,12 @@ def write_report(state_dir: Path, out: Path) -> str:
     history = read_history(state_dir)
     fig = report_figure(history, state_dir) if history["accuracy"] else placeholder_figure(state_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=DPI, format="png")
+        fig.savefig(png, dpi=DPI, format="png")
     finally:
         plt.close(fig)
-    os.replace(tmp, out)  # a reader never sees half a PNG
+    write_atomic(out, png.getvalue())  # a reader never sees half a PNG
     return str(out)
 
 
