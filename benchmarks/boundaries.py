@@ -236,9 +236,9 @@ def summarize(switches: list[dict], stationary: list[dict], off: dict | None) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--per-domain", type=int, default=800, help="images per domain in the ordered part")
+    parser.add_argument("--per-domain", type=int, default=700, help="images per domain in the ordered part")
     parser.add_argument("--stretch", type=int, default=500, help="images per interleaved stretch (A B A)")
-    parser.add_argument("--stationary-images", type=int, default=3400)
+    parser.add_argument("--stationary-images", type=int, default=2500)
     parser.add_argument("--routing-sets", type=int, default=5, help="unlabelled target sets per domain (0: none)")
     parser.add_argument("--routing-set-size", type=int, default=20)
     parser.add_argument("--no-header-run", dest="header_run", action="store_false",
@@ -248,8 +248,13 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        switches = [switch_run(seed, args, Path(tmp)) for seed in range(args.seeds)]
-        stationary = [stationary_run(seed, args, Path(tmp)) for seed in range(args.seeds)]
+        switches, stationary = [], []
+        for seed in range(args.seeds):
+            switches.append(switch_run(seed, args, Path(tmp)))
+            say(json.dumps(switches[-1]))  # partial results survive a later failure
+        for seed in range(args.seeds):
+            stationary.append(stationary_run(seed, args, Path(tmp)))
+            say(json.dumps(stationary[-1]))
         off = stationary_run(0, args, Path(tmp), boundary="count") if args.off_run else None
     print(json.dumps({"summary": summarize(switches, stationary, off), "switch_runs": switches,
                       "stationary_runs": stationary, "off_run": off,
