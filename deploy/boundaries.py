@@ -65,15 +65,15 @@ class Boundaries:
         return None if "header" in self.modes else progress.domain
 
     def observe(self, learner: Learner, images: torch.Tensor, stream_images: int) -> None:
-        """Feed the detector embeddings of a TAILORD_DRIFT_SAMPLE share of this step's stream images (B,3,S,S) uint8."""
+        """Feed the detector a TAILORD_DRIFT_SAMPLE share of this step's stream images (B,3,S,S) uint8."""
         if self.detector is None or self.pending is not None or not len(images):
             return
-        started = time.perf_counter()
-        pick = torch.linspace(0, len(images) - 1, max(1, round(self.sample * len(images)))).long()
         def encode(sample: torch.Tensor) -> torch.Tensor:  # (k,3,S,S) uint8 -> (k,D) unit norm
             return embed(learner.backbone, sample, learner.eval_transform, device=learner.device)
 
-        sample = images[pick].cpu()
+        started = time.perf_counter()
+        pick = torch.linspace(0, len(images) - 1, max(1, round(self.sample * len(images)))).long()
+        sample = images[pick].cpu()  # (k,3,S,S) uint8, kept by the detector for the confirmation
         checks = self.detector.checks
         self.pending = self.detector.update(encode(sample), stream_images, inputs=sample, embed=encode)
         if self.detector.checks != checks:
