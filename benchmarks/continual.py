@@ -97,7 +97,7 @@ from learners.protocol import (
 )
 from learners.regularizers import DEFAULT_LAMBDA, STRATEGIES
 from replay.buffer import ReservoirBuffer
-from streamer.decode import decode_record
+from streamer.decode import decode_image
 from streamer.limits import DecodeLimits
 from streamer.sources.builtin import builtin
 
@@ -209,7 +209,7 @@ def load_domain(name: str, resolution: int, probe_images: int, limit: int | None
     limits = DecodeLimits()
     images, labels = [], []
     for item in islice(builtin(name), limit):
-        images.append(decode_record(item.encoded, [], limits, resolution)[0].image)
+        images.append(decode_image(item.encoded, limits, resolution))
         labels.append(item.label)
     n = len(images)
     if not probe_images < n:

@@ -159,11 +159,11 @@ def _round(value: float | None, digits: int = 2) -> float | None:
 
 def decode_all(encoded: list[bytes], size: int) -> torch.Tensor:
     """(N,3,size,size) uint8 with the daemon's decoder."""
-    from streamer.decode import decode_record
+    from streamer.decode import decode_image
     from streamer.limits import DecodeLimits
 
     limits = DecodeLimits()
-    return torch.stack([decode_record(data, [], limits, size)[0].image for data in encoded])
+    return torch.stack([decode_image(data, limits, size) for data in encoded])
 
 
 def downstream(backbone: nn.Module, input_spec: dict, target: TargetSet, size: int) -> dict[str, float]:

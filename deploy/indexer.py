@@ -44,7 +44,7 @@ from learners.evaluation import embed
 from replay.index import VectorIndex
 from replay.store import SampleStore
 from safefiles.files import sha256_file
-from streamer.decode import decode_record
+from streamer.decode import decode_image
 from streamer.limits import DecodeLimits
 from streamer.records import RejectedRecord
 
@@ -126,7 +126,7 @@ def decode_images(encoded: list[bytes], size: int, limits: DecodeLimits) -> tupl
     images, kept = [], []
     for i, data in enumerate(encoded):
         try:
-            images.append(decode_record(data, [], limits, size)[0].image)
+            images.append(decode_image(data, limits, size))
         except RejectedRecord:
             continue
         kept.append(i)

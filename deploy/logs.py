@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +36,8 @@ def _redact(_logger: object, _name: str, event: dict) -> dict:
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     """Configure structlog once for the process; `fmt` is auto|json|console."""
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # it logs every reconnect; we log outages ourselves
+    # torchvision 0.29 says this at every decode_jpeg call (streamer/jpeg_batch.py says where to go next)
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
     structlog.configure(

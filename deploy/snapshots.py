@@ -64,7 +64,7 @@ from replay.retrieval import retrieve_budget
 from replay.routing import experience_votes, rank_experiences
 from replay.store import SampleStore
 from safefiles.publish import clean_staging, publish_dir, read_pointer, staging_dir
-from streamer.decode import decode_record, sniff_format
+from streamer.decode import decode_image, sniff_format
 from streamer.limits import DecodeLimits
 from streamer.records import RejectedRecord
 
@@ -417,7 +417,7 @@ class SnapshotEngine:
             if sniff_format(data) == "tar":
                 raise ApiError(400, f"target {filename!r} is a tar archive: send the images themselves")
             try:
-                images.append(decode_record(data, [], self.limits, self.decode_size)[0].image)
+                images.append(decode_image(data, self.limits, self.decode_size))
             except RejectedRecord as exc:
                 raise ApiError(400, f"target {filename!r} cannot be decoded: {exc.reason}") from None
         return torch.stack(images)

@@ -10,12 +10,17 @@ GIF is decoded as its first frame). Any failure raises `RejectedRecord` with one
 Pixel limits come in two tiers:
 - `too_many_pixels`: width*height declared by the header is over `limits.max_pixels` (the
   operator's setting), checked before any pixel is decoded;
-- `decompression_bomb`: a size over `BOMB_PIXELS`, a hard ceiling no setting can lift. It is
-  Pillow's own guard (`Image.MAX_IMAGE_PIXELS`), set once here at import, never per call
-  (prefetch threads would race); its warning is turned into an error, so Pillow's internal
-  checks (TIFF tiles, ...) reject too.
+- `decompression_bomb`: a size over `BOMB_PIXELS`, a hard ceiling no setting can lift. Pillow
+  keeps its own guard in a process-wide variable, so the first decode (not the import) sets
+  `Image.MAX_IMAGE_PIXELS` to half of it, once and under a lock (decode threads would race):
+  Pillow raises `DecompressionBombError` over twice that, in every check it makes (GIF
+  frames, ...), with no warnings filter needed. Between half the ceiling and the ceiling
+  Pillow only warns; such an image is over the default `max_pixels` and refused as
+  `too_many_pixels` (or as `decompression_bomb` where the host turns warnings into errors).
 
 Functions here keep no state between calls and are safe to call from several threads.
+`decode_image` decodes one encoded image (a stored sample, a snapshot target);
+`decode_record` a whole record, tar batches included.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import warnings
+import threading
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 
@@ -78,9 +83,22 @@ _IMAGE_SUFFIXES = frozenset(
     {"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "pnm", "gif"}
 )
 
-Image.init()  # register every plugin now, not lazily from several threads at once
-Image.MAX_IMAGE_PIXELS = BOMB_PIXELS
-warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+_pillow_lock = threading.Lock()
+_pillow_ready = False
+
+
+def _ready_pillow() -> None:
+    """Register Pillow's plugins and set its bomb guard, once per process, before the first open.
+
+    Plugins are registered now rather than lazily by several decode threads at once, and
+    Pillow errors (not warns) above 2 * MAX_IMAGE_PIXELS == BOMB_PIXELS.
+    """
+    global _pillow_ready
+    with _pillow_lock:
+        if not _pillow_ready:
+            Image.init()
+            Image.MAX_IMAGE_PIXELS = BOMB_PIXELS // 2
+            _pillow_ready = True
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -142,6 +160,15 @@ def decode_record(
     return [DecodedImage(image, value, fmt, None, record_headers)]
 
 
+def decode_image(data: bytes, limits: DecodeLimits, size: int) -> torch.Tensor:
+    """One encoded image (any allowed format, not a tar batch) as a (3, size, size) uint8 RGB
+    tensor, under the same limits and checks as a record; `RejectedRecord` otherwise."""
+    if sniff_format(data) == "tar":
+        raise RejectedRecord("unknown_format", "a tar batch, not one image")
+    [decoded] = decode_record(data, [], limits, size)
+    return decoded.image
+
+
 def _decode_headers(headers: list[tuple[str, bytes]], limits: DecodeLimits) -> dict[str, str]:
     """Record headers as a dict with lowercased keys; later duplicates win.
 
@@ -172,6 +199,8 @@ def _decode_image(
     Pillow raises many exception types on hostile input (OSError, ValueError, SyntaxError,
     struct.error, ...), so anything it raises becomes `corrupt_image`.
     """
+    if not _pillow_ready:
+        _ready_pillow()
     try:
         with Image.open(io.BytesIO(data), formats=[_PILLOW_FORMATS[fmt]]) as img:
             _check_pixels(img.size, limits)
@@ -253,10 +282,16 @@ def _resize_crop(img: Image.Image, size: int) -> Image.Image:
     width, height = img.size
     if width == height == size:
         return img
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
+    left, top, side = centre_square(width, height)
     box = (left, top, left + side, top + side)
     return img.resize((size, size), Image.Resampling.BILINEAR, box=box)
+
+
+def centre_square(width: int, height: int) -> tuple[float, float, int]:
+    """(left, top, side) of the centred square of a width x height image: the one crop both
+    decoders take (Pillow here with this sub-pixel box, `jpeg_batch.resize_crop` rounded)."""
+    side = min(width, height)
+    return (width - side) / 2, (height - side) / 2, side
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:

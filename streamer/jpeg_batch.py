@@ -14,13 +14,13 @@ reaches the DLQ with its usual reason.
 
 torchvision 0.29 deprecates its image decoders in favour of TorchCodec's, whose
 `torchcodec.decoders.decode_jpeg` takes the same arguments; `_decode_jpegs` is the one call to
-change when the pinned torchvision drops them.
+change when the pinned torchvision drops them. It warns of this at every call; the daemon
+silences that warning for its process (`deploy.logs.configure_logging`), this module does not.
 """
 
 from __future__ import annotations
 
 import io
-import warnings
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import replace
@@ -30,13 +30,9 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from streamer.decode import decode_record
+from streamer.decode import centre_square, decode_record
 from streamer.limits import DecodeLimits
 from streamer.records import Decoded, ParallelMap, RawRecord, RejectedRecord
-
-# Said at every call from torchvision 0.29 on; the module docstring says where to go next.
-# Set once here: `catch_warnings` per call would race with the decode threads' filters.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
 
 def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -63,9 +59,8 @@ def resize_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     The same geometry as `decode_record` (shorter side to `size`, centre crop), done as crop
     then one resize so a batch of equal-sized images is one call on its device.
     """
-    height, width = images.shape[-2:]
-    side = min(height, width)
-    square = F.center_crop(images, [side, side])
+    left, top, side = centre_square(images.shape[-1], images.shape[-2])
+    square = F.crop(images, round(top), round(left), side, side)  # as F.center_crop rounds
     if side == size:
         return square.contiguous()
     return F.resize(square, [size, size], interpolation=F.InterpolationMode.BILINEAR, antialias=True)

@@ -4,6 +4,8 @@ resizing, headers, limits and tar batches."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import tarfile
 import threading
 import warnings
@@ -14,8 +16,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as F
 
-from streamer.decode import BOMB_PIXELS, MAX_HEADERS, REASONS, decode_record, sniff_format
+from streamer.decode import (
+    BOMB_PIXELS,
+    MAX_HEADERS,
+    REASONS,
+    centre_square,
+    decode_image,
+    decode_record,
+    sniff_format,
+)
 from streamer.limits import DecodeLimits
 from streamer.records import RejectedRecord
 
@@ -88,7 +99,7 @@ def test_corpus_covers_every_reason_and_stays_small():
     assert sum(path.stat().st_size for path in CORPUS) < 1_000_000
 
 
-@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")  # as decode sets it
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns over BOMB_PIXELS / 2
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
 @pytest.mark.parametrize("path", CORPUS, ids=lambda path: path.stem)
 def test_bad_record_is_rejected_with_the_reason_in_its_name(path: Path):
@@ -430,3 +441,37 @@ def test_defer_jpeg_checks_a_jpeg_up_to_its_pixels_and_decodes_the_rest():
     small = DecodeLimits(max_pixels=100)  # the limits still apply before any deferral
     with pytest.raises(RejectedRecord, match="too_many_pixels"):
         decode_record(rgb, [], small, SIZE, defer_jpeg=True)
+
+
+# --- one image, no import-time settings, one crop geometry -----------------------------------
+
+
+def test_decode_image_is_decode_record_of_one_image_and_refuses_a_tar():
+    value = encode(gradient(), "PNG")
+    assert decode_image(value, LIMITS, SIZE).equal(decode_record(value, [], LIMITS, SIZE)[0].image)
+    with pytest.raises(RejectedRecord, match="tar batch"):
+        decode_image(make_tar(("a.png", value)), LIMITS, SIZE)
+    with pytest.raises(RejectedRecord) as caught:
+        decode_image(b"not an image", LIMITS, SIZE)
+    assert caught.value.reason == "unknown_format"
+
+
+def test_importing_the_decoders_changes_no_process_setting():
+    """Pillow's bomb guard is set by the first decode, not the import; warning filters never."""
+    code = ("import warnings, torch, torchvision.io; from PIL import Image; filters = list(warnings.filters); "
+            "guard = Image.MAX_IMAGE_PIXELS; import streamer.decode, streamer.jpeg_batch; "
+            "assert warnings.filters == filters, 'warning filters changed'; "
+            "assert Image.MAX_IMAGE_PIXELS == guard, 'bomb guard set at import'; "
+            "from streamer.decode import decode_image; from streamer.limits import DecodeLimits; "
+            f"decode_image({encode(solid(), 'PNG')!r}, DecodeLimits(), 8); "
+            "assert Image.MAX_IMAGE_PIXELS * 2 == streamer.decode.BOMB_PIXELS; "
+            "assert warnings.filters == filters")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+
+
+@pytest.mark.parametrize("height,width", [(48, 64), (65, 40), (33, 33), (50, 51), (7, 100)])
+def test_centre_square_is_the_crop_of_both_decoders(height: int, width: int):
+    left, top, side = centre_square(width, height)
+    images = torch.arange(height * width * 3, dtype=torch.int32).reshape(1, 3, height, width)
+    assert torch.equal(F.crop(images, round(top), round(left), side, side), F.center_crop(images, [side, side]))
+    assert (left + side / 2, top + side / 2) == (width / 2, height / 2)
