@@ -125,31 +125,36 @@ def produce(
         linger_ms=20,
         **client,
     )
-    failures: list[BaseException] = []
-    sent = 0
+    failures: list[BaseException] = []  # filled by send callbacks, until the flush
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=limit, unit="img", desc=f"{domain} -> {topic}", disable=not show) as bar:
         try:
-            for chunk in _chunks(islice(parsed.items, limit), batch):
-                members = [
-                    (item, sample_headers(item, domain, _is_probe(sent + i, probe_every), not no_domain))
-                    for i, item in enumerate(chunk)
-                ]
-                value, headers = record_value(members, None if no_domain else domain, as_tar=batch > 1)
-                future = producer.send(
-                    topic,
-                    value=value,
-                    key=members[0][1]["sample-id"].encode(),
-                    headers=[(k, v.encode()) for k, v in headers.items()],
-                )
-                future.add_errback(failures.append)
-                sent += len(chunk)
-                bar.update(len(chunk))
-                if failures:
-                    break
+            chunks = _chunks(islice(parsed.items, limit), batch)
+            sent = _send_chunks(producer, topic, chunks, domain, not no_domain, probe_every, batch > 1,
+                                failures, bar)
         finally:
             producer.flush()
             producer.close()
     if failures:
         raise RuntimeError(f"publishing to {topic} on {bootstrap} failed: {failures[0]!r}")
+    return sent
+
+
+def _send_chunks(producer: KafkaProducer, topic: str, chunks: Iterable[list[Item]], domain: str,
+                 with_domain: bool, probe_every: int, as_tar: bool, failures: list[BaseException],
+                 bar: tqdm) -> int:
+    """Send each chunk as one record (a tar batch when `as_tar`), keyed by its first sample id;
+    the number of images sent. Stops at the first failure a callback has reported."""
+    sent = 0
+    for chunk in chunks:
+        members = [(item, sample_headers(item, domain, _is_probe(sent + i, probe_every), with_domain))
+                   for i, item in enumerate(chunk)]
+        value, headers = record_value(members, domain if with_domain else None, as_tar=as_tar)
+        future = producer.send(topic, value=value, key=members[0][1]["sample-id"].encode(),
+                               headers=[(k, v.encode()) for k, v in headers.items()])
+        future.add_errback(failures.append)
+        sent += len(chunk)
+        bar.update(len(chunk))
+        if failures:
+            break
     return sent
