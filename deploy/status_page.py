@@ -23,6 +23,7 @@ import html
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -355,6 +356,45 @@ def accuracy_section(history: History, domains: dict[int, Any]) -> str:
     return "".join(parts)
 
 
+@dataclass(frozen=True)
+class ChartBox:
+    """The plot area's margins inside a width x height SVG."""
+
+    left: int
+    right: int
+    top: int
+    bottom: int
+    width: int
+    height: int
+
+
+def chart_axes(box: ChartBox, t0: float, span: float, ymax: float, ystep: float,
+               x: Callable[[float], float], y: Callable[[float], float]) -> list[str]:
+    """Grid lines, tick labels and axis titles: images/s up the side, minutes since `t0` along."""
+    out = []
+    tick = 0.0
+    while tick <= ymax + 1e-9:
+        out.append(f'<line class="grid" x1="{box.left}" x2="{box.width - box.right}" y1="{y(tick):.1f}" '
+                   f'y2="{y(tick):.1f}"/><text class="axis" x="{box.left - 6}" y="{y(tick) + 4:.1f}" '
+                   f'text-anchor="end">{tick:g}</text>')
+        tick += ystep
+    minutes = span / 60
+    xstep = nice_step(minutes, 6)
+    tick = 0.0
+    while tick <= minutes + 1e-9:
+        at = x(t0 + tick * 60)
+        out.append(f'<line class="grid" x1="{at:.1f}" x2="{at:.1f}" y1="{box.top}" y2="{box.height - box.bottom}"/>'
+                   f'<text class="axis" x="{at:.1f}" y="{box.height - box.bottom + 16}" text-anchor="middle">'
+                   f'{tick:g}</text>')
+        tick += xstep
+    middle = (box.top + box.height - box.bottom) / 2
+    out.append(f'<text class="axis" x="{(box.left + box.width - box.right) / 2:.0f}" y="{box.height - 4}" '
+               f'text-anchor="middle">minutes since {clock(t0)}</text>'
+               f'<text class="axis" x="12" y="{middle:.0f}" text-anchor="middle" '
+               f'transform="rotate(-90 12 {middle:.0f})">images / s</text>')
+    return out
+
+
 def throughput_svg(points: list[dict[str, Any]], records: list[dict[str, Any]], domains: dict[int, Any],
                    since: float | None = None, width: int = 960, height: int = 260) -> str:
     """Images/s over wall-clock time as an inline SVG line, experience ends as dashed lines.
@@ -385,23 +425,7 @@ def throughput_svg(points: list[dict[str, Any]], records: list[dict[str, Any]], 
 
     out = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="100%" role="img" '
            f'aria-label="training images per second over time">']
-    tick = 0.0
-    while tick <= ymax + 1e-9:
-        out.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y(tick):.1f}" y2="{y(tick):.1f}"/>'
-                   f'<text class="axis" x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
-        tick += ystep
-    minutes = span / 60
-    xstep = nice_step(minutes, 6)
-    tick = 0.0
-    while tick <= minutes + 1e-9:
-        at = x(t0 + tick * 60)
-        out.append(f'<line class="grid" x1="{at:.1f}" x2="{at:.1f}" y1="{top}" y2="{height - bottom}"/>'
-                   f'<text class="axis" x="{at:.1f}" y="{height - bottom + 16}" text-anchor="middle">{tick:g}</text>')
-        tick += xstep
-    out.append(f'<text class="axis" x="{(left + width - right) / 2:.0f}" y="{height - 4}" text-anchor="middle">'
-               f"minutes since {clock(t0)}</text>"
-               f'<text class="axis" x="12" y="{(top + height - bottom) / 2:.0f}" text-anchor="middle" '
-               f'transform="rotate(-90 12 {(top + height - bottom) / 2:.0f})">images / s</text>')
+    out += chart_axes(ChartBox(left, right, top, bottom, width, height), t0, span, ymax, ystep, x, y)
     for record in ends:
         at = x(record["time"])
         name = label(record.get("experience"), domains, 24)
