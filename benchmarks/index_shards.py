@@ -26,6 +26,7 @@ import faiss
 import numpy as np
 
 from replay.index import CURRENT_FILE, VectorIndex
+from replay.index_options import IndexOptions
 
 VARIANTS = {"ram": False, "disk": True}  # name → ondisk
 
@@ -65,8 +66,7 @@ def exact_shards(a: argparse.Namespace) -> dict:
             index = VectorIndex(
                 Path(tmp) / str(shards),
                 a.dim,
-                exact_max=10 * a.n,
-                shard_max=0 if shards == 1 else -(-a.n // shards),
+                IndexOptions(exact_max=10 * a.n, shard_max=0 if shards == 1 else -(-a.n // shards)),
             )
             builds = []
             for _ in range(3):
@@ -123,7 +123,7 @@ def build(a: argparse.Namespace) -> dict:
     ids, exps = [f"s{i}" for i in range(a.n)], [0] * a.n
     out = {}
     for name, ondisk in VARIANTS.items():
-        index = VectorIndex(a.root / name, a.dim, exact_max=0, nprobe=a.nprobe, ondisk=ondisk)
+        index = VectorIndex(a.root / name, a.dim, IndexOptions(exact_max=0, nprobe=a.nprobe, ondisk=ondisk))
         t = time.perf_counter()
         index.swap(index.build(1, x, ids, exps))
         out[name] = {"build_and_publish_s": round(time.perf_counter() - t, 1)}

@@ -21,6 +21,7 @@ import faiss
 import numpy as np
 
 from replay.index import VectorIndex
+from replay.index_options import IndexOptions
 from replay.routing import route
 
 
@@ -76,7 +77,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind, exact_max in (("flat", args.n), ("ivf", 0)):
-            index = VectorIndex(Path(tmp), args.dim, exact_max=exact_max, nprobe=args.nprobe)
+            index = VectorIndex(Path(tmp), args.dim, IndexOptions(exact_max=exact_max, nprobe=args.nprobe))
             start = time.perf_counter()
             index.swap(index.build(1, vectors, ids, exps))
             build_s = time.perf_counter() - start

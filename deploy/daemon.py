@@ -164,10 +164,9 @@ def run_rank(settings: Settings, world: World) -> int:
 
     indexer = snapshots = None
     if world.is_main:
-        indexer = Indexer(state_dir, settings.store_max_bytes, settings.index_exact_max, settings.index_kind,
+        indexer = Indexer(state_dir, settings.store_max_bytes, settings.index_options(),
                           learner.backbone.feature_dim, learner.device, learner.preset.resolution, publish_index,
-                          limits=limits, seed=settings.seed, index_shard_max=settings.index_shard_max,
-                          index_ondisk=settings.index_ondisk)
+                          limits=limits, seed=settings.seed)
         indexer.start()
         snapshots = SnapshotEngine(state_dir, indexer.store, indexer.index, learner.device,
                                    learner.preset.resolution, metrics, settings.targets_dir, limits)

@@ -27,7 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import faiss
@@ -42,6 +42,7 @@ from learners.augment import EvalTransform
 from learners.backbones import build_backbone
 from learners.evaluation import embed
 from replay.index import VectorIndex
+from replay.index_options import IndexOptions
 from replay.store import SampleStore
 from safefiles.files import sha256_file
 from streamer.decode import decode_image
@@ -187,9 +188,8 @@ class Indexer:
     Args:
         state_dir: the daemon's state dir (`samples/`, `catalog.sqlite`, `index/`, `checkpoints/`).
         store_max_bytes: disk budget of the sample store.
-        index_exact_max, index_kind: when the index turns approximate, and into what.
-        index_shard_max: vectors per index shard before search fans out over several (0: one).
-        index_ondisk: IVF shards serve their inverted lists memory-mapped from disk.
+        index_options: how the index is built (`Settings.index_options()`); its GPU search is
+            turned on here when `device` is CUDA.
         feature_dim: the backbone's feature size (the index's vector size).
         device: where the frozen encoder embeds.
         decode_size: side of decoded images (the training resolution).
@@ -197,11 +197,10 @@ class Indexer:
         limits: decode limits for stored bytes (they passed the daemon's limits once).
     """
 
-    def __init__(self, state_dir: Path, store_max_bytes: int, index_exact_max: int, index_kind: str,
+    def __init__(self, state_dir: Path, store_max_bytes: int, index_options: IndexOptions,
                  feature_dim: int, device: torch.device | str, decode_size: int,
                  metrics_callback: Callable[[dict[int, int]], None] | None = None, *,
-                 limits: DecodeLimits | None = None, seed: int = 0, index_shard_max: int = 0,
-                 index_ondisk: bool = False) -> None:
+                 limits: DecodeLimits | None = None, seed: int = 0) -> None:
         faiss.omp_set_num_threads(1)  # faiss threads thrash on a few shared cores
         self.state_dir = Path(state_dir)
         self.checkpoint_root = self.state_dir / "checkpoints"
@@ -211,9 +210,8 @@ class Indexer:
         self.metrics_callback = metrics_callback
         self._lock_fd = lock_state(self.state_dir)
         try:
-            self.index = VectorIndex(self.state_dir, feature_dim, exact_max=index_exact_max, kind=index_kind,
-                                     shard_max=index_shard_max, gpu=self.device.type == "cuda",
-                                     ondisk=index_ondisk)
+            options = replace(index_options, gpu=self.device.type == "cuda")
+            self.index = VectorIndex(self.state_dir, feature_dim, options)
             self.store = SampleStore(self.state_dir, store_max_bytes, seed=seed, on_evict=self._evicted)
             self.index.load()
         except BaseException:

@@ -155,7 +155,7 @@ def request_snapshot(target: str | Path, labels: str | Path | None, out: str | P
             raise UsageError(f"--labels {labels}: {exc.strerror or exc}") from None
     out.mkdir(parents=True, exist_ok=True)
     if state_dir is not None:
-        manifest = _offline(Path(state_dir), files, labels_text, out, strategy, budget)
+        manifest = _offline(Path(state_dir), files, labels_text, out, strategy, budget, config)
         mode = "offline"
     else:
         manifest = _online(files, labels_text, out, strategy, budget, *resolve_endpoint(url, token, config, token_file))
@@ -183,12 +183,15 @@ def _online(files: list[Path], labels_text: str | None, out: Path, strategy: str
 
 
 def _offline(state_dir: Path, files: list[Path], labels_text: str | None, out: Path, strategy: str,
-             budget: int | None) -> dict[str, Any]:
+             budget: int | None, config: Path | None) -> dict[str, Any]:
+    """Build the snapshot in this process on a stopped daemon's state dir, with the daemon's index settings."""
     from deploy.http_api import ApiError
+    from deploy.settings import load_settings
     from deploy.snapshots import SnapshotEngine, parse_labels_csv
 
+    index_options = load_settings(config).index_options()
     try:
-        engine = SnapshotEngine.open_offline(state_dir)
+        engine = SnapshotEngine.open_offline(state_dir, index_options=index_options)
         try:
             labels = parse_labels_csv(labels_text) if labels_text is not None else None
             manifest = engine.create([(path.name, path.read_bytes()) for path in files], labels, strategy, budget)

@@ -60,6 +60,7 @@ from learners.snapshot import backbone_spec, save_backbone
 from learners.train_step import TrainStep, build_optimizer
 from replay.catalog import SampleRow
 from replay.index import CURRENT_FILE, VectorIndex
+from replay.index_options import IndexOptions
 from replay.retrieval import retrieve_budget
 from replay.routing import experience_votes, rank_experiences
 from replay.store import SampleStore
@@ -237,8 +238,12 @@ class SnapshotEngine:
         clean_staging(self.root)
 
     @classmethod
-    def open_offline(cls, state_dir: Path, device: torch.device | str = "auto") -> SnapshotEngine:
-        """An engine on a stopped daemon's state dir; ApiError(409) if it is running or has no index."""
+    def open_offline(cls, state_dir: Path, device: torch.device | str = "auto",
+                     index_options: IndexOptions | None = None) -> SnapshotEngine:
+        """An engine on a stopped daemon's state dir; ApiError(409) if it is running or has no index.
+
+        `index_options`: the daemon's (`Settings.index_options()`); None: the library's defaults.
+        """
         state_dir = Path(state_dir)
         if not (state_dir / "checkpoints").is_dir():
             raise ApiError(404, f"{state_dir} is not a tailord state dir (no checkpoints/)")
@@ -249,7 +254,7 @@ class SnapshotEngine:
         try:
             dim, decode_size = _index_dim(state_dir), _latest_resolution(state_dir)
             faiss.omp_set_num_threads(1)
-            index = VectorIndex(state_dir, dim)
+            index = VectorIndex(state_dir, dim, index_options)
             index.load()
             store = SampleStore(state_dir, max_bytes=1 << 62)  # read only here: the budget never applies
             engine = cls(state_dir, store, index, pick_device(str(device)), decode_size)

@@ -77,32 +77,11 @@ class VectorIndex:
     the old or the new index, never a mix.
     """
 
-    def __init__(
-        self,
-        root: Path,
-        dim: int,
-        *,
-        exact_max: int = 50_000,
-        kind: str = "ivf",
-        nprobe: int = 16,
-        hnsw_m: int = 32,
-        ef_search: int = 128,
-        gpu: bool = False,
-        shard_max: int = 0,
-        ondisk: bool = False,
-    ) -> None:
-        if kind not in ("ivf", "hnsw"):
-            raise ValueError(f"kind must be 'ivf' or 'hnsw', not {kind!r}")
-        if shard_max < 0:
-            raise ValueError(f"shard_max must be >= 0, not {shard_max}")
-        if ondisk and kind != "ivf":
-            raise ValueError("ondisk keeps IVF lists on disk: it needs kind='ivf'")
+    def __init__(self, root: Path, dim: int, options: IndexOptions | None = None) -> None:
         self.dir = Path(root) / "index"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dim = dim
-        self.options = IndexOptions(
-            exact_max, kind, nprobe, hnsw_m, ef_search, gpu, shard_max, ondisk
-        )
+        self.options = options or IndexOptions()
         self._lock = threading.Lock()
         self._publish_lock = threading.Lock()
         self._version: int | None = None

@@ -20,6 +20,7 @@ from deploy.indexer import Indexer
 from learners.augment import IMAGENET_MEAN, IMAGENET_STD
 from learners.backbones import ResNet18
 from learners.methods import build_method
+from replay.index_options import IndexOptions
 
 RES = 16
 KWARGS = {"width": 8, "small_stem": True, "stem_stride": 1}
@@ -55,7 +56,7 @@ def write_experience_checkpoint(state_dir: Path, experience: int, seed: int, dea
 
 
 def open_indexer(state_dir: Path, **kwargs) -> Indexer:
-    options = {"store_max_bytes": 1 << 30, "index_exact_max": 10_000, "index_kind": "ivf",
+    options = {"store_max_bytes": 1 << 30, "index_options": IndexOptions(exact_max=10_000),
                "feature_dim": 8 * KWARGS["width"], "device": "cpu", "decode_size": RES, **kwargs}
     indexer = Indexer(state_dir, **options)
     indexer.start()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from replay.index import CURRENT_FILE, VectorIndex
+from replay.index_options import IndexOptions
 
 DIM = 16
 
@@ -47,7 +48,7 @@ def test_flat_search_returns_cosine_neighbours_with_ids_and_experiences(tmp_path
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_switches_from_exact_past_exact_max_and_removes(tmp_path, kind):
-    index = VectorIndex(tmp_path, DIM, exact_max=300, kind=kind, nprobe=64)
+    index = VectorIndex(tmp_path, DIM, IndexOptions(exact_max=300, kind=kind, nprobe=64))
     x = _vectors(600, 1)
     ids = _ids("s", 600)
     index.add(1, x[:300], ids[:300], [1] * 300)
@@ -64,7 +65,7 @@ def test_switches_from_exact_past_exact_max_and_removes(tmp_path, kind):
 
 
 def test_hnsw_rebuilds_once_tombstones_pile_up(tmp_path):
-    index = VectorIndex(tmp_path, DIM, exact_max=100, kind="hnsw")
+    index = VectorIndex(tmp_path, DIM, IndexOptions(exact_max=100, kind="hnsw"))
     x = _vectors(400, 2)
     ids = _ids("s", 400)
     index.add(1, x, ids, [0] * 400)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from replay.index import CURRENT_FILE, MANIFEST_FILE, VectorIndex
+from replay.index_options import IndexOptions
 
 DIM = 16
 OPTIONS = {"exact_max": 100, "nprobe": 4}
@@ -69,8 +70,8 @@ def _files_match_manifest(directory: Path) -> bool:
 def test_ondisk_search_equals_in_ram_ivf(tmp_path, shard_max):
     x, more, queries = _vectors(1200, 0), _vectors(200, 1), _vectors(40, 2)
     ids, exps = _ids("s", 1200), [i % 3 for i in range(1200)]
-    ram = VectorIndex(tmp_path / "ram", DIM, shard_max=shard_max, **OPTIONS)
-    disk = VectorIndex(tmp_path / "disk", DIM, shard_max=shard_max, ondisk=True, **OPTIONS)
+    ram = VectorIndex(tmp_path / "ram", DIM, IndexOptions(shard_max=shard_max, **OPTIONS))
+    disk = VectorIndex(tmp_path / "disk", DIM, IndexOptions(shard_max=shard_max, ondisk=True, **OPTIONS))
     for index in (ram, disk):
         index.swap(index.build(1, x, ids, exps))
     quantizers = [ram._table.shards[0].quantizer, disk._table.bases[0].quantizer]
@@ -98,7 +99,7 @@ def test_ondisk_search_equals_in_ram_ivf(tmp_path, shard_max):
 
 def test_publication_round_trip_maps_the_lists(tmp_path):
     x, ids = _vectors(1000, 3), _ids("s", 1000)
-    index = VectorIndex(tmp_path, DIM, shard_max=400, ondisk=True, **OPTIONS)
+    index = VectorIndex(tmp_path, DIM, IndexOptions(shard_max=400, ondisk=True, **OPTIONS))
     index.add(2, x, ids, [i % 4 for i in range(1000)])
     index.remove(ids[:10])
     index.save()
@@ -110,7 +111,7 @@ def test_publication_round_trip_maps_the_lists(tmp_path):
     assert set(manifest["sha256"]) == set(manifest["bytes"]) == names
     assert _files_match_manifest(current)
 
-    fresh = VectorIndex(tmp_path, DIM, **OPTIONS)  # the publication says on-disk, not the option
+    fresh = VectorIndex(tmp_path, DIM, IndexOptions(**OPTIONS))  # the publication says on-disk, not the option
     assert fresh.load() == 2 and fresh.size == 990 and fresh.kind == "shards:ivf"
     _assert_served_from_disk(fresh)
     _assert_same_results(index, fresh, x, 10)
@@ -118,11 +119,11 @@ def test_publication_round_trip_maps_the_lists(tmp_path):
 
 def test_remove_and_add_after_load_leave_the_publication_untouched(tmp_path):
     x, ids = _vectors(600, 4), _ids("s", 600)
-    index = VectorIndex(tmp_path, DIM, ondisk=True, **OPTIONS)
+    index = VectorIndex(tmp_path, DIM, IndexOptions(ondisk=True, **OPTIONS))
     index.swap(index.build(1, x[:500], ids[:500], [1] * 500))
     published = _current(tmp_path)
 
-    fresh = VectorIndex(tmp_path, DIM, ondisk=True, **OPTIONS)
+    fresh = VectorIndex(tmp_path, DIM, IndexOptions(ondisk=True, **OPTIONS))
     assert fresh.load() == 1
     assert fresh.remove(ids[:100]) == 100
     assert fresh.add(1, x[500:], ids[500:], [2] * 100) == 100
@@ -136,7 +137,7 @@ def test_remove_and_add_after_load_leave_the_publication_untouched(tmp_path):
 
     fresh.save()
     assert fresh._table.ntotal == 505
-    again = VectorIndex(tmp_path, DIM, **OPTIONS)
+    again = VectorIndex(tmp_path, DIM, IndexOptions(**OPTIONS))
     assert again.load() == 1
     _assert_same_results(fresh, again, x, 10)
 
@@ -144,7 +145,7 @@ def test_remove_and_add_after_load_leave_the_publication_untouched(tmp_path):
 @pytest.mark.parametrize("damage", ["flip", "truncate", "missing"])
 def test_torn_list_files_are_refused(tmp_path, damage):
     x = _vectors(400, 5)
-    index = VectorIndex(tmp_path, DIM, ondisk=True, **OPTIONS)
+    index = VectorIndex(tmp_path, DIM, IndexOptions(ondisk=True, **OPTIONS))
     index.swap(index.build(1, x, _ids("a", 400), [1] * 400))
     index.swap(index.build(2, x, _ids("b", 400), [2] * 400))
     lists = _current(tmp_path) / "index.ivfdata"
@@ -156,14 +157,14 @@ def test_torn_list_files_are_refused(tmp_path, damage):
         lists.write_bytes(data[:-8])
     else:
         lists.unlink()
-    fallback = VectorIndex(tmp_path, DIM, **OPTIONS)
+    fallback = VectorIndex(tmp_path, DIM, IndexOptions(**OPTIONS))
     assert fallback.load() == 1  # the previous version's publication
     assert fallback.search(x[:3], 1).experiences[:, 0].tolist() == [1, 1, 1]
 
 
 def test_pruning_removes_old_list_files(tmp_path):
     x = _vectors(500, 6)
-    index = VectorIndex(tmp_path, DIM, ondisk=True, **OPTIONS)
+    index = VectorIndex(tmp_path, DIM, IndexOptions(ondisk=True, **OPTIONS))
     index.swap(index.build(1, x, _ids("a", 500), [1] * 500))
     index.swap(index.build(2, x, _ids("b", 500), [2] * 500))
     for i in range(3):
@@ -178,11 +179,11 @@ def test_pruning_removes_old_list_files(tmp_path):
 
 def test_in_ram_publication_moves_to_disk_at_the_next_save(tmp_path):
     x, queries = _vectors(400, 7), _vectors(20, 8)
-    ram = VectorIndex(tmp_path, DIM, **OPTIONS)
+    ram = VectorIndex(tmp_path, DIM, IndexOptions(**OPTIONS))
     ram.swap(ram.build(1, x, _ids("s", 400), [1] * 400))
     assert not list((tmp_path / "index").rglob("*.ivfdata"))
 
-    disk = VectorIndex(tmp_path, DIM, ondisk=True, **OPTIONS)
+    disk = VectorIndex(tmp_path, DIM, IndexOptions(ondisk=True, **OPTIONS))
     assert disk.load() == 1 and disk._table.ondisk and disk._table.bases == [None]
     disk.save()
     _assert_served_from_disk(disk)
@@ -196,18 +197,18 @@ def test_nothing_is_written_outside_the_index_root(tmp_path, monkeypatch):
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     x = _vectors(600, 9)
-    index = VectorIndex(state, DIM, ondisk=True, **OPTIONS)
+    index = VectorIndex(state, DIM, IndexOptions(ondisk=True, **OPTIONS))
     index.add(1, x[:300], _ids("s", 300), [0] * 300)  # flat → IVF, in RAM until published
     index.save()
     index.remove(_ids("s", 10))
     index.add(1, x[300:], _ids("t", 300), [0] * 300)
     index.save()
     index.swap(index.build(2, x, _ids("u", 600), [1] * 600))
-    VectorIndex(state, DIM, ondisk=True, **OPTIONS).load()
+    VectorIndex(state, DIM, IndexOptions(ondisk=True, **OPTIONS)).load()
     assert not list(cwd.iterdir()) and not list(scratch.iterdir())
     assert {p.name for p in state.iterdir()} == {"index"}
 
 
 def test_ondisk_needs_ivf(tmp_path):
     with pytest.raises(ValueError, match="ivf"):
-        VectorIndex(tmp_path, DIM, kind="hnsw", ondisk=True)
+        VectorIndex(tmp_path, DIM, IndexOptions(kind="hnsw", ondisk=True))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from replay.index import CURRENT_FILE, VectorIndex
+from replay.index_options import IndexOptions
 
 DIM = 16
 
@@ -34,10 +35,10 @@ def _assert_same_results(a: VectorIndex, b: VectorIndex, queries: np.ndarray, k:
 def test_sharded_exact_search_equals_one_exact_index(tmp_path):
     x, queries = _vectors(700, 0), _vectors(40, 1)
     ids, exps = _ids("s", 700), [i % 5 for i in range(700)]
-    one = VectorIndex(tmp_path / "one", DIM, exact_max=10_000)
+    one = VectorIndex(tmp_path / "one", DIM, IndexOptions(exact_max=10_000))
     one.add(1, x, ids, exps)
     # past exact_max in all, but each shard stays under it: still exact
-    sharded = VectorIndex(tmp_path / "sharded", DIM, exact_max=300, shard_max=100)
+    sharded = VectorIndex(tmp_path / "sharded", DIM, IndexOptions(exact_max=300, shard_max=100))
     sharded.add(1, x[:64], ids[:64], exps[:64])
     table = sharded._table
     for start in range(64, 700, 64):  # live adds, in daemon-sized batches
@@ -55,7 +56,7 @@ def test_sharded_exact_search_equals_one_exact_index(tmp_path):
 
 
 def test_adding_past_shard_max_opens_shards_and_fills_the_emptiest(tmp_path):
-    index = VectorIndex(tmp_path, DIM, exact_max=10_000, shard_max=100)
+    index = VectorIndex(tmp_path, DIM, IndexOptions(exact_max=10_000, shard_max=100))
     x, ids = _vectors(400, 2), _ids("s", 400)
     index.add(1, x[:100], ids[:100], [0] * 100)
     assert index.kind == "flat" and _shard_sizes(index) == [100]
@@ -72,8 +73,8 @@ def test_adding_past_shard_max_opens_shards_and_fills_the_emptiest(tmp_path):
 
 def test_remove_across_shards(tmp_path):
     x, ids = _vectors(500, 3), _ids("s", 500)
-    one = VectorIndex(tmp_path / "one", DIM, exact_max=10_000)
-    sharded = VectorIndex(tmp_path / "sharded", DIM, exact_max=10_000, shard_max=100)
+    one = VectorIndex(tmp_path / "one", DIM, IndexOptions(exact_max=10_000))
+    sharded = VectorIndex(tmp_path / "sharded", DIM, IndexOptions(exact_max=10_000, shard_max=100))
     for index in (one, sharded):
         index.add(1, x, ids, [1] * 500)
     gone = ids[::7] + ["unknown"]  # some from every shard
@@ -89,7 +90,7 @@ def test_remove_across_shards(tmp_path):
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_shards_past_exact_max(tmp_path, kind):
     x, ids = _vectors(1200, 4), _ids("s", 1200)
-    index = VectorIndex(tmp_path, DIM, exact_max=150, kind=kind, nprobe=64, shard_max=400)
+    index = VectorIndex(tmp_path, DIM, IndexOptions(exact_max=150, kind=kind, nprobe=64, shard_max=400))
     index.add(1, x[:200], ids[:200], [0] * 200)  # one shard crosses exact_max: converted
     assert index.kind == kind
     index.add(1, x[200:], ids[200:], [1] * 1000)  # past shard_max: shards open, same kind
@@ -105,8 +106,8 @@ def test_approximate_shards_past_exact_max(tmp_path, kind):
 def test_sharded_ivf_returns_what_one_ivf_returns(tmp_path):
     """IVF shards share one trained quantizer, so fanning out probes the same lists."""
     x, queries = _vectors(1000, 5), _vectors(30, 6)
-    one = VectorIndex(tmp_path / "one", DIM, exact_max=100, nprobe=4)
-    sharded = VectorIndex(tmp_path / "sharded", DIM, exact_max=100, nprobe=4, shard_max=300)
+    one = VectorIndex(tmp_path / "one", DIM, IndexOptions(exact_max=100, nprobe=4))
+    sharded = VectorIndex(tmp_path / "sharded", DIM, IndexOptions(exact_max=100, nprobe=4, shard_max=300))
     for index in (one, sharded):
         index.swap(index.build(1, x, _ids("s", 1000), [0] * 1000))
     assert one.kind == "ivf" and sharded.kind == "shards:ivf"
@@ -115,7 +116,7 @@ def test_sharded_ivf_returns_what_one_ivf_returns(tmp_path):
 
 def test_sharded_save_load_round_trip(tmp_path):
     x, ids = _vectors(350, 7), _ids("s", 350)
-    index = VectorIndex(tmp_path, DIM, exact_max=10_000, shard_max=100)
+    index = VectorIndex(tmp_path, DIM, IndexOptions(exact_max=10_000, shard_max=100))
     index.add(3, x, ids, [i % 4 for i in range(350)])
     index.remove(ids[:10])
     index.save()
@@ -126,7 +127,7 @@ def test_sharded_save_load_round_trip(tmp_path):
                      "shard-003.faiss"}
     assert set(manifest["sha256"]) == files and manifest["kind"] == "shards:flat"
 
-    fresh = VectorIndex(tmp_path, DIM, exact_max=10_000, shard_max=100)
+    fresh = VectorIndex(tmp_path, DIM, IndexOptions(exact_max=10_000, shard_max=100))
     assert fresh.load() == 3 and fresh.size == 340 and fresh.kind == "shards:flat"
     _assert_same_results(index, fresh, x, 30)
     assert fresh.add(3, x[:10], ids[:10], [9] * 10) == 10  # labels stay unique after a load
@@ -146,7 +147,7 @@ def test_unsharded_directories_load_and_then_shard(tmp_path):
     current = tmp_path / "index" / (tmp_path / "index" / CURRENT_FILE).read_text()
     assert {p.name for p in current.iterdir()} == {"index.faiss", "ids.json", "manifest.json"}
 
-    index = VectorIndex(tmp_path, DIM, shard_max=100)
+    index = VectorIndex(tmp_path, DIM, IndexOptions(shard_max=100))
     assert index.load() == 1 and index.kind == "flat"
     index.add(1, x[80:], ids[80:], [0] * 70)
     assert index.kind == "shards:flat" and _shard_sizes(index) == [80, 70]

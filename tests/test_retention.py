@@ -60,8 +60,9 @@ def test_index_centroids_by_experience(tmp_path):
     import numpy as np
 
     from replay.index import VectorIndex
+    from replay.index_options import IndexOptions
 
-    index = VectorIndex(tmp_path, 4, exact_max=1000)
+    index = VectorIndex(tmp_path, 4, IndexOptions(exact_max=1000))
     rng = np.random.default_rng(0)
     a = np.array([1, 0, 0, 0], dtype=np.float32) + 0.01 * rng.standard_normal((20, 4)).astype(np.float32)
     b = np.array([0, 0, 1, 0], dtype=np.float32) + 0.01 * rng.standard_normal((20, 4)).astype(np.float32)
