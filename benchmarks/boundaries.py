@@ -139,7 +139,7 @@ def majority_domains(state_dir: Path) -> dict[int, str]:
     try:
         counts: dict[int, Counter] = {}
         for exp in catalog.experiences():
-            counts[exp] = Counter(row.sample_id.split("/", 1)[0] for row in catalog.by_experience(exp))
+            counts[exp] = Counter(sample_id.split("/", 1)[0] for sample_id in catalog.ids(experience=exp))
         return {exp: c.most_common(1)[0][0] for exp, c in counts.items() if c}
     finally:
         catalog.close()

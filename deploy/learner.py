@@ -248,8 +248,3 @@ def load_learner_state(learner: Learner, folder: Path) -> None:
     if learner.regularizer is not None and reg_file.is_file():
         state = {k: v for k, v in load_file(str(reg_file), device=device).items() if k != "_empty"}
         learner.regularizer.load_state_dict(state, backbone=learner.backbone)
-
-
-def backbone_state(learner: Learner) -> dict[str, torch.Tensor]:
-    """The backbone's weights alone, on the CPU (what a snapshot exports)."""
-    return {k: v.detach().cpu().contiguous() for k, v in learner.backbone.state_dict().items()}

@@ -129,14 +129,6 @@ class Catalog:
                 out[values[0]] = _row(values)
         return out
 
-    def by_experience(self, experience: int) -> list[SampleRow]:
-        return [
-            _row(v)
-            for v in self._query(
-                f"SELECT {_COLUMNS} FROM samples WHERE experience = ? ORDER BY rowid", [experience]
-            )
-        ]
-
     def sizes(self, experience: int) -> list[tuple[str, int, bool]]:
         """(sample_id, length, probe) of an experience's samples, in insertion order."""
         return [
