@@ -39,8 +39,8 @@ from torch import nn
 
 from deploy.checkpoints import MANIFEST
 from learners.augment import EvalTransform
-from learners.backbones import build_backbone
 from learners.evaluation import embed
+from learners.snapshot import backbone_from_spec
 from replay.index import VectorIndex
 from replay.index_options import IndexOptions
 from replay.store import SampleStore
@@ -90,14 +90,16 @@ def read_checkpoint(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], dict
     return load_file(str(weights)), manifest
 
 
-def backbone_from_checkpoint(checkpoint_dir: Path, device: torch.device | str) -> tuple[nn.Module, dict]:
-    """The backbone of a checkpoint (the `backbone.*` weights) in eval mode on `device`, and the manifest."""
+def backbone_from_checkpoint(checkpoint_dir: Path, device: torch.device | str, *,
+                             meta: bool = False) -> tuple[nn.Module, dict]:
+    """The backbone of a checkpoint (the `backbone.*` weights) in eval mode on `device`, and the manifest.
+
+    `meta`: built without weight init, so no draw from the global RNG (`backbone_from_spec`); the
+    snapshot engine's HTTP threads load checkpoints this way beside training.
+    """
     state, manifest = read_checkpoint(checkpoint_dir)
-    spec = manifest["backbone"]
-    backbone = build_backbone(spec["name"], spec.get("kwargs", {}))
-    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()
-                              if k.startswith("backbone.")})
-    return backbone.to(device).eval(), manifest
+    weights = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    return backbone_from_spec(manifest["backbone"], weights, meta=meta).to(device), manifest
 
 
 @dataclass
@@ -110,8 +112,10 @@ class Encoder:
     manifest: dict
 
     @classmethod
-    def load(cls, version: int, checkpoint_dir: Path, device: torch.device | str) -> Encoder:
-        backbone, manifest = backbone_from_checkpoint(checkpoint_dir, device)
+    def load(cls, version: int, checkpoint_dir: Path, device: torch.device | str, *,
+             meta: bool = False) -> Encoder:
+        """The frozen encoder of a checkpoint (`meta`: see `backbone_from_checkpoint`)."""
+        backbone, manifest = backbone_from_checkpoint(checkpoint_dir, device, meta=meta)
         backbone.requires_grad_(False)
         spec = manifest["input"]
         transform = EvalTransform(spec["resolution"], spec["mean"], spec["std"]).to(device)

@@ -42,6 +42,7 @@ from deploy.checkpoints import MANIFEST
 from deploy.http_api import ApiError
 from deploy.indexer import (
     Encoder,
+    backbone_from_checkpoint,
     decode_images,
     experience_checkpoints,
     lock_state,
@@ -49,7 +50,7 @@ from deploy.indexer import (
 )
 from deploy.metrics import Metrics
 from deploy.multipart import MultipartError, parse_form_data
-from learners.augment import BatchAugment, EvalTransform
+from learners.augment import BatchAugment
 from learners.backbones import build_backbone
 from learners.device import default_amp, pick_device, use_channels_last
 from learners.evaluation import encode_labels
@@ -360,7 +361,7 @@ class SnapshotEngine:
                 rows, encoded = self._read(retrieved[:sept_capacity(source)])
                 backbone, steps = self._sept(source, encoded, epochs)
             else:
-                backbone, steps = _backbone(source, "cpu")[0], 0
+                backbone, steps = backbone_from_checkpoint(source, "cpu", meta=True)[0], 0
             manifest = {
                 "name": name, "strategy": strategy, "chosen_experience": chosen,
                 "chosen_experience_info": names.get(chosen),  # its name, boundary, offsets, time span
@@ -443,7 +444,7 @@ class SnapshotEngine:
         if version not in checkpoints:
             raise ApiError(409, f"the checkpoint of encoder version {version} is gone; wait for the next experience")
         if self._encoder is None or self._encoder.version != version:
-            self._encoder = _encoder(version, checkpoints[version], self.device)
+            self._encoder = Encoder.load(version, checkpoints[version], self.device, meta=True)
         return self._encoder
 
     def _candidates(self, queries: np.ndarray, checkpoints: dict[int, Path]) -> list[dict[str, Any]]:
@@ -469,7 +470,7 @@ class SnapshotEngine:
         y, _ = encode_labels([labels[names[i]] for i in labelled])
         for candidate in candidates[:LABEL_CANDIDATES]:
             exp = candidate["experience"]
-            encoder = _encoder(exp, checkpoints[exp], self.device)
+            encoder = Encoder.load(exp, checkpoints[exp], self.device, meta=True)
             candidate["knn_accuracy"], _ = loo_knn_accuracy(torch.from_numpy(encoder(images[labelled])), y)
         best = max(candidates[:LABEL_CANDIDATES], key=lambda c: (c["knn_accuracy"], c["vote_share"]))
         return best["experience"]
@@ -598,26 +599,6 @@ class SnapshotEngine:
         if not path.is_relative_to(base):
             raise ApiError(400, "target paths must stay inside TAILORD_TARGETS_DIR")
         return path
-
-
-def _backbone(checkpoint_dir: Path, device: torch.device | str) -> tuple[nn.Module, dict]:
-    """`backbone_from_checkpoint` built on the meta device and assigned the checkpoint's tensors:
-    no weight init, so no draw from the global RNG on an HTTP thread."""
-    state, manifest = read_checkpoint(checkpoint_dir)
-    spec = manifest["backbone"]
-    with torch.device("meta"):
-        backbone = build_backbone(spec["name"], spec.get("kwargs", {}))
-    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")},
-                             assign=True)
-    return backbone.to(device).eval(), manifest
-
-
-def _encoder(version: int, checkpoint_dir: Path, device: torch.device | str) -> Encoder:
-    """`Encoder.load` without weight init (see `_backbone`)."""
-    backbone, manifest = _backbone(checkpoint_dir, device)
-    backbone.requires_grad_(False)
-    spec = manifest["input"]
-    return Encoder(version, backbone, EvalTransform(spec["resolution"], spec["mean"], spec["std"]).to(device), manifest)
 
 
 class SeededAugment(nn.Module):

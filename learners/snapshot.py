@@ -16,12 +16,14 @@ never makes us import an arbitrary class path).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
 from torch import nn
 
 from learners.backbones import BACKBONES, build_backbone
@@ -55,6 +57,22 @@ def save_backbone(backbone: nn.Module, path: str | Path) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def backbone_from_spec(spec: dict[str, Any], state: dict[str, torch.Tensor], *, meta: bool = False) -> nn.Module:
+    """The backbone a manifest's ``"backbone"`` entry describes, holding ``state``, in eval mode.
+
+    Raises ``ValueError`` for an unknown name or a ``class`` that does not match the registry.
+    With ``meta`` it is built on the meta device and assigned ``state``'s tensors: no weight
+    init, so no draw from the global RNG (a thread beside training must not advance it).
+    """
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        backbone = build_backbone(spec["name"], spec.get("kwargs", {}))
+    cls = type(backbone)
+    if "class" in spec and spec["class"] != f"{cls.__module__}.{cls.__qualname__}":
+        raise ValueError(f"manifest class {spec['class']!r} does not match backbone {spec['name']!r}")
+    backbone.load_state_dict(state, assign=meta)
+    return backbone.eval()
+
+
 def load_snapshot(path: str | Path) -> nn.Module:
     """Rebuild the backbone described by ``path/manifest.json`` with its weights, in eval mode.
 
@@ -64,17 +82,10 @@ def load_snapshot(path: str | Path) -> nn.Module:
     """
     directory = Path(path)
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
-    spec = manifest["backbone"]
-    backbone = build_backbone(spec["name"], spec.get("kwargs", {}))
-    cls = type(backbone)
-    if "class" in spec and spec["class"] != f"{cls.__module__}.{cls.__qualname__}":
-        raise ValueError(f"manifest class {spec['class']!r} does not match backbone {spec['name']!r}")
-
     data = (directory / MODEL_FILE).read_bytes()
     expected = manifest.get("files", {}).get(MODEL_FILE)
     if expected is not None:
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected:
             raise ValueError(f"{directory / MODEL_FILE}: sha256 {actual} != manifest {expected}")
-    backbone.load_state_dict(safetensors.torch.load(data))
-    return backbone.eval()
+    return backbone_from_spec(manifest["backbone"], safetensors.torch.load(data))
