@@ -135,7 +135,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser, one subcommand per ARCHITECTURE.md's command table."""
+    """The argument parser, one subcommand per row of docs/design.md's "Command line" table."""
     parser = argparse.ArgumentParser(prog="tailord", description="Streaming continual-pretraining daemon.")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics, with the names fixed by ARCHITECTURE.md (dashboards and alerts use them)."""
+"""Prometheus metrics, with the names fixed by docs/design.md, "Metrics" (dashboards and alerts use them)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Task-tailored snapshots: route a target set to an experience checkpoint, optionally SEPT it.
 
-`SnapshotEngine.create` follows ARCHITECTURE.md "Snapshot":
+`SnapshotEngine.create` follows docs/design.md, "Snapshots":
 
 1. embed the target images with the encoder of the live index version;
 2. `route` (SDR-style): kNN of the targets among stored samples -> similarity-weighted
@@ -271,9 +271,6 @@ class SnapshotEngine:
             self.store.close()
             os.close(self._lock_fd)
             self._lock_fd = None
-
-    def index_size(self) -> int:
-        return self.index.size
 
     # ---- HTTP entry points
     def create_from_request(self, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]:

@@ -1,6 +1,6 @@
 """Turn one untrusted Kafka record value into decoded, resized RGB images.
 
-A value is one encoded image or a tar batch of them (see "Wire format" in ARCHITECTURE.md).
+A value is one encoded image or a tar batch of them (docs/design.md, "Wire format").
 Everything about it is hostile until checked: the format is sniffed from magic bytes (never
 from headers or names), sizes are bounded before anything is allocated, tar members are read
 in memory (never extracted) and Pillow only ever sees the seven allowed formats (an animated

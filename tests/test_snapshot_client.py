@@ -28,7 +28,7 @@ class Backend:
         self.engine = engine
 
     def status(self):
-        return {"index_size": self.engine.index_size()}
+        return {"index_size": self.engine.index.size}
 
     def create_snapshot(self, content_type, body):
         return self.engine.create_from_request(content_type, body)
