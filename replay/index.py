@@ -196,8 +196,8 @@ class VectorIndex:
                     if self._table is None:
                         staging.rmdir()
                         return
-                    version, snapshot = self._version, self._table.publish(staging)
-                self._commit(staging, version, snapshot)
+                    version, written = self._version, self._table.publish(staging)
+                self._commit(staging, version, written)
             self._prune()
 
     def _dirs(self) -> list[tuple[int, int, Path]]:
@@ -209,23 +209,23 @@ class VectorIndex:
                 found.append((*parsed, path))
         return sorted(found)
 
-    def _commit(self, staging: Path, version: int, snapshot: TableFiles) -> None:
-        """Write ``snapshot``'s files and a manifest (sha256 and size of every file) into
+    def _commit(self, staging: Path, version: int, written: TableFiles) -> None:
+        """Write ``written``'s files and a manifest (sha256 and size of every file) into
         ``staging``, fsync all of it, publish it as the next generation of ``version`` and flip
         CURRENT to it (``safefiles.publish``)."""
-        for fname, data in snapshot.files.items():
+        for fname, data in written.files.items():
             write_synced(staging / fname, data)
-        for fname in snapshot.lists:  # written by the snapshot: only made durable here
+        for fname in written.lists:  # written by Table.publish: only made durable here
             fsync_path(staging / fname)
         generation = 1 + max((g for v, g, _ in self._dirs() if v == version), default=0)
         name = f"v{version:06d}.g{generation:06d}"
-        sums = {fname: _sha256(data) for fname, data in snapshot.files.items()} | snapshot.lists
+        sums = {fname: _sha256(data) for fname, data in written.files.items()} | written.lists
         manifest = {
             "version": version,
             "generation": generation,
             "dim": self.dim,
-            "kind": snapshot.kind,
-            "size": snapshot.size,
+            "kind": written.kind,
+            "size": written.size,
             "sha256": sums,
             "bytes": {fname: (staging / fname).stat().st_size for fname in sums},
         }
