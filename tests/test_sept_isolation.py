@@ -58,7 +58,7 @@ def test_targets_over_the_memory_ceiling_are_refused_before_decoding(engine, mon
     def no_decode(*_args, **_kwargs):
         raise AssertionError("decoded before the ceiling check")
 
-    monkeypatch.setattr(snapshots, "decode_record", no_decode)
+    monkeypatch.setattr(snapshots, "decode_image", no_decode)
     with pytest.raises(ApiError) as err:
         engine.create(target_images("blue", 21), strategy="route", name="too-many")
     assert err.value.status == 400 and "memory ceiling" in err.value.message and "at most 20" in err.value.message
