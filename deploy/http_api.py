@@ -34,6 +34,14 @@ from typing import Any, Protocol
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from deploy.snapshot_errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    SnapshotError,
+    Unavailable,
+    UnsupportedBody,
+)
 from deploy.status_page import PAGE_CONTENT_TYPE, PAGE_HEADERS
 from safefiles.files import write_exclusive
 
@@ -160,12 +168,23 @@ class HostPolicy:
 
 
 class ApiError(Exception):
-    """An error answered as JSON with an HTTP status."""
+    """An error of the HTTP exchange itself, answered as JSON with an HTTP status."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+ERROR_STATUS: dict[type[SnapshotError], int] = {
+    BadRequest: 400, NotFound: 404, Conflict: 409, UnsupportedBody: 415, Unavailable: 503,
+}
+"""The one mapping from the snapshot domain's errors (deploy/snapshot_errors.py) to HTTP statuses."""
+
+
+def error_status(error: SnapshotError) -> int:
+    """The HTTP status a domain error is answered with (500 for a kind not in ERROR_STATUS)."""
+    return next((status for kind, status in ERROR_STATUS.items() if isinstance(error, kind)), 500)
 
 
 class AdminBackend(Protocol):
@@ -289,6 +308,8 @@ class AdminHandler(BaseHTTPRequestHandler):
             raise ApiError(404, f"no route {method} {path}")
         except ApiError as exc:
             self._json(exc.status, {"error": exc.message})
+        except SnapshotError as exc:
+            self._json(error_status(exc), {"error": exc.message})
         except Exception as exc:  # a bug must not kill the server thread
             log.exception("http_error", path=path)
             self._json(500, {"error": f"internal error: {type(exc).__name__}"})

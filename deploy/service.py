@@ -10,11 +10,12 @@ import structlog
 
 from deploy.boundaries import label
 from deploy.history import History
-from deploy.http_api import ApiError, HttpServer, start_http, write_token_file
+from deploy.http_api import HttpServer, start_http, write_token_file
 from deploy.learner import Learner
 from deploy.metrics import Metrics
 from deploy.progress import Progress
 from deploy.settings import Settings
+from deploy.snapshot_errors import NotFound, Unavailable
 from deploy.status_page import render_service
 
 log = structlog.get_logger()
@@ -149,12 +150,12 @@ class DaemonService:
 
     def create_snapshot(self, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]:
         if self.snapshots is None:
-            raise ApiError(503, "snapshots are not available yet: the sample store is still opening")
+            raise Unavailable("snapshots are not available yet: the sample store is still opening")
         return self.snapshots.create_from_request(content_type, body)
 
     def get_snapshot(self, name: str) -> dict[str, Any]:
         if self.snapshots is None:
-            raise ApiError(404, f"no snapshot {name!r}")
+            raise NotFound(f"no snapshot {name!r}")
         return self.snapshots.describe(name)
 
     def status_page(self) -> bytes:
@@ -163,5 +164,5 @@ class DaemonService:
 
     def snapshot_file(self, name: str, filename: str) -> Path:
         if self.snapshots is None:
-            raise ApiError(404, f"no snapshot {name!r}")
+            raise NotFound(f"no snapshot {name!r}")
         return self.snapshots.file_path(name, filename)

@@ -185,8 +185,8 @@ def _online(files: list[Path], labels_text: str | None, out: Path, strategy: str
 def _offline(state_dir: Path, files: list[Path], labels_text: str | None, out: Path, strategy: str,
              budget: int | None, config: Path | None) -> dict[str, Any]:
     """Build the snapshot in this process on a stopped daemon's state dir, with the daemon's index settings."""
-    from deploy.http_api import ApiError
     from deploy.settings import load_settings
+    from deploy.snapshot_errors import SnapshotError
     from deploy.snapshots import SnapshotEngine, parse_labels_csv
 
     index_options = load_settings(config).index_options()
@@ -199,7 +199,7 @@ def _offline(state_dir: Path, files: list[Path], labels_text: str | None, out: P
                 _write_file(out / filename, engine.file_path(manifest["name"], filename).read_bytes())
         finally:
             engine.close()
-    except ApiError as exc:
+    except SnapshotError as exc:
         raise AdminError(f"offline snapshot on {state_dir}: {exc.message}") from None
     return manifest
 

@@ -39,7 +39,6 @@ import torch
 from torch import nn
 
 from deploy.checkpoints import MANIFEST
-from deploy.http_api import ApiError
 from deploy.indexer import (
     Encoder,
     backbone_from_checkpoint,
@@ -50,6 +49,14 @@ from deploy.indexer import (
 )
 from deploy.metrics import Metrics
 from deploy.multipart import MultipartError, parse_form_data
+from deploy.snapshot_errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    SnapshotError,
+    Unavailable,
+    UnsupportedBody,
+)
 from learners.augment import BatchAugment
 from learners.backbones import build_backbone
 from learners.device import default_amp, pick_device, use_channels_last
@@ -95,9 +102,9 @@ SEPT_SEED = 0  # SEPT's own generators: the daemon's training RNG stream is neve
 # ---- request helpers (also used by the CLI client)
 
 def check_name(name: str) -> str:
-    """A snapshot name safe as one path component; ApiError(400) otherwise."""
+    """A snapshot name safe as one path component; BadRequest otherwise."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise ApiError(400, f"bad snapshot name {str(name)[:80]!r}: use 1-64 of A-Z a-z 0-9 . _ - "
+        raise BadRequest(f"bad snapshot name {str(name)[:80]!r}: use 1-64 of A-Z a-z 0-9 . _ - "
                             "starting with a letter or digit")
     return name
 
@@ -133,25 +140,25 @@ def read_bounded(path: Path, limit: int, what: str) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise ApiError(400, f"{what} {path.name!r} cannot be read: {exc.strerror}") from None
+        raise BadRequest(f"{what} {path.name!r} cannot be read: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as fh:
         if os.fstat(fh.fileno()).st_size > limit:
-            raise ApiError(400, f"{what} {path.name!r} is over {limit} bytes")
+            raise BadRequest(f"{what} {path.name!r} is over {limit} bytes")
         data = fh.read(limit + 1)
     if len(data) > limit:
-        raise ApiError(400, f"{what} {path.name!r} is over {limit} bytes")
+        raise BadRequest(f"{what} {path.name!r} is over {limit} bytes")
     return data
 
 
 def parse_labels_csv(text: str) -> dict[str, str]:
     """`filename,label` rows (an optional `filename,label` header; blank rows skipped).
 
-    A malformed CSV (e.g. a field over the csv module's 128 KiB limit) is ApiError(400).
+    A malformed CSV (e.g. a field over the csv module's 128 KiB limit) is BadRequest.
     """
     try:
         return _labels_from_rows(csv.reader(io.StringIO(text)))
     except csv.Error as exc:
-        raise ApiError(400, f"labels CSV is malformed: {exc}") from None
+        raise BadRequest(f"labels CSV is malformed: {exc}") from None
 
 
 def _labels_from_rows(rows: Iterable[list[str]]) -> dict[str, str]:
@@ -160,12 +167,12 @@ def _labels_from_rows(rows: Iterable[list[str]]) -> dict[str, str]:
         if not row or not any(cell.strip() for cell in row):
             continue
         if len(row) != 2:
-            raise ApiError(400, f"labels CSV row {number}: expected filename,label, got {len(row)} columns")
+            raise BadRequest(f"labels CSV row {number}: expected filename,label, got {len(row)} columns")
         filename, label = row[0].strip(), row[1].strip()
         if number == 1 and (filename.lower(), label.lower()) == ("filename", "label"):
             continue
         if not filename or not label:
-            raise ApiError(400, f"labels CSV row {number}: empty filename or label")
+            raise BadRequest(f"labels CSV row {number}: empty filename or label")
         labels[filename] = label
     return labels
 
@@ -183,7 +190,7 @@ class SnapshotRequest:
 
 def parse_strategy(value: Any) -> str:
     if value not in STRATEGIES:
-        raise ApiError(400, f"strategy must be one of {', '.join(STRATEGIES)}, got {str(value)[:40]!r}")
+        raise BadRequest(f"strategy must be one of {', '.join(STRATEGIES)}, got {str(value)[:40]!r}")
     return value
 
 
@@ -193,7 +200,7 @@ def parse_budget(value: Any) -> int | None:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BUDGET:
-        raise ApiError(400, f"budget must be an integer from 1 to {MAX_BUDGET} (the most samples SEPT "
+        raise BadRequest(f"budget must be an integer from 1 to {MAX_BUDGET} (the most samples SEPT "
                             f"trains on), got {str(value)[:40]!r}")
     return value
 
@@ -241,17 +248,17 @@ class SnapshotEngine:
     @classmethod
     def open_offline(cls, state_dir: Path, device: torch.device | str = "auto",
                      index_options: IndexOptions | None = None) -> SnapshotEngine:
-        """An engine on a stopped daemon's state dir; ApiError(409) if it is running or has no index.
+        """An engine on a stopped daemon's state dir; Conflict if it is running or has no index.
 
         `index_options`: the daemon's (`Settings.index_options()`); None: the library's defaults.
         """
         state_dir = Path(state_dir)
         if not (state_dir / "checkpoints").is_dir():
-            raise ApiError(404, f"{state_dir} is not a tailord state dir (no checkpoints/)")
+            raise NotFound(f"{state_dir} is not a tailord state dir (no checkpoints/)")
         try:
             lock_fd = lock_state(state_dir)
         except BlockingIOError:
-            raise ApiError(409, f"{state_dir} is in use by a running daemon: stop it or ask it over HTTP") from None
+            raise Conflict(f"{state_dir} is in use by a running daemon: stop it or ask it over HTTP") from None
         try:
             dim, decode_size = _index_dim(state_dir), _latest_resolution(state_dir)
             faiss.omp_set_num_threads(1)
@@ -282,8 +289,11 @@ class SnapshotEngine:
             strategy = request.strategy
             manifest = self.create(request.targets, request.labels, request.strategy, request.budget,
                                    request.name)
-        except ApiError as exc:
-            self._count(strategy, "rejected" if exc.status < 500 else "failed")
+        except Unavailable:
+            self._count(strategy, "failed")
+            raise
+        except SnapshotError:
+            self._count(strategy, "rejected")
             raise
         except Exception:
             self._count(strategy, "failed")
@@ -300,7 +310,7 @@ class SnapshotEngine:
             return self._parse_multipart(content_type, body)
         if kind == "application/json":
             return self._parse_json(body)
-        raise ApiError(415, "send multipart/form-data (images) or application/json (target_path)")
+        raise UnsupportedBody("send multipart/form-data (images) or application/json (target_path)")
 
     def describe(self, name: str) -> dict[str, Any]:
         """The manifest of snapshot `name`."""
@@ -308,13 +318,13 @@ class SnapshotEngine:
         try:
             return json.loads(path.read_text())
         except FileNotFoundError:
-            raise ApiError(404, f"no snapshot {name!r}") from None
+            raise NotFound(f"no snapshot {name!r}") from None
 
     def file_path(self, name: str, filename: str) -> Path:
         """A downloadable file of snapshot `name` (model.safetensors or manifest.json)."""
         path = self.root / check_name(name) / filename
         if filename not in SNAPSHOT_FILES or not path.is_file():
-            raise ApiError(404, f"no file {filename[:80]!r} in snapshot {name!r}")
+            raise NotFound(f"no file {filename[:80]!r} in snapshot {name!r}")
         return path
 
     # ---- building
@@ -328,7 +338,7 @@ class SnapshotEngine:
         with self._lock:
             started = time.perf_counter()
             if (self.root / name).exists():
-                raise ApiError(409, f"snapshot {name!r} already exists")
+                raise Conflict(f"snapshot {name!r} already exists")
             self._check_targets(targets)
             stored = len(self.store.sample_ids(probe=False))
             budget = self._fit_budget(len(targets), budget, stored, "sept" in strategy)
@@ -343,7 +353,7 @@ class SnapshotEngine:
                 if self.index.current_version == encoder.version:
                     break
             else:
-                raise ApiError(503, "the index kept changing encoder versions; retry")
+                raise Unavailable("the index kept changing encoder versions; retry")
             if strategy == "sept":
                 chosen = max(checkpoints)
             else:
@@ -383,32 +393,32 @@ class SnapshotEngine:
     @staticmethod
     def _check_targets(targets: list[tuple[str, bytes]]) -> None:
         if not targets:
-            raise ApiError(400, "no target images")
+            raise BadRequest("no target images")
         if len(targets) > MAX_TARGETS:
-            raise ApiError(400, f"{len(targets)} target images; at most {MAX_TARGETS}")
+            raise BadRequest(f"{len(targets)} target images; at most {MAX_TARGETS}")
         names = [filename for filename, _ in targets]
         if len(set(names)) != len(names):
-            raise ApiError(400, "target file names must be distinct")
+            raise BadRequest("target file names must be distinct")
 
     def _fit_budget(self, targets: int, budget: int | None, stored: int, sept: bool) -> int:
         """The SEPT budget, checked with the targets against `max_bytes` before anything is decoded.
 
         Targets and SEPT samples are decoded to (3, decode_size, decode_size) uint8, held one by
         one and then stacked (twice the bytes at the peak). An explicit budget, or targets, over
-        the ceiling is ApiError(400); the default budget shrinks to what fits.
+        the ceiling is BadRequest; the default budget shrinks to what fits.
         """
         per_image = 2 * 3 * self.decode_size ** 2
         fits = self.max_bytes // per_image  # images in all
         room = fits - targets
         if room < (2 if sept else 0):
-            raise ApiError(400, f"{targets} target images at {self.decode_size} px are over this daemon's snapshot "
+            raise BadRequest(f"{targets} target images at {self.decode_size} px are over this daemon's snapshot "
                                 f"memory ceiling ({self.max_bytes} bytes of decoded pixels): send at most "
                                 f"{max(fits - (2 if sept else 0), 0)}")
         if budget is None:
             budget = max(BUDGET_MIN, min(round(BUDGET_SHARE * stored), BUDGET_MAX))
             return min(budget, room) if sept else budget
         if sept and budget > room:
-            raise ApiError(400, f"budget {budget} with {targets} target images at {self.decode_size} px is over "
+            raise BadRequest(f"budget {budget} with {targets} target images at {self.decode_size} px is over "
                                 f"this daemon's snapshot memory ceiling ({self.max_bytes} bytes of decoded pixels): "
                                 f"at most {room}")
         return budget
@@ -418,11 +428,11 @@ class SnapshotEngine:
         images = []
         for filename, data in targets:
             if sniff_format(data) == "tar":
-                raise ApiError(400, f"target {filename!r} is a tar archive: send the images themselves")
+                raise BadRequest(f"target {filename!r} is a tar archive: send the images themselves")
             try:
                 images.append(decode_image(data, self.limits, self.decode_size))
             except RejectedRecord as exc:
-                raise ApiError(400, f"target {filename!r} cannot be decoded: {exc.reason}") from None
+                raise BadRequest(f"target {filename!r} cannot be decoded: {exc.reason}") from None
         return torch.stack(images)
 
     @staticmethod
@@ -430,16 +440,16 @@ class SnapshotEngine:
         labels = labels or {}
         unknown = sorted(set(labels) - set(names))
         if unknown:
-            raise ApiError(400, f"labels name {len(unknown)} file(s) not among the targets, e.g. {unknown[0]!r}")
+            raise BadRequest(f"labels name {len(unknown)} file(s) not among the targets, e.g. {unknown[0]!r}")
         return labels
 
     def _live_encoder(self, checkpoints: dict[int, Path]) -> Encoder:
         """The encoder of the live index version (cached while the version stays the same)."""
         version = self.index.current_version
         if version is None:
-            raise ApiError(409, "no experience finished yet: nothing is indexed to route or retrieve")
+            raise Conflict("no experience finished yet: nothing is indexed to route or retrieve")
         if version not in checkpoints:
-            raise ApiError(409, f"the checkpoint of encoder version {version} is gone; wait for the next experience")
+            raise Conflict(f"the checkpoint of encoder version {version} is gone; wait for the next experience")
         if self._encoder is None or self._encoder.version != version:
             self._encoder = Encoder.load(version, checkpoints[version], self.device, meta=True)
         return self._encoder
@@ -448,12 +458,12 @@ class SnapshotEngine:
         """Experiences ranked by similarity-weighted votes of the targets' neighbours."""
         size = self.index.size
         if size == 0:
-            raise ApiError(409, "no stored samples are indexed yet")
+            raise Conflict("no stored samples are indexed yet")
         result = self.index.search(queries, min(ROUTE_K, size))
         ranked = rank_experiences(experience_votes(result.scores, result.experiences))
         candidates = [{"experience": exp, "vote_share": share} for exp, share in ranked if exp in checkpoints]
         if not candidates:
-            raise ApiError(409, "no experience checkpoint is left for the experiences the targets resemble")
+            raise Conflict("no experience checkpoint is left for the experiences the targets resemble")
         return candidates
 
     def _choose(self, candidates: list[dict[str, Any]], images: torch.Tensor, names: list[str],
@@ -485,13 +495,13 @@ class SnapshotEngine:
                 return [rows[sid] for sid in sample_ids], self.store.read(sample_ids)
             except KeyError:
                 continue
-        raise ApiError(503, "the sample store kept evicting the retrieved samples; retry")
+        raise Unavailable("the sample store kept evicting the retrieved samples; retry")
 
     def _sept(self, checkpoint_dir: Path, encoded: list[bytes], epochs: int) -> tuple[nn.Module, int]:
         """Continue the checkpoint's SSL method on the retrieved samples; (backbone, steps done)."""
         images, _ = decode_images(encoded, self.decode_size, self.limits)
         if len(images) < 2:
-            raise ApiError(409, f"only {len(images)} stored sample(s) retrieved: too few to train on")
+            raise Conflict(f"only {len(images)} stored sample(s) retrieved: too few to train on")
         state, manifest = read_checkpoint(checkpoint_dir)
         spec = manifest["backbone"]
         with torch.device("meta"):  # no weight init: it would draw from the global RNG; the checkpoint fills it
@@ -525,7 +535,7 @@ class SnapshotEngine:
             try:
                 publish_dir(tmp, self.root / name, json.dumps(manifest, indent=2, sort_keys=True).encode())
             except FileExistsError:
-                raise ApiError(409, f"snapshot {name!r} already exists") from None
+                raise Conflict(f"snapshot {name!r} already exists") from None
         return manifest
 
     # ---- request parsing
@@ -533,7 +543,7 @@ class SnapshotEngine:
         try:
             parts = parse_form_data(content_type, body)
         except MultipartError as exc:
-            raise ApiError(400, f"bad multipart body: {exc}") from None
+            raise BadRequest(f"bad multipart body: {exc}") from None
         targets: list[tuple[str, bytes]] = []
         labels = None
         fields: dict[str, str] = {}
@@ -546,7 +556,7 @@ class SnapshotEngine:
             elif part.name in ("strategy", "budget", "name"):
                 fields[part.name] = part.text()
             else:
-                raise ApiError(400, f"unknown form field {part.name[:40]!r}: use images, labels, strategy, budget, name")
+                raise BadRequest(f"unknown form field {part.name[:40]!r}: use images, labels, strategy, budget, name")
         return SnapshotRequest(targets, labels, parse_strategy(fields.get("strategy", "route+sept")),
                                parse_budget(fields.get("budget")), fields.get("name") or None)
 
@@ -554,47 +564,47 @@ class SnapshotEngine:
         try:
             request = json.loads(body)
         except ValueError as exc:
-            raise ApiError(400, f"bad JSON body: {exc}") from None
+            raise BadRequest(f"bad JSON body: {exc}") from None
         if not isinstance(request, dict) or not isinstance(request.get("target_path"), str):
-            raise ApiError(400, 'JSON body needs "target_path" (a folder under TAILORD_TARGETS_DIR)')
+            raise BadRequest('JSON body needs "target_path" (a folder under TAILORD_TARGETS_DIR)')
         unknown = sorted(set(request) - {"target_path", "labels_path", "strategy", "budget", "name"})
         if unknown:
-            raise ApiError(400, f"unknown key {unknown[0][:40]!r}")
+            raise BadRequest(f"unknown key {unknown[0][:40]!r}")
         folder = self._inside_targets(request["target_path"])
         if not folder.is_dir():
-            raise ApiError(400, "target_path is not a folder")
+            raise BadRequest("target_path is not a folder")
         files = collect_images(folder, base=self.targets_dir)
         if len(files) > MAX_TARGETS:
-            raise ApiError(400, f"{len(files)} target images; at most {MAX_TARGETS}")
+            raise BadRequest(f"{len(files)} target images; at most {MAX_TARGETS}")
         targets, total = [], 0
         for path in files:
             data = read_bounded(self._inside_targets(str(path)), self.limits.max_record_bytes, "target")
             total += len(data)
             if total > TARGETS_MAX_BYTES:
-                raise ApiError(400, f"target images over {TARGETS_MAX_BYTES} bytes in all")
+                raise BadRequest(f"target images over {TARGETS_MAX_BYTES} bytes in all")
             targets.append((path.name, data))
         labels = None
         if request.get("labels_path") is not None:
             labels_file = self._inside_targets(str(request["labels_path"]))
             if not labels_file.is_file():
-                raise ApiError(400, "labels_path is not a file")
+                raise BadRequest("labels_path is not a file")
             text = read_bounded(labels_file, LABELS_MAX_BYTES, "labels file").decode("utf-8-sig", errors="replace")
             labels = parse_labels_csv(text)
         name = request.get("name")
         if name is not None and not isinstance(name, str):
-            raise ApiError(400, "name must be a string")
+            raise BadRequest("name must be a string")
         return SnapshotRequest(targets, labels, parse_strategy(request.get("strategy", "route+sept")),
                                parse_budget(request.get("budget")), name)
 
     def _inside_targets(self, value: str) -> Path:
         """`value` resolved (symlinks included) relative to TAILORD_TARGETS_DIR; 400 if outside it."""
         if self.targets_dir is None:
-            raise ApiError(400, "path targets need TAILORD_TARGETS_DIR set on the daemon; "
+            raise BadRequest("path targets need TAILORD_TARGETS_DIR set on the daemon; "
                                 "upload the images as multipart/form-data instead")
         base = self.targets_dir.resolve()
         path = (base / value).resolve()
         if not path.is_relative_to(base):
-            raise ApiError(400, "target paths must stay inside TAILORD_TARGETS_DIR")
+            raise BadRequest("target paths must stay inside TAILORD_TARGETS_DIR")
         return path
 
 
@@ -624,19 +634,19 @@ def _default_name() -> str:
 
 
 def _index_dim(state_dir: Path) -> int:
-    """The vector size of the published index (its manifest), or ApiError(409) without one."""
+    """The vector size of the published index (its manifest), or Conflict without one."""
     index_dir = state_dir / "index"
     try:
         current = read_pointer(index_dir / CURRENT_FILE)
         return int(json.loads((index_dir / current / MANIFEST).read_text())["dim"])
     except (OSError, ValueError, KeyError, TypeError):
-        raise ApiError(409, f"{state_dir} has no index yet: no experience finished") from None
+        raise Conflict(f"{state_dir} has no index yet: no experience finished") from None
 
 
 def _latest_resolution(state_dir: Path) -> int:
     """The input resolution of the newest experience checkpoint (the training resolution)."""
     checkpoints = experience_checkpoints(state_dir / "checkpoints")
     if not checkpoints:
-        raise ApiError(409, f"{state_dir} has no experience checkpoint yet")
+        raise Conflict(f"{state_dir} has no experience checkpoint yet")
     manifest = json.loads((checkpoints[max(checkpoints)] / MANIFEST).read_text())
     return int(manifest["input"]["resolution"])

@@ -1,4 +1,4 @@
-"""Fuzz of the admin API's snapshot request parsing: any body gives a request or a 4xx ApiError.
+"""Fuzz of the admin API's snapshot request parsing: any body gives a request or a 4xx SnapshotError.
 
 The parser is the one part of `POST /admin/snapshots` that reads attacker-controlled bytes
 before anything is authorised to cost time or memory; a crash there would be a 500 with a
@@ -13,7 +13,8 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deploy.http_api import ApiError
+from deploy.http_api import error_status
+from deploy.snapshot_errors import SnapshotError
 from deploy.snapshots import SnapshotEngine, SnapshotRequest
 from streamer.limits import DecodeLimits
 
@@ -33,8 +34,8 @@ def parser(targets_dir=None) -> SnapshotEngine:
 def parse_or_4xx(engine: SnapshotEngine, content_type: str, body: bytes) -> None:
     try:
         request = engine.parse_request(content_type, body)
-    except ApiError as exc:
-        assert 400 <= exc.status < 500, (exc.status, str(exc))
+    except SnapshotError as exc:
+        assert 400 <= error_status(exc) < 500, (error_status(exc), str(exc))
         assert len(str(exc)) < 400  # one readable line, never an echo of the whole body
         return
     assert isinstance(request, SnapshotRequest)

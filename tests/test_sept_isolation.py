@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import deploy.snapshots as snapshots
-from deploy.http_api import ApiError
+from deploy.http_api import error_status
+from deploy.snapshot_errors import SnapshotError
 from deploy.snapshots import SnapshotEngine
 from tests.snapshot_testkit import RES, build_state, target_images
 
@@ -59,12 +60,12 @@ def test_targets_over_the_memory_ceiling_are_refused_before_decoding(engine, mon
         raise AssertionError("decoded before the ceiling check")
 
     monkeypatch.setattr(snapshots, "decode_image", no_decode)
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(SnapshotError) as err:
         engine.create(target_images("blue", 21), strategy="route", name="too-many")
-    assert err.value.status == 400 and "memory ceiling" in err.value.message and "at most 20" in err.value.message
-    with pytest.raises(ApiError) as err:
+    assert error_status(err.value) == 400 and "memory ceiling" in err.value.message and "at most 20" in err.value.message
+    with pytest.raises(SnapshotError) as err:
         engine.create(target_images("blue", 3), strategy="sept", budget=18, name="too-big-budget")
-    assert err.value.status == 400 and "at most 17" in err.value.message
+    assert error_status(err.value) == 400 and "at most 17" in err.value.message
 
 
 def test_the_budget_fits_the_ceiling(engine) -> None:
@@ -72,7 +73,7 @@ def test_the_budget_fits_the_ceiling(engine) -> None:
     assert engine._fit_budget(3, 17, 10_000, sept=True) == 17
     assert engine._fit_budget(3, None, 10_000, sept=True) == 17  # the default (64+) shrinks to fit
     assert engine._fit_budget(3, 5000, 10_000, sept=False) == 5000  # route reads no samples
-    with pytest.raises(ApiError):
+    with pytest.raises(SnapshotError):
         engine._fit_budget(19, None, 10_000, sept=True)  # room for one sample: too few to train on
     engine.max_bytes = snapshots.SNAPSHOT_MAX_BYTES
     assert engine._fit_budget(3, None, 1_000_000, sept=True) == snapshots.BUDGET_MAX

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import deploy.snapshots as snapshots
-from deploy.http_api import ApiError
+from deploy.http_api import error_status
 from deploy.multipart import encode_form_data
+from deploy.snapshot_errors import SnapshotError
 from deploy.snapshots import MAX_BUDGET, SnapshotEngine, parse_budget, parse_labels_csv
 from learners.presets import PRESETS
 from replay.index_table import SearchResult
@@ -34,15 +35,15 @@ def test_a_budget_over_what_sept_can_use_answers_400_fast(engine):
     files = [("images", name, data) for name, data in target_images("blue", 2)]
     content_type, body = encode_form_data({"strategy": "sept", "budget": "1000000"}, files)
     started = time.perf_counter()
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(SnapshotError) as err:
         engine.create_from_request(content_type, body)
     assert time.perf_counter() - started < 2.0
-    assert err.value.status == 400 and str(MAX_BUDGET) in err.value.message
+    assert error_status(err.value) == 400 and str(MAX_BUDGET) in err.value.message
     assert snapshots.SEPT_MAX_STEPS * max(p.batch_size for p in PRESETS.values()) == MAX_BUDGET
     assert parse_budget(str(MAX_BUDGET)) == MAX_BUDGET
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(SnapshotError) as err:
         parse_budget(MAX_BUDGET + 1)
-    assert err.value.status == 400
+    assert error_status(err.value) == 400
 
 
 def test_sept_reads_and_decodes_no_more_samples_than_it_trains_on(engine, monkeypatch):
@@ -88,9 +89,9 @@ def test_retrieval_never_asks_for_more_neighbours_than_it_can_use():
 
 
 def test_a_labels_field_over_the_csv_limit_is_a_400():
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(SnapshotError) as err:
         parse_labels_csv("a.png," + "x" * (200 * 1024) + "\n")
-    assert err.value.status == 400 and "labels CSV" in err.value.message
-    with pytest.raises(ApiError) as err:
+    assert error_status(err.value) == 400 and "labels CSV" in err.value.message
+    with pytest.raises(SnapshotError) as err:
         parse_labels_csv('a.png,"unterminated\n' + "y" * (200 * 1024))
-    assert err.value.status == 400
+    assert error_status(err.value) == 400

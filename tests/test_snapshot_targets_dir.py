@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 import deploy.snapshots as snapshots
-from deploy.http_api import ApiError
+from deploy.http_api import error_status
+from deploy.snapshot_errors import SnapshotError
 from deploy.snapshots import SnapshotEngine, collect_images, read_bounded
 from streamer.limits import DecodeLimits
 
@@ -50,14 +51,14 @@ def test_a_folder_request_reads_its_images_and_labels(targets):
 def test_the_images_of_one_request_are_capped_in_total(targets, monkeypatch):
     one = len(png(0))
     monkeypatch.setattr(snapshots, "TARGETS_MAX_BYTES", 2 * one + 10)
-    with pytest.raises(ApiError, match="in all") as error:
+    with pytest.raises(SnapshotError, match="in all") as error:
         parser(targets).parse_request("application/json", request({"target_path": "task"}))
-    assert error.value.status == 400
+    assert error_status(error.value) == 400
 
 
 def test_the_labels_file_is_read_with_a_limit(targets, monkeypatch):
     monkeypatch.setattr(snapshots, "LABELS_MAX_BYTES", 16)
-    with pytest.raises(ApiError, match="labels file 'labels.csv' is over 16 bytes"):
+    with pytest.raises(SnapshotError, match="labels file 'labels.csv' is over 16 bytes"):
         parser(targets).parse_request("application/json",
                                       request({"target_path": "task", "labels_path": "labels.csv"}))
 
@@ -75,6 +76,6 @@ def test_a_symlink_is_never_read_through(targets, tmp_path):
     outside.write_bytes(png(1))
     link = targets / "task" / "link.png"
     link.symlink_to(outside)
-    with pytest.raises(ApiError, match="cannot be read"):
+    with pytest.raises(SnapshotError, match="cannot be read"):
         read_bounded(link, 1 << 20, "target")
     assert read_bounded(targets / "task" / "0.png", 1 << 20, "target") == png(0)

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deploy.http_api import ApiError
+from deploy.http_api import error_status
 from deploy.indexer import backbone_from_checkpoint
 from deploy.metrics import Metrics
 from deploy.multipart import MultipartError, encode_form_data, parse_form_data
+from deploy.snapshot_errors import SnapshotError
 from deploy.snapshots import SnapshotEngine, check_name, parse_labels_csv
 from learners.backbones import ResNet18
 from learners.snapshot import load_snapshot
@@ -122,26 +123,26 @@ def test_labels_pick_the_candidate_whose_features_separate_the_classes(tmp_path)
 def test_names_paths_and_inputs_are_validated(engine, state, tmp_path):
     blue = target_images("blue", 2)
     for bad in ("../escape", "a/b", "", ".hidden", "x" * 65, "snap\n"):
-        with pytest.raises(ApiError) as err:
+        with pytest.raises(SnapshotError) as err:
             check_name(bad)
-        assert err.value.status == 400
-    with pytest.raises(ApiError) as err:
+        assert error_status(err.value) == 400
+    with pytest.raises(SnapshotError) as err:
         engine.describe("../checkpoints")
-    assert err.value.status == 400
-    with pytest.raises(ApiError) as err:
+    assert error_status(err.value) == 400
+    with pytest.raises(SnapshotError) as err:
         engine.describe("never-made")
-    assert err.value.status == 404
+    assert error_status(err.value) == 404
 
     engine.create(blue, strategy="route", name="taken")
     assert engine.describe("taken")["name"] == "taken"
     assert engine.file_path("taken", "model.safetensors").is_file()
     for filename in ("optimizer.pt", "../manifest.json", ""):
-        with pytest.raises(ApiError) as err:
+        with pytest.raises(SnapshotError) as err:
             engine.file_path("taken", filename)
-        assert err.value.status == 404
-    with pytest.raises(ApiError) as err:
+        assert error_status(err.value) == 404
+    with pytest.raises(SnapshotError) as err:
         engine.create(blue, strategy="route", name="taken")
-    assert err.value.status == 409
+    assert error_status(err.value) == 409
 
     cases = [
         ({"targets": blue, "strategy": "magic"}, "strategy"),
@@ -153,9 +154,9 @@ def test_names_paths_and_inputs_are_validated(engine, state, tmp_path):
         ({"targets": blue, "labels": {"missing.png": "a"}}, "missing.png"),
     ]
     for kwargs, needle in cases:
-        with pytest.raises(ApiError) as err:
+        with pytest.raises(SnapshotError) as err:
             engine.create(**kwargs)
-        assert err.value.status == 400 and needle in err.value.message
+        assert error_status(err.value) == 400 and needle in err.value.message
     assert not list((state / "snapshots").glob(".tmp-*"))
 
 
@@ -175,20 +176,20 @@ def test_json_requests_stay_inside_the_targets_dir(engine, tmp_path):
     def post(payload):
         return engine.create_from_request("application/json", json.dumps(payload).encode())
 
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(SnapshotError) as err:
         post({"target_path": "task"})
-    assert err.value.status == 400 and "TAILORD_TARGETS_DIR" in err.value.message  # not configured
+    assert error_status(err.value) == 400 and "TAILORD_TARGETS_DIR" in err.value.message  # not configured
     engine.targets_dir = targets
     for path in ("../outside", str(outside), "escape", "task2", "task/../../outside"):
-        with pytest.raises(ApiError) as err:
+        with pytest.raises(SnapshotError) as err:
             post({"target_path": path})
-        assert err.value.status == 400, path
-    with pytest.raises(ApiError) as err:
+        assert error_status(err.value) == 400, path
+    with pytest.raises(SnapshotError) as err:
         post({"target_path": "task", "labels_path": "../outside/secret.png"})
-    assert err.value.status == 400
-    with pytest.raises(ApiError) as err:
+    assert error_status(err.value) == 400
+    with pytest.raises(SnapshotError) as err:
         post({"target_path": "task", "strategy": "route", "color": "blue"})
-    assert err.value.status == 400 and "color" in err.value.message
+    assert error_status(err.value) == 400 and "color" in err.value.message
 
     status, manifest = post({"target_path": str(targets / "task"), "labels_path": "task/labels.csv",
                              "strategy": "route", "name": "from-path"})
@@ -213,9 +214,9 @@ def test_multipart_requests_and_metrics(state):
             ("multipart/form-data; boundary=zzz", b"--zzz\r\nContent-Disposition: form-data; name=\"images\""),
             ("text/plain", b"hi"),
         ]:
-            with pytest.raises(ApiError) as err:
+            with pytest.raises(SnapshotError) as err:
                 engine.create_from_request(content_type, body)
-            assert 400 <= err.value.status < 500
+            assert 400 <= error_status(err.value) < 500
     finally:
         engine.close()
     sample = metrics.registry.get_sample_value
@@ -239,7 +240,7 @@ def test_multipart_round_trip_keeps_bytes_exact():
 
 def test_labels_csv():
     assert parse_labels_csv("filename,label\na.png, cat\n\nb.png,dog\n") == {"a.png": "cat", "b.png": "dog"}
-    with pytest.raises(ApiError):
+    with pytest.raises(SnapshotError):
         parse_labels_csv("a.png,cat,extra\n")
 
 
@@ -249,12 +250,12 @@ def test_no_finished_experience_and_a_running_daemon_give_409(tmp_path):
         submit_colour(indexer, 1, "red", 4)
         assert indexer.flush(30)
         (tmp_path / "checkpoints").mkdir()
-        with pytest.raises(ApiError) as err:  # the daemon's indexer holds the state dir
+        with pytest.raises(SnapshotError) as err:  # the daemon's indexer holds the state dir
             SnapshotEngine.open_offline(tmp_path, "cpu")
-        assert err.value.status == 409 and "running daemon" in err.value.message
+        assert error_status(err.value) == 409 and "running daemon" in err.value.message
         online = SnapshotEngine(tmp_path, indexer.store, indexer.index, "cpu", RES)
-        with pytest.raises(ApiError) as err:
+        with pytest.raises(SnapshotError) as err:
             online.create(target_images("red", 2), strategy="route")
-        assert err.value.status == 409 and "no experience finished" in err.value.message
+        assert error_status(err.value) == 409 and "no experience finished" in err.value.message
     finally:
         indexer.stop()
