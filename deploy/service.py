@@ -16,6 +16,7 @@ from deploy.metrics import Metrics
 from deploy.progress import Progress
 from deploy.settings import Settings
 from deploy.snapshot_errors import NotFound, Unavailable
+from deploy.snapshot_request import create_from_request
 from deploy.status_page import render_service
 
 log = structlog.get_logger()
@@ -151,7 +152,7 @@ class DaemonService:
     def create_snapshot(self, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]:
         if self.snapshots is None:
             raise Unavailable("snapshots are not available yet: the sample store is still opening")
-        return self.snapshots.create_from_request(content_type, body)
+        return create_from_request(self.snapshots, content_type, body)
 
     def get_snapshot(self, name: str) -> dict[str, Any]:
         if self.snapshots is None:

@@ -139,7 +139,7 @@ def request_snapshot(target: str | Path, labels: str | Path | None, out: str | P
     Returns a summary: name, path, chosen_experience, strategy, retrieved_count, ...
     """
     from deploy.errors import UsageError
-    from deploy.snapshots import collect_images
+    from deploy.snapshot_request import collect_images
 
     folder, out = Path(target), Path(out)
     if not folder.is_dir():
@@ -187,7 +187,8 @@ def _offline(state_dir: Path, files: list[Path], labels_text: str | None, out: P
     """Build the snapshot in this process on a stopped daemon's state dir, with the daemon's index settings."""
     from deploy.settings import load_settings
     from deploy.snapshot_errors import SnapshotError
-    from deploy.snapshots import SnapshotEngine, parse_labels_csv
+    from deploy.snapshot_request import parse_labels_csv
+    from deploy.snapshots import SnapshotEngine
 
     index_options = load_settings(config).index_options()
     try:

@@ -13,14 +13,12 @@
 
 The engine works online, on the daemon's `Indexer` store and index (HTTP threads, while
 training goes on; one snapshot at a time), and offline on a stopped daemon's state dir
-(`SnapshotEngine.open_offline`). Request parsing for `POST /admin/snapshots` is here too:
-uploads (`multipart/form-data`) or a folder under `TAILORD_TARGETS_DIR` (JSON).
+(`SnapshotEngine.open_offline`). `POST /admin/snapshots` bodies are parsed in
+deploy/snapshot_request.py; failures are `deploy.snapshot_errors` kinds, never HTTP statuses.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
@@ -28,8 +26,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +45,11 @@ from deploy.indexer import (
     read_checkpoint,
 )
 from deploy.metrics import Metrics
-from deploy.multipart import MultipartError, parse_form_data
 from deploy.snapshot_errors import (
     BadRequest,
     Conflict,
     NotFound,
-    SnapshotError,
     Unavailable,
-    UnsupportedBody,
 )
 from learners.augment import BatchAugment
 from learners.backbones import build_backbone
@@ -80,11 +74,7 @@ from streamer.records import RejectedRecord
 STRATEGIES = ("route", "sept", "route+sept")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SNAPSHOT_FILES = ("model.safetensors", "manifest.json")
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm",
-                            ".gif"})
 MAX_TARGETS = 10_000
-TARGETS_MAX_BYTES = 512 << 20  # encoded target images read for one JSON (target_path) request
-LABELS_MAX_BYTES = 16 << 20  # a labels CSV
 ROUTE_K = 50  # neighbours per target image that vote
 LABEL_CANDIDATES = 3  # top candidates compared by kNN accuracy when labels are given
 BUDGET_SHARE, BUDGET_MIN, BUDGET_MAX = 0.05, 64, 2000  # default SEPT budget
@@ -99,93 +89,14 @@ a request over it is refused before anything is decoded, a default budget shrink
 SEPT_SEED = 0  # SEPT's own generators: the daemon's training RNG stream is never drawn from
 
 
-# ---- request helpers (also used by the CLI client)
+# ---- checks of what the engine is asked (shared with deploy/snapshot_request.py)
 
 def check_name(name: str) -> str:
     """A snapshot name safe as one path component; BadRequest otherwise."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise BadRequest(f"bad snapshot name {str(name)[:80]!r}: use 1-64 of A-Z a-z 0-9 . _ - "
-                            "starting with a letter or digit")
+                         "starting with a letter or digit")
     return name
-
-
-def collect_images(folder: Path, base: Path | None = None) -> list[Path]:
-    """Image files directly in `folder` (by suffix or magic bytes), sorted; hidden files skipped.
-
-    With `base`, an entry whose real path (symlinks resolved) leaves `base` is skipped before
-    it is opened.
-    """
-    found = []
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
-            continue
-        if base is not None and not path.resolve().is_relative_to(base.resolve()):
-            continue
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            found.append(path)
-            continue
-        with open(path, "rb") as fh:
-            fmt = sniff_format(fh.read(512))
-        if fmt not in (None, "tar"):
-            found.append(path)
-    return found
-
-
-def read_bounded(path: Path, limit: int, what: str) -> bytes:
-    """The bytes of the regular file `path` (never through a symlink), 400 past `limit`.
-
-    The size is checked on the opened file, so a file swapped in after a check cannot
-    be larger than what was checked.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise BadRequest(f"{what} {path.name!r} cannot be read: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as fh:
-        if os.fstat(fh.fileno()).st_size > limit:
-            raise BadRequest(f"{what} {path.name!r} is over {limit} bytes")
-        data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise BadRequest(f"{what} {path.name!r} is over {limit} bytes")
-    return data
-
-
-def parse_labels_csv(text: str) -> dict[str, str]:
-    """`filename,label` rows (an optional `filename,label` header; blank rows skipped).
-
-    A malformed CSV (e.g. a field over the csv module's 128 KiB limit) is BadRequest.
-    """
-    try:
-        return _labels_from_rows(csv.reader(io.StringIO(text)))
-    except csv.Error as exc:
-        raise BadRequest(f"labels CSV is malformed: {exc}") from None
-
-
-def _labels_from_rows(rows: Iterable[list[str]]) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for number, row in enumerate(rows, start=1):
-        if not row or not any(cell.strip() for cell in row):
-            continue
-        if len(row) != 2:
-            raise BadRequest(f"labels CSV row {number}: expected filename,label, got {len(row)} columns")
-        filename, label = row[0].strip(), row[1].strip()
-        if number == 1 and (filename.lower(), label.lower()) == ("filename", "label"):
-            continue
-        if not filename or not label:
-            raise BadRequest(f"labels CSV row {number}: empty filename or label")
-        labels[filename] = label
-    return labels
-
-
-@dataclass(frozen=True)
-class SnapshotRequest:
-    """A parsed `POST /admin/snapshots` body."""
-
-    targets: list[tuple[str, bytes]]
-    labels: dict[str, str] | None
-    strategy: str
-    budget: int | None
-    name: str | None
 
 
 def parse_strategy(value: Any) -> str:
@@ -201,7 +112,7 @@ def parse_budget(value: Any) -> int | None:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BUDGET:
         raise BadRequest(f"budget must be an integer from 1 to {MAX_BUDGET} (the most samples SEPT "
-                            f"trains on), got {str(value)[:40]!r}")
+                         f"trains on), got {str(value)[:40]!r}")
     return value
 
 
@@ -215,8 +126,10 @@ class SnapshotEngine:
         store, index: the sample store and the FAISS index (the daemon's Indexer's, or opened offline).
         device: where targets are embedded and SEPT trains.
         decode_size: side of decoded images (the training resolution).
-        metrics: counts `snapshot_requests{strategy,outcome}` and `snapshot_seconds`.
-        targets_dir: TAILORD_TARGETS_DIR; JSON requests may only name paths inside it.
+        metrics: where `deploy.snapshot_request` counts `snapshot_requests{strategy,outcome}`
+            and `snapshot_seconds`.
+        targets_dir: TAILORD_TARGETS_DIR; JSON requests may only name paths inside it
+            (`deploy.snapshot_request`).
         limits: decode limits for target images.
         max_bytes: ceiling of decoded pixels per snapshot (SNAPSHOT_MAX_BYTES).
 
@@ -278,39 +191,6 @@ class SnapshotEngine:
             self.store.close()
             os.close(self._lock_fd)
             self._lock_fd = None
-
-    # ---- HTTP entry points
-    def create_from_request(self, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]:
-        """`POST /admin/snapshots`: parse, build, count the outcome; (201, manifest)."""
-        started = time.perf_counter()
-        strategy = "invalid"
-        try:
-            request = self.parse_request(content_type, body)
-            strategy = request.strategy
-            manifest = self.create(request.targets, request.labels, request.strategy, request.budget,
-                                   request.name)
-        except Unavailable:
-            self._count(strategy, "failed")
-            raise
-        except SnapshotError:
-            self._count(strategy, "rejected")
-            raise
-        except Exception:
-            self._count(strategy, "failed")
-            raise
-        self._count(strategy, "ok")
-        if self.metrics is not None:
-            self.metrics.snapshot_seconds.observe(time.perf_counter() - started)
-        return 201, manifest
-
-    def parse_request(self, content_type: str, body: bytes) -> SnapshotRequest:
-        """A multipart upload or a JSON body naming a folder under `targets_dir`."""
-        kind = content_type.split(";", 1)[0].strip().lower()
-        if kind == "multipart/form-data":
-            return self._parse_multipart(content_type, body)
-        if kind == "application/json":
-            return self._parse_json(body)
-        raise UnsupportedBody("send multipart/form-data (images) or application/json (target_path)")
 
     def describe(self, name: str) -> dict[str, Any]:
         """The manifest of snapshot `name`."""
@@ -386,10 +266,6 @@ class SnapshotEngine:
             }
             return self._write(name, backbone, manifest)
 
-    def _count(self, strategy: str, outcome: str) -> None:
-        if self.metrics is not None:
-            self.metrics.snapshot_requests.labels(strategy, outcome).inc()
-
     @staticmethod
     def _check_targets(targets: list[tuple[str, bytes]]) -> None:
         if not targets:
@@ -412,15 +288,15 @@ class SnapshotEngine:
         room = fits - targets
         if room < (2 if sept else 0):
             raise BadRequest(f"{targets} target images at {self.decode_size} px are over this daemon's snapshot "
-                                f"memory ceiling ({self.max_bytes} bytes of decoded pixels): send at most "
-                                f"{max(fits - (2 if sept else 0), 0)}")
+                             f"memory ceiling ({self.max_bytes} bytes of decoded pixels): send at most "
+                             f"{max(fits - (2 if sept else 0), 0)}")
         if budget is None:
             budget = max(BUDGET_MIN, min(round(BUDGET_SHARE * stored), BUDGET_MAX))
             return min(budget, room) if sept else budget
         if sept and budget > room:
             raise BadRequest(f"budget {budget} with {targets} target images at {self.decode_size} px is over "
-                                f"this daemon's snapshot memory ceiling ({self.max_bytes} bytes of decoded pixels): "
-                                f"at most {room}")
+                             f"this daemon's snapshot memory ceiling ({self.max_bytes} bytes of decoded pixels): "
+                             f"at most {room}")
         return budget
 
     def _decode_targets(self, targets: list[tuple[str, bytes]]) -> torch.Tensor:
@@ -537,76 +413,6 @@ class SnapshotEngine:
             except FileExistsError:
                 raise Conflict(f"snapshot {name!r} already exists") from None
         return manifest
-
-    # ---- request parsing
-    def _parse_multipart(self, content_type: str, body: bytes) -> SnapshotRequest:
-        try:
-            parts = parse_form_data(content_type, body)
-        except MultipartError as exc:
-            raise BadRequest(f"bad multipart body: {exc}") from None
-        targets: list[tuple[str, bytes]] = []
-        labels = None
-        fields: dict[str, str] = {}
-        for part in parts:
-            if part.name == "images":
-                filename = (part.filename or "").replace("\\", "/").rsplit("/", 1)[-1]
-                targets.append((filename or f"image-{len(targets) + 1}", part.content))
-            elif part.name == "labels":
-                labels = parse_labels_csv(part.content.decode("utf-8-sig", "replace"))
-            elif part.name in ("strategy", "budget", "name"):
-                fields[part.name] = part.text()
-            else:
-                raise BadRequest(f"unknown form field {part.name[:40]!r}: use images, labels, strategy, budget, name")
-        return SnapshotRequest(targets, labels, parse_strategy(fields.get("strategy", "route+sept")),
-                               parse_budget(fields.get("budget")), fields.get("name") or None)
-
-    def _parse_json(self, body: bytes) -> SnapshotRequest:
-        try:
-            request = json.loads(body)
-        except ValueError as exc:
-            raise BadRequest(f"bad JSON body: {exc}") from None
-        if not isinstance(request, dict) or not isinstance(request.get("target_path"), str):
-            raise BadRequest('JSON body needs "target_path" (a folder under TAILORD_TARGETS_DIR)')
-        unknown = sorted(set(request) - {"target_path", "labels_path", "strategy", "budget", "name"})
-        if unknown:
-            raise BadRequest(f"unknown key {unknown[0][:40]!r}")
-        folder = self._inside_targets(request["target_path"])
-        if not folder.is_dir():
-            raise BadRequest("target_path is not a folder")
-        files = collect_images(folder, base=self.targets_dir)
-        if len(files) > MAX_TARGETS:
-            raise BadRequest(f"{len(files)} target images; at most {MAX_TARGETS}")
-        targets, total = [], 0
-        for path in files:
-            data = read_bounded(self._inside_targets(str(path)), self.limits.max_record_bytes, "target")
-            total += len(data)
-            if total > TARGETS_MAX_BYTES:
-                raise BadRequest(f"target images over {TARGETS_MAX_BYTES} bytes in all")
-            targets.append((path.name, data))
-        labels = None
-        if request.get("labels_path") is not None:
-            labels_file = self._inside_targets(str(request["labels_path"]))
-            if not labels_file.is_file():
-                raise BadRequest("labels_path is not a file")
-            text = read_bounded(labels_file, LABELS_MAX_BYTES, "labels file").decode("utf-8-sig", errors="replace")
-            labels = parse_labels_csv(text)
-        name = request.get("name")
-        if name is not None and not isinstance(name, str):
-            raise BadRequest("name must be a string")
-        return SnapshotRequest(targets, labels, parse_strategy(request.get("strategy", "route+sept")),
-                               parse_budget(request.get("budget")), name)
-
-    def _inside_targets(self, value: str) -> Path:
-        """`value` resolved (symlinks included) relative to TAILORD_TARGETS_DIR; 400 if outside it."""
-        if self.targets_dir is None:
-            raise BadRequest("path targets need TAILORD_TARGETS_DIR set on the daemon; "
-                                "upload the images as multipart/form-data instead")
-        base = self.targets_dir.resolve()
-        path = (base / value).resolve()
-        if not path.is_relative_to(base):
-            raise BadRequest("target paths must stay inside TAILORD_TARGETS_DIR")
-        return path
-
 
 class SeededAugment(nn.Module):
     """`augment` drawing from `generator` when called without one (as TrainStep calls it)."""

@@ -3,37 +3,29 @@
 The parser is the one part of `POST /admin/snapshots` that reads attacker-controlled bytes
 before anything is authorised to cost time or memory; a crash there would be a 500 with a
 traceback. Hypothesis drives raw bytes, well-formed multipart bodies with hostile fields and
-JSON bodies with hostile values through `SnapshotEngine.parse_request`.
+JSON bodies with hostile values through `deploy.snapshot_request.parse_request`.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deploy.http_api import error_status
 from deploy.snapshot_errors import SnapshotError
-from deploy.snapshots import SnapshotEngine, SnapshotRequest
-from streamer.limits import DecodeLimits
+from deploy.snapshot_request import SnapshotRequest, parse_request
 
 BOUNDARY = "fuzzboundary7MA4YWxkTrZu0gW"
 FIELDS = ("images", "labels", "strategy", "budget", "name", "other", "")
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def parser(targets_dir=None) -> SnapshotEngine:
-    """An engine with only what request parsing reads (no store, index or model)."""
-    engine = SnapshotEngine.__new__(SnapshotEngine)
-    engine.targets_dir = targets_dir
-    engine.limits = DecodeLimits()
-    return engine
-
-
-def parse_or_4xx(engine: SnapshotEngine, content_type: str, body: bytes) -> None:
+def parse_or_4xx(targets_dir: Path | None, content_type: str, body: bytes) -> None:
     try:
-        request = engine.parse_request(content_type, body)
+        request = parse_request(content_type, body, targets_dir)
     except SnapshotError as exc:
         assert 400 <= error_status(exc) < 500, (error_status(exc), str(exc))
         assert len(str(exc)) < 400  # one readable line, never an echo of the whole body
@@ -57,14 +49,14 @@ text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_ch
                                       "multipart/form-data", "application/JSON; charset=utf-8"]),
        body=st.binary(max_size=2048))
 def test_any_bytes_give_a_request_or_a_4xx(content_type, body):
-    parse_or_4xx(parser(), content_type, body)
+    parse_or_4xx(None, content_type, body)
 
 
 @FUZZ
 @given(parts=st.lists(st.tuples(st.sampled_from(FIELDS), st.none() | text,
                                 st.binary(max_size=256) | text.map(str.encode)), max_size=6))
 def test_multipart_with_hostile_fields_gives_a_request_or_a_4xx(parts):
-    parse_or_4xx(parser(), f"multipart/form-data; boundary={BOUNDARY}", multipart(parts))
+    parse_or_4xx(None, f"multipart/form-data; boundary={BOUNDARY}", multipart(parts))
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | text | st.just("task"),
@@ -78,4 +70,4 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 def test_json_with_hostile_values_gives_a_request_or_a_4xx(request, tmp_path_factory):
     targets = tmp_path_factory.mktemp("targets")
     (targets / "task").mkdir()
-    parse_or_4xx(parser(targets), "application/json", json.dumps(request).encode())
+    parse_or_4xx(targets, "application/json", json.dumps(request).encode())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deploy.snapshots import collect_images
+from deploy.snapshot_request import collect_images
 from streamer.decode import decode_record, sniff_format
 from streamer.limits import DecodeLimits
 from streamer.records import RejectedRecord

@@ -14,6 +14,7 @@ from deploy.cli import main
 from deploy.errors import UsageError
 from deploy.http_api import start_http
 from deploy.snapshot_client import AdminError, admin_get, request_snapshot, resolve_endpoint
+from deploy.snapshot_request import create_from_request
 from deploy.snapshots import SnapshotEngine
 from learners.snapshot import load_snapshot
 from tests.snapshot_testkit import RES, build_state, open_indexer, target_images
@@ -31,7 +32,7 @@ class Backend:
         return {"index_size": self.engine.index.size}
 
     def create_snapshot(self, content_type, body):
-        return self.engine.create_from_request(content_type, body)
+        return create_from_request(self.engine, content_type, body)
 
     def get_snapshot(self, name):
         return self.engine.describe(name)

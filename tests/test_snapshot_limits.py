@@ -12,7 +12,8 @@ import deploy.snapshots as snapshots
 from deploy.http_api import error_status
 from deploy.multipart import encode_form_data
 from deploy.snapshot_errors import SnapshotError
-from deploy.snapshots import MAX_BUDGET, SnapshotEngine, parse_budget, parse_labels_csv
+from deploy.snapshot_request import create_from_request, parse_labels_csv
+from deploy.snapshots import MAX_BUDGET, SnapshotEngine, parse_budget
 from learners.presets import PRESETS
 from replay.index_table import SearchResult
 from replay.retrieval import MAX_RESULTS, retrieve_budget
@@ -36,7 +37,7 @@ def test_a_budget_over_what_sept_can_use_answers_400_fast(engine):
     content_type, body = encode_form_data({"strategy": "sept", "budget": "1000000"}, files)
     started = time.perf_counter()
     with pytest.raises(SnapshotError) as err:
-        engine.create_from_request(content_type, body)
+        create_from_request(engine, content_type, body)
     assert time.perf_counter() - started < 2.0
     assert error_status(err.value) == 400 and str(MAX_BUDGET) in err.value.message
     assert snapshots.SEPT_MAX_STEPS * max(p.batch_size for p in PRESETS.values()) == MAX_BUDGET

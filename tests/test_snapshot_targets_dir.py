@@ -8,11 +8,10 @@ import json
 import pytest
 from PIL import Image
 
-import deploy.snapshots as snapshots
+import deploy.snapshot_request as snapshot_request
 from deploy.http_api import error_status
 from deploy.snapshot_errors import SnapshotError
-from deploy.snapshots import SnapshotEngine, collect_images, read_bounded
-from streamer.limits import DecodeLimits
+from deploy.snapshot_request import collect_images, parse_request, read_bounded
 
 
 def png(shade: int) -> bytes:
@@ -31,10 +30,8 @@ def targets(tmp_path):
     return base
 
 
-def parser(base) -> SnapshotEngine:
-    engine = SnapshotEngine.__new__(SnapshotEngine)
-    engine.targets_dir, engine.limits = base, DecodeLimits()
-    return engine
+def parse_json(base, body: bytes) -> snapshot_request.SnapshotRequest:
+    return parse_request("application/json", body, base)
 
 
 def request(body: dict) -> bytes:
@@ -42,25 +39,23 @@ def request(body: dict) -> bytes:
 
 
 def test_a_folder_request_reads_its_images_and_labels(targets):
-    parsed = parser(targets).parse_request("application/json",
-                                           request({"target_path": "task", "labels_path": "labels.csv"}))
+    parsed = parse_json(targets, request({"target_path": "task", "labels_path": "labels.csv"}))
     assert [name for name, _ in parsed.targets] == ["0.png", "1.png", "2.png"]
     assert parsed.labels == {"0.png": "a", "1.png": "b", "2.png": "a"}
 
 
 def test_the_images_of_one_request_are_capped_in_total(targets, monkeypatch):
     one = len(png(0))
-    monkeypatch.setattr(snapshots, "TARGETS_MAX_BYTES", 2 * one + 10)
+    monkeypatch.setattr(snapshot_request, "TARGETS_MAX_BYTES", 2 * one + 10)
     with pytest.raises(SnapshotError, match="in all") as error:
-        parser(targets).parse_request("application/json", request({"target_path": "task"}))
+        parse_json(targets, request({"target_path": "task"}))
     assert error_status(error.value) == 400
 
 
 def test_the_labels_file_is_read_with_a_limit(targets, monkeypatch):
-    monkeypatch.setattr(snapshots, "LABELS_MAX_BYTES", 16)
+    monkeypatch.setattr(snapshot_request, "LABELS_MAX_BYTES", 16)
     with pytest.raises(SnapshotError, match="labels file 'labels.csv' is over 16 bytes"):
-        parser(targets).parse_request("application/json",
-                                      request({"target_path": "task", "labels_path": "labels.csv"}))
+        parse_json(targets, request({"target_path": "task", "labels_path": "labels.csv"}))
 
 
 def test_an_entry_leading_outside_is_skipped_before_it_is_opened(targets, tmp_path):

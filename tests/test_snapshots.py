@@ -13,7 +13,8 @@ from deploy.indexer import backbone_from_checkpoint
 from deploy.metrics import Metrics
 from deploy.multipart import MultipartError, encode_form_data, parse_form_data
 from deploy.snapshot_errors import SnapshotError
-from deploy.snapshots import SnapshotEngine, check_name, parse_labels_csv
+from deploy.snapshot_request import create_from_request, parse_labels_csv
+from deploy.snapshots import SnapshotEngine, check_name
 from learners.backbones import ResNet18
 from learners.snapshot import load_snapshot
 from safefiles.files import sha256_file
@@ -174,7 +175,7 @@ def test_json_requests_stay_inside_the_targets_dir(engine, tmp_path):
     (targets / "task2" / "linked.png").symlink_to(outside / "secret.png")
 
     def post(payload):
-        return engine.create_from_request("application/json", json.dumps(payload).encode())
+        return create_from_request(engine, "application/json", json.dumps(payload).encode())
 
     with pytest.raises(SnapshotError) as err:
         post({"target_path": "task"})
@@ -205,7 +206,7 @@ def test_multipart_requests_and_metrics(state):
         files = [("images", filename, data) for filename, data in target_images("red", 4)]
         files.append(("labels", "labels.csv", b"red-0.png,x\nred-1.png,y\n"))
         content_type, body = encode_form_data({"strategy": "route", "name": "uploaded"}, files)
-        status, manifest = engine.create_from_request(content_type, body)
+        status, manifest = create_from_request(engine, content_type, body)
         assert status == 201 and manifest["chosen_experience"] == 1
         assert manifest["target_count"] == 4 and manifest["labelled_count"] == 2
         for content_type, body in [
@@ -215,7 +216,7 @@ def test_multipart_requests_and_metrics(state):
             ("text/plain", b"hi"),
         ]:
             with pytest.raises(SnapshotError) as err:
-                engine.create_from_request(content_type, body)
+                create_from_request(engine, content_type, body)
             assert 400 <= error_status(err.value) < 500
     finally:
         engine.close()
