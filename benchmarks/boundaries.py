@@ -21,9 +21,12 @@
    over the training seconds, and the daemon's images/s on the first stationary stream with
    the detector on vs off (``TAILORD_BOUNDARY=count``; noisy on a shared machine).
 
-Thresholds and defaults were set on synthetic streams (tests/test_drift.py) and one pilot
-stream before this benchmark existed; the benchmark does not tune them.
-The last line printed is one JSON object. Run: ``nice -n 10 python -m benchmarks.boundaries``.
+Threshold, patience and window were set on synthetic streams (tests/test_drift.py) and not
+changed after; a pilot daemon run (textures, digits, fashion: their first 400 items, before
+the benchmark's first run) showed the detector was ready too late with 4 embeddings per step,
+which made the sample a share of each step. Numbers: docs/operations.md, "Experience boundaries".
+The last line printed is one JSON object. Run: ``nice -n 10 python -m benchmarks.boundaries``
+(31 min on 2 cores shared with other jobs at 19-76 images/s; about a third of that idle).
 """
 
 from __future__ import annotations
