@@ -26,7 +26,7 @@ changed after; a pilot daemon run (textures, digits, fashion: their first 400 it
 the benchmark's first run) showed the detector was ready too late with 4 embeddings per step,
 which made the sample a share of each step. Numbers: docs/operations.md, "Experience boundaries".
 The last line printed is one JSON object. Run: ``nice -n 10 python -m benchmarks.boundaries``
-(31 min on 2 cores shared with other jobs at 19-76 images/s; about a third of that idle).
+(31 min on 2 cores shared with other jobs at 19-76 images/s; not yet timed on an idle box).
 """
 
 from __future__ import annotations
