@@ -14,6 +14,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+LossFn = Callable[[Tensor], Tensor]
+"""A batch of views (2B, 3, R, R) -> its scalar SSL loss: what `on_experience_end` receives."""
+
 
 def trainable(backbone: nn.Module) -> dict[str, nn.Parameter]:
     """The backbone's parameters that train, by name (what regularizers anchor)."""
@@ -52,7 +55,7 @@ def device_of(backbone: nn.Module | None) -> torch.device | None:
 def mean_gradient_stat(
     backbone: nn.Module,
     batches: Iterable[Tensor],
-    loss_fn: Callable[[Tensor], Tensor],
+    loss_fn: LossFn,
     stat: Callable[[Tensor], Tensor],
 ) -> dict[str, Tensor]:
     """Mean over batches of ``stat(d loss_fn(batch) / d theta)`` per trainable parameter.
@@ -103,12 +106,7 @@ class Regularizer:
         """Move the held state to ``device`` (in place, parameters keep their identity)."""
         return self
 
-    def on_experience_end(
-        self,
-        backbone: nn.Module,
-        loss_fn: Callable[[Tensor], Tensor],
-        batches: Iterable[Tensor],
-    ) -> None:
+    def on_experience_end(self, backbone: nn.Module, loss_fn: LossFn, batches: Iterable[Tensor]) -> None:
         """Called at each experience end; ``loss_fn(views)`` is a batch's SSL loss."""
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -15,13 +15,13 @@ References: Fini et al. 2022 (Self-Supervised Models are Continual Learners, CaS
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from learners.regularizers.base import Regularizer, device_of, prefixed, with_prefix
+from learners.regularizers.base import LossFn, Regularizer, device_of, prefixed, with_prefix
 
 
 class ResidualPredictor(nn.Module):
@@ -91,12 +91,7 @@ class Distill(Regularizer):
         distance = (1.0 - F.cosine_similarity(predicted, target, dim=1)).clamp_min(0.0)  # (B,)
         return self.penalty_weight * distance.mean()
 
-    def on_experience_end(
-        self,
-        backbone: nn.Module,
-        loss_fn: Callable[[Tensor], Tensor],
-        batches: Iterable[Tensor],
-    ) -> None:
+    def on_experience_end(self, backbone: nn.Module, loss_fn: LossFn, batches: Iterable[Tensor]) -> None:
         self.prev = _frozen_copy(backbone)
         self.predictor.reset_to_identity()
 

@@ -12,12 +12,12 @@ References: Kirkpatrick et al. 2017 (EWC); Schwarz et al. 2018 (online EWC / pro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
-from learners.regularizers.base import QuadraticRegularizer, mean_gradient_stat
+from learners.regularizers.base import LossFn, QuadraticRegularizer, mean_gradient_stat
 
 
 class OnlineEWC(QuadraticRegularizer):
@@ -35,12 +35,7 @@ class OnlineEWC(QuadraticRegularizer):
         self.gamma = float(gamma)
         self.importance = {}
 
-    def on_experience_end(
-        self,
-        backbone: nn.Module,
-        loss_fn: Callable[[Tensor], Tensor],
-        batches: Iterable[Tensor],
-    ) -> None:
+    def on_experience_end(self, backbone: nn.Module, loss_fn: LossFn, batches: Iterable[Tensor]) -> None:
         fisher = mean_gradient_stat(backbone, batches, loss_fn, torch.square)
         self.blend_importance(fisher, keep=self.gamma, add=1.0)
         self.set_anchor(backbone)

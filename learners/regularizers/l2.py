@@ -12,20 +12,15 @@ References: the uniform-importance L2 baseline of Kirkpatrick et al. 2017 (EWC).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from torch import Tensor, nn
 
-from learners.regularizers.base import QuadraticRegularizer
+from learners.regularizers.base import LossFn, QuadraticRegularizer
 
 
 class L2(QuadraticRegularizer):
     """``lam * sum (theta - theta_prev)^2``, re-anchored at every experience end."""
 
-    def on_experience_end(
-        self,
-        backbone: nn.Module,
-        loss_fn: Callable[[Tensor], Tensor],
-        batches: Iterable[Tensor],
-    ) -> None:
+    def on_experience_end(self, backbone: nn.Module, loss_fn: LossFn, batches: Iterable[Tensor]) -> None:
         self.set_anchor(backbone)

@@ -12,12 +12,12 @@ References: Aljundi et al. 2018 (Memory Aware Synapses), as implemented in Avala
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
-from learners.regularizers.base import QuadraticRegularizer, mean_gradient_stat
+from learners.regularizers.base import LossFn, QuadraticRegularizer, mean_gradient_stat
 
 
 class MAS(QuadraticRegularizer):
@@ -36,12 +36,7 @@ class MAS(QuadraticRegularizer):
         self.alpha = float(alpha)
         self.importance = {}
 
-    def on_experience_end(
-        self,
-        backbone: nn.Module,
-        loss_fn: Callable[[Tensor], Tensor],
-        batches: Iterable[Tensor],
-    ) -> None:
+    def on_experience_end(self, backbone: nn.Module, loss_fn: LossFn, batches: Iterable[Tensor]) -> None:
         def squared_norm(views: Tensor) -> Tensor:
             return backbone(views).float().pow(2).sum(dim=1).mean()
 

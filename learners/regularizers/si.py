@@ -13,12 +13,13 @@ References: Zenke, Poole & Ganguli 2017 (Continual Learning Through Synaptic Int
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
 from learners.regularizers.base import (
+    LossFn,
     QuadraticRegularizer,
     device_of,
     move_all,
@@ -73,12 +74,7 @@ class SI(QuadraticRegularizer):
                 self.omega[name] = contribution
         self._grads, self._before = {}, {}
 
-    def on_experience_end(
-        self,
-        backbone: nn.Module,
-        loss_fn: Callable[[Tensor], Tensor],
-        batches: Iterable[Tensor],
-    ) -> None:
+    def on_experience_end(self, backbone: nn.Module, loss_fn: LossFn, batches: Iterable[Tensor]) -> None:
         reference = self.anchor or self.start  # the weights when this experience began
         new = {}
         for name, p in trainable(backbone).items():
