@@ -28,7 +28,7 @@ import torch
 def bare_images_per_second(preset_name: str, method: str, batch_size: int, steps: int, device: str) -> float:
     """Images/s of the train step alone (the daemon's batch: stream + replay images)."""
     from learners.augment import BatchAugment
-    from learners.backbones import ResNet18
+    from learners.backbones import build_backbone
     from learners.device import pick_device
     from learners.methods import build_method
     from learners.presets import PRESETS
@@ -37,7 +37,7 @@ def bare_images_per_second(preset_name: str, method: str, batch_size: int, steps
     torch.manual_seed(0)
     dev = pick_device(device)
     preset = PRESETS[preset_name]
-    model = build_method(method, ResNet18(**preset.backbone_kwargs)).to(dev)
+    model = build_method(method, build_backbone(preset.backbone, preset.backbone_kwargs)).to(dev)  # the preset's, as the daemon
     step = TrainStep(model, BatchAugment(preset.resolution).to(dev), build_optimizer(model, preset), dev,
                      amp=dev.type == "cuda", channels_last=True)
     half = batch_size // 2
