@@ -3,11 +3,11 @@
 `SnapshotEngine.create` follows docs/design.md, "Snapshots":
 
 1. embed the target images with the encoder of the live index version;
-2. `route` (SDR-style): kNN of the targets among stored samples -> similarity-weighted
-   votes per experience -> ranked candidate checkpoints; with labels, leave-one-out kNN
-   accuracy of the top candidates on the labelled targets decides;
-3. `sept`: retrieve the `budget` nearest stored samples and continue SSL on them, from
-   the chosen checkpoint (`route+sept`) or the latest one (`sept`);
+2. `route` (SDR-style, `replay.routing.route_targets`): kNN of the targets among stored
+   samples -> similarity-weighted votes per experience -> ranked candidate checkpoints;
+   with labels, leave-one-out kNN accuracy of the top candidates on the labelled targets decides;
+3. `sept` (`learners.sept`): retrieve the `budget` nearest stored samples and continue SSL
+   on them, from the chosen checkpoint (`route+sept`) or the latest one (`sept`);
 4. write `snapshots/<name>/model.safetensors` (the backbone alone) and `manifest.json`
    atomically (temporary folder + rename).
 
@@ -26,7 +26,6 @@ import secrets
 import threading
 import time
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +50,19 @@ from deploy.snapshot_errors import (
     NotFound,
     Unavailable,
 )
-from learners.augment import BatchAugment
 from learners.backbones import build_backbone
-from learners.device import default_amp, pick_device, use_channels_last
+from learners.device import pick_device
 from learners.evaluation import encode_labels
 from learners.methods import build_method
 from learners.presets import PRESETS
 from learners.protocol import loo_knn_accuracy
+from learners.sept import SEPT_EPOCHS, SEPT_MAX_STEPS, continue_pretraining, sept_step
 from learners.snapshot import backbone_spec, save_backbone
-from learners.train_step import TrainStep, build_optimizer
 from replay.catalog import SampleRow
 from replay.index import CURRENT_FILE, VectorIndex
 from replay.index_options import IndexOptions
 from replay.retrieval import retrieve_budget
-from replay.routing import experience_votes, rank_experiences
+from replay.routing import route_targets
 from replay.store import SampleStore
 from safefiles.publish import clean_staging, publish_dir, read_pointer, staging_dir
 from streamer.decode import decode_image, sniff_format
@@ -75,10 +73,8 @@ STRATEGIES = ("route", "sept", "route+sept")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SNAPSHOT_FILES = ("model.safetensors", "manifest.json")
 MAX_TARGETS = 10_000
-ROUTE_K = 50  # neighbours per target image that vote
 LABEL_CANDIDATES = 3  # top candidates compared by kNN accuracy when labels are given
 BUDGET_SHARE, BUDGET_MIN, BUDGET_MAX = 0.05, 64, 2000  # default SEPT budget
-SEPT_EPOCHS, SEPT_MAX_STEPS, SEPT_LR_SCALE = 10, 200, 0.5
 # SEPT trains at most SEPT_MAX_STEPS batches, so no preset ever sees more samples than this:
 # a larger budget would only make retrieval and reads hold the index and store locks longer.
 MAX_BUDGET = SEPT_MAX_STEPS * max(preset.batch_size for preset in PRESETS.values())
@@ -86,7 +82,6 @@ ATTEMPTS = 3  # re-embed when the index swapped encoder versions under a snapsho
 SNAPSHOT_MAX_BYTES = 2 << 30
 """Decoded pixels one snapshot may hold (its targets and SEPT samples, counting the stacking copy);
 a request over it is refused before anything is decoded, a default budget shrinks to fit."""
-SEPT_SEED = 0  # SEPT's own generators: the daemon's training RNG stream is never drawn from
 
 
 # ---- checks of what the engine is asked (shared with deploy/snapshot_request.py)
@@ -133,8 +128,9 @@ class SnapshotEngine:
         limits: decode limits for target images.
         max_bytes: ceiling of decoded pixels per snapshot (SNAPSHOT_MAX_BYTES).
 
-    SEPT runs on HTTP threads beside training: it draws its crops and batch order from its
-    own generators and builds its model on the meta device, so it never reads, advances
+    Routing is `replay.routing.route_targets`, SEPT's training `learners.sept`. SEPT runs on
+    HTTP threads beside training: it draws its crops and batch order from its own generators
+    (`learners.sept`) and builds its model on the meta device, so it never reads, advances
     or reseeds the global RNGs that drive the daemon's augmentation.
     """
 
@@ -332,11 +328,9 @@ class SnapshotEngine:
 
     def _candidates(self, queries: np.ndarray, checkpoints: dict[int, Path]) -> list[dict[str, Any]]:
         """Experiences ranked by similarity-weighted votes of the targets' neighbours."""
-        size = self.index.size
-        if size == 0:
+        if self.index.size == 0:
             raise Conflict("no stored samples are indexed yet")
-        result = self.index.search(queries, min(ROUTE_K, size))
-        ranked = rank_experiences(experience_votes(result.scores, result.experiences))
+        ranked = route_targets(self.index, queries)
         candidates = [{"experience": exp, "vote_share": share} for exp, share in ranked if exp in checkpoints]
         if not candidates:
             raise Conflict("no experience checkpoint is left for the experiences the targets resemble")
@@ -383,24 +377,9 @@ class SnapshotEngine:
         with torch.device("meta"):  # no weight init: it would draw from the global RNG; the checkpoint fills it
             method = build_method(manifest["method"], build_backbone(spec["name"], spec.get("kwargs", {})))
         method.load_state_dict(state, assign=True)
-        base = PRESETS[manifest["preset"]]
-        preset = replace(base, lr=base.lr * SEPT_LR_SCALE)
-        inputs = manifest["input"]
-        views = torch.Generator(device=self.device).manual_seed(SEPT_SEED)
-        augment = SeededAugment(BatchAugment(inputs["resolution"], mean=inputs["mean"], std=inputs["std"]), views)
-        step = TrainStep(method, augment, build_optimizer(method, preset), self.device,
-                         amp=default_amp(self.device), channels_last=use_channels_last(self.device))
-        batch = min(preset.batch_size, len(images))
-        shuffle = torch.Generator().manual_seed(SEPT_SEED)
-        steps = attempted = 0
-        for _ in range(epochs):
-            order = torch.randperm(len(images), generator=shuffle)
-            for start in range(0, len(images), batch):
-                chunk = order[start:start + batch]
-                if len(chunk) < 2 or attempted >= SEPT_MAX_STEPS:  # BatchNorm needs 2 images
-                    continue
-                attempted += 1
-                steps += not step(images[chunk]).skipped
+        preset = PRESETS[manifest["preset"]]
+        step = sept_step(method, preset, manifest["input"], self.device)
+        steps = continue_pretraining(step, images, preset.batch_size, epochs, SEPT_MAX_STEPS)
         return method.backbone.eval(), steps
 
     def _write(self, name: str, backbone: nn.Module, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -413,17 +392,6 @@ class SnapshotEngine:
             except FileExistsError:
                 raise Conflict(f"snapshot {name!r} already exists") from None
         return manifest
-
-class SeededAugment(nn.Module):
-    """`augment` drawing from `generator` when called without one (as TrainStep calls it)."""
-
-    def __init__(self, augment: BatchAugment, generator: torch.Generator) -> None:
-        super().__init__()
-        self.augment = augment
-        self.generator = generator
-
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.augment(images, generator=generator if generator is not None else self.generator)
 
 
 def sept_capacity(checkpoint_dir: Path) -> int:

@@ -12,6 +12,10 @@ from collections import defaultdict
 
 import numpy as np
 
+from replay.index import VectorIndex
+
+ROUTE_K = 50  # neighbours per target image that vote
+
 
 def experience_votes(
     scores: np.ndarray, experiences: np.ndarray, temperature: float = 0.07
@@ -48,3 +52,10 @@ def route(
 ) -> list[tuple[int, float]]:
     """Ranked candidate experiences for a target set's neighbour lists."""
     return rank_experiences(experience_votes(scores, experiences, temperature))
+
+
+def route_targets(index: VectorIndex, queries: np.ndarray, k: int = ROUTE_K) -> list[tuple[int, float]]:
+    """Ranked experiences for target embeddings `queries` (M, d): each votes with its `k` nearest
+    stored samples in `index` (fewer when fewer are indexed)."""
+    result = index.search(queries, min(k, index.size))
+    return route(result.scores, result.experiences)

@@ -7,7 +7,7 @@ import pytest
 
 from replay.index import VectorIndex
 from replay.retrieval import retrieve_budget
-from replay.routing import experience_votes, rank_experiences, route
+from replay.routing import experience_votes, rank_experiences, route, route_targets
 
 DIM = 32
 
@@ -69,3 +69,11 @@ def test_retrieval_is_distinct_fair_and_respects_budget_and_exclusions(tmp_path)
     everything = retrieve_budget(index, queries, 10_000, exclude_probe_ids=probes)
     assert len(everything) == len(set(everything)) == 800 - 100
     assert retrieve_budget(index, queries, 0) == []
+
+
+def test_route_targets_votes_with_the_nearest_indexed_samples(tmp_path):
+    index, centres = _clusters(tmp_path, per=10)
+    targets = centres[1] + 0.05 * np.random.default_rng(2).normal(size=(5, DIM)).astype(np.float32)
+    ranked = route_targets(index, targets, k=1000)  # k past the index size: all 40 samples vote
+    result = index.search(targets, 40)
+    assert ranked == route(result.scores, result.experiences) and ranked[0][0] == 1
