@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEB_PACKAGES := dataset-fashion-mnist opencv-doc gimp-data gimp-data-extras prometheus stunnel4
 
-.PHONY: install demo test test-fast lint bench clean data docs
+.PHONY: install demo test test-fast lint bench gpu-check clean data docs
 
 install: $(STAMP) data
 
@@ -46,6 +46,11 @@ bench: install
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/stream_efficiency.py
 	$(BIN)/python benchmarks/routing_latency.py
+
+# The GPU figures (bare step, daemon with Pillow and nvJPEG, ratio, utilization, routing) in ~10 min;
+# prints a skip line and exits 0 without CUDA.
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) demo-state state .pytest_cache

@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads (0: default)")
+    parser.add_argument("--gpu", action="store_true", help="search GPU copies (TAILORD_INDEX_GPU) when faiss has a GPU")
     args = parser.parse_args()
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
@@ -77,7 +78,8 @@ def main() -> None:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind, exact_max in (("flat", args.n), ("ivf", 0)):
-            index = VectorIndex(Path(tmp), args.dim, IndexOptions(exact_max=exact_max, nprobe=args.nprobe))
+            index = VectorIndex(Path(tmp), args.dim, IndexOptions(exact_max=exact_max, nprobe=args.nprobe,
+                                                                   gpu=args.gpu))
             start = time.perf_counter()
             index.swap(index.build(1, vectors, ids, exps))
             build_s = time.perf_counter() - start
@@ -97,6 +99,7 @@ def main() -> None:
         "nprobe": args.nprobe,
         "repeats": args.repeats,
         "faiss_threads": faiss.omp_get_max_threads(),
+        "faiss_gpus": faiss.get_num_gpus() if args.gpu and hasattr(faiss, "get_num_gpus") else 0,
         "target_experience": target_exp,
         "flat": results["flat"],
         "ivf": results["ivf"],
