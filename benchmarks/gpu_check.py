@@ -34,7 +34,7 @@ def parts(images_per_domain: int) -> dict[str, tuple[list[str], int]]:
     """Each measurement: its benchmark command line and its time limit in seconds."""
     stream = ["stream_efficiency.py", "--preset", "gpu", "--photos", "--device", "cuda",
               "--batch-size", "256", "--decode-workers", "4", "--bare-steps", "30",
-              "--images-per-domain", str(images_per_domain), "--experience-images", "100000"]
+              "--images-per-domain", str(images_per_domain)]
     return {
         "bare_step": (["train_step.py", "--preset", "gpu", "--device", "cuda", "--steps", "30",
                        "--warmup", "5", "--no-baseline"], 120),
