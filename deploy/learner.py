@@ -54,6 +54,8 @@ class Learner:
         """What a manifest records about the model (enough to rebuild the backbone)."""
         return {
             "preset": self.preset.name,
+            # the effective recipe (TAILORD_LR / TAILORD_BATCH_SIZE over the preset): what SEPT continues with
+            "training": {"lr": self.preset.lr, "batch_size": self.preset.batch_size},
             "method": type(self.method).__name__.lower(),
             "backbone": backbone_spec(self.backbone),
             "init_weights": self.init_weights,  # null: trained from random init
@@ -69,6 +71,14 @@ def resolve_preset(settings: Settings, device: torch.device) -> Preset:
     overrides = {k: v for k, v in (("batch_size", settings.batch_size), ("resolution", settings.resolution),
                                    ("lr", settings.lr)) if v is not None}
     return replace(preset, **overrides)
+
+
+def trained_preset(manifest: dict) -> Preset:
+    """The preset a checkpoint trained with: its input resolution and effective lr and batch size
+    (checkpoints from before these were recorded get the named preset's)."""
+    preset = PRESETS[manifest["preset"]]
+    resolution = manifest.get("input", {}).get("resolution", preset.resolution)
+    return replace(preset, resolution=resolution, **manifest.get("training", {}))
 
 
 def backbone_choice(settings: Settings, preset: Preset) -> tuple[str, dict[str, Any]]:

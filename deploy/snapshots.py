@@ -43,6 +43,7 @@ from deploy.indexer import (
     lock_state,
     read_checkpoint,
 )
+from deploy.learner import trained_preset
 from deploy.metrics import Metrics
 from deploy.snapshot_errors import (
     BadRequest,
@@ -377,7 +378,7 @@ class SnapshotEngine:
         with torch.device("meta"):  # no weight init: it would draw from the global RNG; the checkpoint fills it
             method = build_method(manifest["method"], build_backbone(spec["name"], spec.get("kwargs", {})))
         method.load_state_dict(state, assign=True)
-        preset = PRESETS[manifest["preset"]]
+        preset = trained_preset(manifest)  # the daemon's effective lr and batch size
         step = sept_step(method, preset, manifest["input"], self.device)
         steps = continue_pretraining(step, images, preset.batch_size, epochs, SEPT_MAX_STEPS)
         return method.backbone.eval(), steps
@@ -395,12 +396,11 @@ class SnapshotEngine:
 
 
 def sept_capacity(checkpoint_dir: Path) -> int:
-    """The most samples SEPT from this checkpoint can use: SEPT_MAX_STEPS batches of its preset.
-
-    Retrieved samples past it are never read nor decoded.
+    """The most samples SEPT from this checkpoint can use: SEPT_MAX_STEPS batches of the batch
+    size it trained with. Retrieved samples past it are never read nor decoded.
     """
     manifest = json.loads((checkpoint_dir / MANIFEST).read_text())
-    return SEPT_MAX_STEPS * PRESETS[manifest["preset"]].batch_size
+    return SEPT_MAX_STEPS * trained_preset(manifest).batch_size
 
 
 def _default_name() -> str:
