@@ -5,7 +5,8 @@
 1. embed the target images with the encoder of the live index version;
 2. `route` (SDR-style, `replay.routing.route_targets`): kNN of the targets among stored
    samples -> similarity-weighted votes per experience -> ranked candidate checkpoints;
-   with labels, leave-one-out kNN accuracy of the top candidates on the labelled targets decides;
+   with labels, a runner-up whose leave-one-out kNN on the labelled targets beats the top
+   vote's by McNemar's z >= LABEL_SWITCH_Z (2) replaces it;
 3. `sept` (`learners.sept`): retrieve the `budget` nearest stored samples and continue SSL
    on them, from the chosen checkpoint (`route+sept`) or the latest one (`sept`);
 4. write `snapshots/<name>/model.safetensors` (the backbone alone) and `manifest.json`
@@ -56,7 +57,7 @@ from learners.device import pick_device
 from learners.evaluation import encode_labels
 from learners.methods import build_method
 from learners.presets import PRESETS
-from learners.protocol import loo_knn_accuracy
+from learners.protocol import loo_knn_correct, paired_z
 from learners.sept import SEPT_EPOCHS, SEPT_MAX_STEPS, continue_pretraining, sept_step
 from learners.snapshot import backbone_spec, save_backbone
 from replay.catalog import SampleRow
@@ -75,6 +76,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SNAPSHOT_FILES = ("model.safetensors", "manifest.json")
 MAX_TARGETS = 10_000
 LABEL_CANDIDATES = 3  # top candidates compared by kNN accuracy when labels are given
+LABEL_SWITCH_Z = 2.0  # McNemar z a runner-up needs over the top vote to be chosen instead
 BUDGET_SHARE, BUDGET_MIN, BUDGET_MAX = 0.05, 64, 2000  # default SEPT budget
 # SEPT trains at most SEPT_MAX_STEPS batches, so no preset ever sees more samples than this:
 # a larger budget would only make retrieval and reads hold the index and store locks longer.
@@ -339,19 +341,26 @@ class SnapshotEngine:
 
     def _choose(self, candidates: list[dict[str, Any]], images: torch.Tensor, names: list[str],
                 labels: dict[str, str], checkpoints: dict[int, Path]) -> int:
-        """Top vote; with labels (>= 2 classes of >= 2 images) the best leave-one-out kNN accuracy
-        (the evaluation protocol, `learners.protocol`) of the top few."""
+        """Top vote; with labels (>= 2 classes of >= 2 images) a runner-up replaces it only when its
+        leave-one-out kNN (the evaluation protocol, `learners.protocol`) beats the top vote's on
+        the same labelled images by McNemar's z >= LABEL_SWITCH_Z: a few lucky shots cannot
+        overturn the vote."""
         labelled = [i for i, filename in enumerate(names) if filename in labels]
         counts = Counter(labels[names[i]] for i in labelled)
         if len(counts) < 2 or min(counts.values()) < 2:
             return candidates[0]["experience"]
         y, _ = encode_labels([labels[names[i]] for i in labelled])
+        correct = {}
         for candidate in candidates[:LABEL_CANDIDATES]:
             exp = candidate["experience"]
             encoder = Encoder.load(exp, checkpoints[exp], self.device, meta=True)
-            candidate["knn_accuracy"], _ = loo_knn_accuracy(torch.from_numpy(encoder(images[labelled])), y)
-        best = max(candidates[:LABEL_CANDIDATES], key=lambda c: (c["knn_accuracy"], c["vote_share"]))
-        return best["experience"]
+            correct[exp] = loo_knn_correct(torch.from_numpy(encoder(images[labelled])), y)
+            candidate["knn_accuracy"] = correct[exp].float().mean().item()
+        top = candidates[0]["experience"]
+        for candidate in candidates[1:LABEL_CANDIDATES]:
+            candidate["z_over_top_vote"] = round(paired_z(correct[candidate["experience"]], correct[top]), 3)
+        challengers = [c for c in candidates[1:LABEL_CANDIDATES] if c["z_over_top_vote"] >= LABEL_SWITCH_Z]
+        return max(challengers, key=lambda c: c["z_over_top_vote"])["experience"] if challengers else top
 
     def _retrieve(self, queries: np.ndarray, budget: int) -> list[str]:
         probes = set(self.store.sample_ids(probe=True))

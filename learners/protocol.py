@@ -95,6 +95,24 @@ def loo_knn_accuracy(features: Tensor, labels: Tensor, k: int = KNN_K,
     return (predicted == labels.long()).float().mean().item(), k
 
 
+def loo_knn_correct(features: Tensor, labels: Tensor, k: int = KNN_K,
+                    temperature: float = KNN_TEMPERATURE) -> Tensor:
+    """(N,) bool: which rows leave-one-out weighted kNN (k <= smallest class count - 1) gets right."""
+    smallest = min(Counter(labels.tolist()).values())
+    k = max(1, min(k, smallest - 1))
+    return loo_knn_predict(features, labels, k, temperature) == labels.long()
+
+
+def paired_z(better: Tensor, baseline: Tensor) -> float:
+    """McNemar's z for two classifiers scored on the same rows: (b - c) / sqrt(b + c), where b
+    counts rows only `better` gets right and c rows only `baseline` gets right (0 when they
+    agree everywhere). Above ~2, `better` is ahead by more than the rows' luck would give."""
+    only_better = int((better & ~baseline).sum())
+    only_baseline = int((baseline & ~better).sum())
+    disagreements = only_better + only_baseline
+    return 0.0 if disagreements == 0 else (only_better - only_baseline) / disagreements ** 0.5
+
+
 def linear_probe_cv_accuracy(features: Tensor, labels: Tensor, folds: int = LINEAR_FOLDS,
                              seed: int = 0) -> tuple[float, int]:
     """(accuracy, folds used): stratified k-fold accuracy of a multinomial logistic regression.

@@ -12,7 +12,9 @@ from learners.protocol import (
     MIN_CLASS_IMAGES,
     linear_probe_cv_accuracy,
     loo_knn_accuracy,
+    loo_knn_correct,
     loo_knn_predict,
+    paired_z,
     pixel_features,
     score_probes,
 )
@@ -88,3 +90,17 @@ def test_pixel_features_are_flattened_unit_vectors():
     assert features.shape == (5, 48)
     torch.testing.assert_close(features.norm(dim=1), torch.ones(5))
     torch.testing.assert_close(features[2] * images[2].float().norm(), images[2].float().flatten())
+
+
+def test_loo_knn_correct_marks_the_rows_loo_knn_gets_right():
+    assert loo_knn_correct(HAND, HAND_Y, k=1).tolist() == [True, True, True, True, False]
+
+
+def test_paired_z_counts_only_the_rows_where_the_two_disagree():
+    right = torch.tensor([True] * 6 + [False] * 4)
+    assert paired_z(right, right) == 0.0
+    # 5 rows only the first gets right, 1 only the second: (5 - 1) / sqrt(6)
+    first = torch.tensor([True] * 5 + [False] + [True] * 4)
+    second = torch.tensor([False] * 5 + [True] + [True] * 4)
+    assert paired_z(first, second) == pytest.approx(4 / math.sqrt(6))
+    assert paired_z(second, first) == pytest.approx(-4 / math.sqrt(6))

@@ -260,3 +260,25 @@ def test_no_finished_experience_and_a_running_daemon_give_409(tmp_path):
         assert error_status(err.value) == 409 and "no experience finished" in err.value.message
     finally:
         indexer.stop()
+
+
+@pytest.mark.parametrize("runner_up_extra,switched", [(1, False), (3, False), (4, True)])
+def test_labels_overturn_the_vote_only_by_more_than_luck(engine, state, monkeypatch, runner_up_extra, switched):
+    """On 40 labelled images the runner-up gets `runner_up_extra` more right than the top vote
+    (and nothing the top vote gets right wrong): one or three lucky images keep the vote's
+    choice (McNemar z 1.0, 1.7), four switch (z 2.0)."""
+    import deploy.snapshots as snapshots
+
+    top = torch.tensor([True] * 30 + [False] * 10)
+    runner_up = top.clone()
+    runner_up[30:30 + runner_up_extra] = True
+    answers = iter([top, runner_up])
+    monkeypatch.setattr(snapshots, "loo_knn_correct", lambda features, labels: next(answers))
+    images = torch.zeros(40, 3, 16, 16, dtype=torch.uint8)
+    names = [f"img-{i}.png" for i in range(40)]
+    labels = {name: str(i % 2) for i, name in enumerate(names)}
+    candidates = [{"experience": 1, "vote_share": 0.6}, {"experience": 2, "vote_share": 0.4}]
+    checkpoints = {exp: state / "checkpoints" / f"exp-{exp:06d}" for exp in (1, 2)}
+    chosen = engine._choose(candidates, images, names, labels, checkpoints)
+    assert chosen == (2 if switched else 1)
+    assert candidates[1]["knn_accuracy"] == pytest.approx((30 + runner_up_extra) / 40)
