@@ -101,13 +101,14 @@ def warn_token_argument(args: argparse.Namespace) -> None:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from deploy.snapshot_client import request_snapshot
+    from deploy.snapshot_client import request_snapshot, summary_line
 
     warn_token_argument(args)
     result = request_snapshot(target=args.target, labels=args.labels, out=args.out, strategy=args.strategy,
                               budget=args.budget, state_dir=args.state_dir, url=args.url, token=args.token,
                               config=args.config, token_file=args.token_file)
     print(json.dumps(result, indent=2))
+    print(summary_line(result), file=sys.stderr)  # stdout stays one JSON document for scripts
     return 0
 
 

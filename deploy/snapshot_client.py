@@ -162,8 +162,31 @@ def request_snapshot(target: str | Path, labels: str | Path | None, out: str | P
         mode = "online"
     return {"name": manifest["name"], "path": str(out.resolve()), "mode": mode,
             "strategy": manifest["strategy"], "chosen_experience": manifest["chosen_experience"],
+            "chosen_experience_info": manifest.get("chosen_experience_info"),
             "candidates": manifest["candidates"], "retrieved_count": manifest["retrieved_count"],
+            "retrieved_by_experience": manifest.get("retrieved_by_experience", {}),
+            "label_check": manifest.get("label_check"),
             "sept_steps": manifest["sept_steps"], "encoder_version": manifest["encoder_version"]}
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    """One line for a person: what was chosen and why, what was retrieved, whether it helped."""
+    chosen = result["chosen_experience"]
+    info = result.get("chosen_experience_info") or {}
+    named = f"experience {chosen}" + (f" ({info['name']})" if info.get("name") else "")
+    top = next((c for c in result["candidates"] if c["experience"] == chosen), {})
+    why = f"{top.get('vote_share', 0):.0%} of the routing votes" if top else "the newest experience"
+    if "knn_accuracy" in top:
+        why += f", labelled kNN {top['knn_accuracy']:.2f}"
+    line = f"snapshot {result['name']}: {named}, {why}"
+    if result["retrieved_count"]:
+        per = ", ".join(f"exp {exp}: {n}" for exp, n in sorted(result["retrieved_by_experience"].items()))
+        line += f"; SEPT {result['sept_steps']} steps on {result['retrieved_count']} retrieved samples ({per})"
+    check = result.get("label_check")
+    if check:
+        line += (f"; on your labelled images kNN {check['snapshot_knn']:.2f} vs latest checkpoint "
+                 f"{check['latest_knn']:.2f}")
+    return f"{line} -> {result['path']}"
 
 
 def _online(files: list[Path], labels_text: str | None, out: Path, strategy: str, budget: int | None,

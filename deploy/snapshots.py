@@ -52,12 +52,13 @@ from deploy.snapshot_errors import (
     NotFound,
     Unavailable,
 )
+from learners.augment import EvalTransform
 from learners.backbones import build_backbone
 from learners.device import pick_device
-from learners.evaluation import encode_labels
+from learners.evaluation import embed, encode_labels
 from learners.methods import build_method
 from learners.presets import PRESETS
-from learners.protocol import loo_knn_correct, paired_z
+from learners.protocol import loo_knn_accuracy, loo_knn_correct, paired_z
 from learners.sept import SEPT_EPOCHS, SEPT_MAX_STEPS, continue_pretraining, sept_step
 from learners.snapshot import backbone_spec, save_backbone
 from replay.catalog import SampleRow
@@ -253,6 +254,8 @@ class SnapshotEngine:
                 "chosen_experience_info": names.get(chosen),  # its name, boundary, offsets, time span
                 "source_checkpoint": source.name, "candidates": candidates,
                 "labels_used": any("knn_accuracy" in c for c in candidates),
+                "label_check": self._label_check(backbone, images, [f for f, _ in targets], labels, checkpoints,
+                                                 encoder.manifest["input"]),
                 "target_count": len(targets), "labelled_count": len(labels),
                 "budget": budget if "sept" in strategy else None,
                 "retrieved_count": len(rows), "retrieved_share": len(rows) / max(stored, 1),
@@ -345,11 +348,10 @@ class SnapshotEngine:
         leave-one-out kNN (the evaluation protocol, `learners.protocol`) beats the top vote's on
         the same labelled images by McNemar's z >= LABEL_SWITCH_Z: a few lucky shots cannot
         overturn the vote."""
-        labelled = [i for i, filename in enumerate(names) if filename in labels]
-        counts = Counter(labels[names[i]] for i in labelled)
-        if len(counts) < 2 or min(counts.values()) < 2:
+        usable = labelled_targets(names, labels)
+        if usable is None:
             return candidates[0]["experience"]
-        y, _ = encode_labels([labels[names[i]] for i in labelled])
+        labelled, y = usable
         correct = {}
         for candidate in candidates[:LABEL_CANDIDATES]:
             exp = candidate["experience"]
@@ -361,6 +363,22 @@ class SnapshotEngine:
             candidate["z_over_top_vote"] = round(paired_z(correct[candidate["experience"]], correct[top]), 3)
         challengers = [c for c in candidates[1:LABEL_CANDIDATES] if c["z_over_top_vote"] >= LABEL_SWITCH_Z]
         return max(challengers, key=lambda c: c["z_over_top_vote"])["experience"] if challengers else top
+
+    def _label_check(self, backbone: nn.Module, images: torch.Tensor, names: list[str], labels: dict[str, str],
+                     checkpoints: dict[int, Path], spec: dict[str, Any]) -> dict[str, Any] | None:
+        """With usable labels: leave-one-out kNN on the labelled targets of the snapshot's backbone
+        and of the newest experience checkpoint's, so the user sees whether tailoring helped."""
+        usable = labelled_targets(names, labels)
+        if usable is None:
+            return None
+        labelled, y = usable
+        transform = EvalTransform(spec["resolution"], spec["mean"], spec["std"]).to(next(backbone.parameters()).device)
+        latest = max(checkpoints)
+        baseline = Encoder.load(latest, checkpoints[latest], self.device, meta=True)
+        snapshot_knn, k = loo_knn_accuracy(embed(backbone, images[labelled], transform), y)
+        latest_knn, _ = loo_knn_accuracy(torch.from_numpy(baseline(images[labelled])), y)
+        return {"snapshot_knn": round(snapshot_knn, 4), "latest_knn": round(latest_knn, 4), "k": k,
+                "latest_checkpoint": checkpoints[latest].name, "protocol": "leave-one-out weighted kNN, T=0.07"}
 
     def _retrieve(self, queries: np.ndarray, budget: int) -> list[str]:
         probes = set(self.store.sample_ids(probe=True))
@@ -402,6 +420,17 @@ class SnapshotEngine:
             except FileExistsError:
                 raise Conflict(f"snapshot {name!r} already exists") from None
         return manifest
+
+
+def labelled_targets(names: list[str], labels: dict[str, str]) -> tuple[list[int], torch.Tensor] | None:
+    """(indices of the labelled targets, their class ids), or None unless >= 2 classes have >= 2
+    images each (fewer leave nothing to score leave-one-out)."""
+    labelled = [i for i, filename in enumerate(names) if filename in labels]
+    counts = Counter(labels[names[i]] for i in labelled)
+    if len(counts) < 2 or min(counts.values()) < 2:
+        return None
+    y, _ = encode_labels([labels[names[i]] for i in labelled])
+    return labelled, y
 
 
 def sept_capacity(checkpoint_dir: Path) -> int:

@@ -119,6 +119,12 @@ def test_labels_pick_the_candidate_whose_features_separate_the_classes(tmp_path)
     assert labelled["labels_used"] and labelled["labelled_count"] == 8
     assert labelled["candidates"][0]["experience"] == 2 and accuracy[2] <= 0.5  # at most chance
     assert labelled["chosen_experience"] != 2 and accuracy[labelled["chosen_experience"]] == 1.0
+    # what the user reads: the exported backbone (route: the chosen checkpoint's) next to the latest's
+    check = labelled["label_check"]
+    assert unlabelled["label_check"] is None and check["latest_checkpoint"] == "exp-000003"
+    assert check["snapshot_knn"] == pytest.approx(accuracy[labelled["chosen_experience"]], abs=1e-4)
+    if 3 in accuracy:
+        assert check["latest_knn"] == pytest.approx(accuracy[3], abs=1e-4)
 
 
 def test_names_paths_and_inputs_are_validated(engine, state, tmp_path):
