@@ -1,6 +1,6 @@
 """Where an experience ends: the domain header, the image count, or a detected drift.
 
-`TAILORD_BOUNDARY` names the signals (docs/continual.md, "Experience boundaries");
+`TAILORD_BOUNDARY` names the signals (docs/operations.md, "Experience boundaries");
 `TAILORD_EXPERIENCE_IMAGES` is always the upper bound. The drift detector
 (`learners.drift.DriftDetector`) runs on rank 0: after each step it embeds a few of the
 step's stream images (the `TAILORD_DRIFT_SAMPLE` share, evenly spaced) with the current encoder in eval mode; when it
