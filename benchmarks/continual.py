@@ -551,56 +551,71 @@ def check_targets(strategies: dict[str, dict], default_arm: str = DEFAULT_STRATE
     """
     out: dict = {}
     checks: dict[str, dict] = {}
-    metrics = (("knn", "acc"), ("linear", "acc_linear"))
-
-    def compare(name: str, a: dict, b: dict, key: str, margin: float) -> None:
-        checks[name] = at_least(a[key], b[key], margin, max(_std_of(a, key), _std_of(b, key)))
-
     continual = {n: s for n, s in strategies.items() if n not in (*FLOORS, "joint") and s.get("bwt") is not None}
-    floor_ok = {f: f in strategies for f in ("untrained", "pixels")}
     if default_arm in strategies:
         out["default_arm"] = default_arm
-        d = strategies[default_arm]
-        for probe, key in metrics:
-            if floor_ok["untrained"]:
-                u = strategies["untrained"]
-                per = {
-                    dom: at_least(v[probe], u["per_domain"][dom][probe], 0,
-                                  max(v.get(f"{probe}_std") or 0.0, u["per_domain"][dom].get(f"{probe}_std") or 0.0))
-                    for dom, v in d["per_domain"].items()
-                }
-                checks[f"default_ge_untrained_every_domain_{probe}"] = {
-                    "per_domain": per, "passed": all(c["passed"] for c in per.values())}
-                compare(f"default_ge_untrained_plus_5_{probe}", d, u, key, 5)
-            if floor_ok["pixels"]:
-                compare(f"default_ge_pixels_plus_5_{probe}", d, strategies["pixels"], key, 5)
-    if "joint" in strategies and floor_ok["untrained"]:
-        for probe, key in metrics:
-            compare(f"joint_ge_untrained_plus_5_{probe}", strategies["joint"], strategies["untrained"], key, 5)
+        checks.update(_default_arm_checks(strategies, default_arm))
+    if "joint" in strategies and "untrained" in strategies:
+        for probe, key in TARGET_METRICS:
+            checks[f"joint_ge_untrained_plus_5_{probe}"] = _compare(strategies["joint"], strategies["untrained"], key, 5)
     if continual:
         best = max(continual, key=lambda n: continual[n]["acc"])
         out["best_continual"] = best
         if "joint" in strategies:
-            for probe, key in metrics:
-                compare(f"best_within_1_of_joint_{probe}", continual[best], strategies["joint"], key, -1)
+            for probe, key in TARGET_METRICS:
+                checks[f"best_within_1_of_joint_{probe}"] = _compare(continual[best], strategies["joint"], key, -1)
     if "naive" in strategies:
-        naive = strategies["naive"]
-        f_naive, s_naive = naive["avg_forgetting"], _std_of(naive, "avg_forgetting")
-        if f_naive is not None:
-            checks["naive_forgets_2"] = at_least(f_naive, 0, 2, s_naive)
-            others = {n: s for n, s in continual.items() if n != "naive"}
-            if others:
-                best_strategy = max(others, key=lambda n: others[n]["acc"])
-                out["best_strategy"] = best_strategy
-                b = others[best_strategy]
-                # forgetting(best) <= forgetting(naive) / 2  <=>  f_naive - f_best >= f_naive / 2
-                check = at_least(f_naive, b["avg_forgetting"], f_naive / 2,
-                                 max(s_naive, _std_of(b, "avg_forgetting")))
-                check["passed"] = check["passed"] and checks["naive_forgets_2"]["passed"]
-                checks["best_strategy_forgetting_le_half_naive"] = check
+        out.update(_forgetting_checks(strategies["naive"], continual, checks))
     out["checks"] = checks
     out["all_passed"] = bool(checks) and all(c["passed"] for c in checks.values())
     return out
+
+
+TARGET_METRICS = (("knn", "acc"), ("linear", "acc_linear"))  # (probe, summary key) of each target
+
+
+def _compare(a: dict, b: dict, key: str, margin: float) -> dict:
+    """`at_least` on `key` with the larger seed std of the two sides as the noise."""
+    return at_least(a[key], b[key], margin, max(_std_of(a, key), _std_of(b, key)))
+
+
+def _default_arm_checks(strategies: dict[str, dict], default_arm: str) -> dict[str, dict]:
+    """The default arm >= untrained on every domain and on the mean + 5, and >= pixels + 5."""
+    checks: dict[str, dict] = {}
+    d = strategies[default_arm]
+    for probe, key in TARGET_METRICS:
+        if "untrained" in strategies:
+            u = strategies["untrained"]
+            per = {
+                dom: at_least(v[probe], u["per_domain"][dom][probe], 0,
+                              max(v.get(f"{probe}_std") or 0.0, u["per_domain"][dom].get(f"{probe}_std") or 0.0))
+                for dom, v in d["per_domain"].items()
+            }
+            checks[f"default_ge_untrained_every_domain_{probe}"] = {
+                "per_domain": per, "passed": all(c["passed"] for c in per.values())}
+            checks[f"default_ge_untrained_plus_5_{probe}"] = _compare(d, u, key, 5)
+        if "pixels" in strategies:
+            checks[f"default_ge_pixels_plus_5_{probe}"] = _compare(d, strategies["pixels"], key, 5)
+    return checks
+
+
+def _forgetting_checks(naive: dict, continual: dict[str, dict], checks: dict[str, dict]) -> dict:
+    """Adds naive forgets >= 2 and the best strategy forgets <= half of it to `checks`;
+    returns {"best_strategy": name} when there is one."""
+    f_naive, s_naive = naive["avg_forgetting"], _std_of(naive, "avg_forgetting")
+    others = {n: s for n, s in continual.items() if n != "naive"}
+    if f_naive is None:
+        return {}
+    checks["naive_forgets_2"] = at_least(f_naive, 0, 2, s_naive)
+    if not others:
+        return {}
+    best_strategy = max(others, key=lambda n: others[n]["acc"])
+    b = others[best_strategy]
+    # forgetting(best) <= forgetting(naive) / 2  <=>  f_naive - f_best >= f_naive / 2
+    check = at_least(f_naive, b["avg_forgetting"], f_naive / 2, max(s_naive, _std_of(b, "avg_forgetting")))
+    check["passed"] = check["passed"] and checks["naive_forgets_2"]["passed"]
+    checks["best_strategy_forgetting_le_half_naive"] = check
+    return {"best_strategy": best_strategy}
 
 
 # ----------------------------------------------------------------------------- output
