@@ -80,8 +80,8 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from deploy.daemon import RECENT_BATCHES, paired_views, paired_views_loss
-from deploy.learner import Learner, build_learner
+from deploy.daemon import RECENT_BATCHES
+from deploy.learner import Learner, build_learner, paired_views, paired_views_loss
 from deploy.settings import Settings
 from learners.evaluation import embed
 from learners.forgetting import average_accuracy, average_forgetting, backward_transfer

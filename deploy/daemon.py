@@ -12,34 +12,39 @@ the other ranks' samples and positions with each step.
 
 from __future__ import annotations
 
-import hashlib
 import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import structlog
 import torch
 
+from deploy.batches import Prepared, Shared, batch_records, replay_count, standin, stream_batch_size
 from deploy.boundaries import DRIFT_FILE, Boundaries, experience_record, label
 from deploy.checkpoints import clean_temporaries, load_latest, write_checkpoint
 from deploy.errors import UsageError
 from deploy.evaluate import evaluate_row, keep_untrained, score_baselines
 from deploy.history import History
 from deploy.indexer import Indexer
-from deploy.learner import Learner, build_learner, learner_writers, load_learner_state
-from deploy.metrics import Metrics
-from deploy.probes import ProbeSet, hashed_probe, read_probe_sets, write_probe_set
+from deploy.learner import (
+    Learner,
+    build_buffer,
+    build_learner,
+    learner_writers,
+    load_learner_state,
+    update_regularizer,
+    weights_digest,
+)
+from deploy.metrics import Metrics, Throughput
+from deploy.probes import ProbeSet, read_probe_sets, write_probe_set
 from deploy.progress import Progress, read_offsets, write_offsets
 from deploy.retention import directory_bytes, prune_checkpoints
 from deploy.service import DaemonService
-from deploy.settings import Settings
+from deploy.settings import Settings, kafka_security
 from deploy.snapshots import SnapshotEngine
 from deploy.world import Tick, World, agree
-from replay.balanced import BalancedBuffer
-from replay.buffer import ReservoirBuffer
 from streamer.broker import EmbeddedBroker
 from streamer.decode import decode_record
 from streamer.dlq import DeadLetterQueue
@@ -441,68 +446,6 @@ def durable(what: str, write) -> bool:
         return False
 
 
-def kafka_security(settings: Settings) -> dict:
-    """The TAILORD_KAFKA_* settings as a plain dict for `client_config`."""
-    password = settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None
-    return {"security_protocol": settings.kafka_security_protocol,
-            "ssl_cafile": str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None,
-            "ssl_certfile": str(settings.kafka_ssl_certfile) if settings.kafka_ssl_certfile else None,
-            "ssl_keyfile": str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None,
-            "sasl_mechanism": settings.kafka_sasl_mechanism,
-            "sasl_plain_username": settings.kafka_sasl_username, "sasl_plain_password": password}
-
-
-def build_buffer(settings: Settings) -> ReservoirBuffer | BalancedBuffer:
-    """The replay buffer named by the settings."""
-    kind = BalancedBuffer if settings.replay_buffer == "balanced" else ReservoirBuffer
-    return kind(settings.replay_max_images, settings.replay_max_bytes, seed=settings.seed)
-
-
-def stream_batch_size(batch_size: int, replay_share: float) -> int:
-    """Stream images per step; the rest of the batch comes from the replay buffer."""
-    return max(1, round(batch_size * (1 - replay_share)))
-
-
-def replay_count(stream_images: int, replay_share: float) -> int:
-    """Replay images to add to `stream_images` so replay takes `replay_share` of the batch."""
-    return round(stream_images * replay_share / (1 - replay_share))
-
-
-def paired_views(learner: Learner, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Two augmented views of each recent batch, concatenated: (2B,3,R,R) per batch."""
-    with torch.no_grad():
-        out = []
-        for images in batches:
-            images = images.to(learner.device)
-            out.append(torch.cat([learner.augment(images), learner.augment(images)]))
-        return out
-
-
-def paired_views_loss(learner: Learner):
-    """The SSL loss of a `paired_views` batch (first half vs second half), for Fisher/MAS."""
-    def loss(views: torch.Tensor) -> torch.Tensor:
-        half = len(views) // 2
-        return learner.method(views[:half], views[half:]).loss
-    return loss
-
-
-def update_regularizer(learner: Learner, recent: deque[torch.Tensor], world: World) -> None:
-    """The regularizer's experience-end statistics (Fisher, anchors...) from the recent batches.
-
-    With several ranks each estimates them on its own batches and the ranks average them,
-    so every rank holds the same state (a rank that saw no data uses a blank stand-in).
-    """
-    batches = list(recent)
-    if not batches and not world.distributed:
-        return
-    if not batches:
-        batches = [standin(recent, learner.preset.resolution)]
-    learner.regularizer.on_experience_end(learner.backbone, paired_views_loss(learner), paired_views(learner, batches))
-    if world.distributed:
-        state = world.average_state(learner.regularizer.state_dict())
-        learner.regularizer.load_state_dict(state, backbone=learner.backbone)
-
-
 def jpeg_decoder(settings: Settings, limits: DecodeLimits, learner: Learner) -> JpegBatchDecoder | None:
     """The batched nvJPEG decoder on the training GPU, or None to decode JPEGs with Pillow."""
     on_gpu = learner.device.type == "cuda"
@@ -520,66 +463,11 @@ def jpeg_decoder(settings: Settings, limits: DecodeLimits, learner: Learner) -> 
     return JpegBatchDecoder(limits, learner.preset.resolution, learner.device)
 
 
-def standin(recent: deque[torch.Tensor], resolution: int) -> torch.Tensor:
-    """What a rank with no data this iteration steps on to join the collective step (at
-    loss weight 0): its last batch, or two blank images (2,3,S,S) uint8."""
-    if recent:
-        return recent[-1]
-    return torch.zeros(2, 3, resolution, resolution, dtype=torch.uint8)
-
-
-@dataclass
-class Prepared:
-    """A batch made ready on the prefetch thread: probes split off, images stacked (and pinned)."""
-
-    train: list[Sample]
-    held_out: list[Sample]
-    images: torch.Tensor | None  # (B,3,S,S) uint8 of `train`; page-locked for a fast async GPU copy
-
-    @classmethod
-    def of(cls, samples: list[Sample], probe_fraction: float, pin: bool) -> Prepared:
-        train, held_out = split_probes(samples, probe_fraction)
-        images = torch.stack([s.image for s in train]) if train else None
-        if images is not None and pin:
-            images = images.pin_memory()
-        return cls(train, held_out, images)
-
-
-def split_probes(samples: list[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
-    """Split samples into (to train on, probes: a `probe=1` header or the hash fraction)."""
-    train, held_out = [], []
-    for sample in samples:
-        (held_out if sample.probe or hashed_probe(sample.sample_id, fraction) else train).append(sample)
-    return train, held_out
-
-
-@dataclass
-class Shared:
-    """What a rank hands rank 0 each iteration: its samples and how far it has read."""
-
-    train: list[Sample]
-    held_out: list[Sample]
-    positions: dict[int, int]
-
-    @classmethod
-    def of(cls, train: list[Sample], held_out: list[Sample], positions: dict[int, int], world: World) -> Shared:
-        """Across processes the trained images stay behind (the store keeps encoded bytes)."""
-        if world.distributed:
-            blank = torch.empty(0, dtype=torch.uint8)
-            train = [replace(s, image=blank) for s in train]
-        return cls(train, held_out, positions)
-
-
 def submit(indexer: Indexer, samples: list[Sample], experience: int, probe: bool) -> None:
     """Hand samples to the sample store / index thread (never blocks training unless far behind)."""
     if samples:
         indexer.submit([s.sample_id for s in samples], [s.encoded for s in samples], experience,
                        [s.domain for s in samples], [s.label for s in samples], probes=probe)
-
-
-def batch_records(samples: list[Sample]) -> int:
-    """Distinct records behind a batch's samples."""
-    return len({(s.partition, s.offset) for s in samples})
 
 
 def replay_dir(rank: int) -> str:
@@ -595,49 +483,4 @@ def buffer_writer(settings: Settings, state: tuple[dict, dict] | None):
             other.load_state_dict(*state)
             other.save(path.parent)
     return write
-
-
-def weights_digest(learner: Learner) -> str:
-    """sha256 of the model's parameters (ranks of one DDP run must log the same digest).
-
-    BatchNorm running statistics are left out: DDP copies rank 0's at the start of each
-    forward, so after the last step each rank holds its own (checkpoints keep rank 0's).
-    """
-    digest = hashlib.sha256()
-    for key, value in sorted(learner.method.named_parameters()):
-        digest.update(key.encode())
-        digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-class Throughput:
-    """Images per second over a sliding window of steps."""
-
-    def __init__(self, window_s: float = 10.0) -> None:
-        self.window_s = window_s
-        self.events: deque[tuple[float, int]] = deque()
-        self.value = 0.0
-        self.images_stepped = 0  # stream + replay images through the step, this process
-        self.first_at: float | None = None  # when the first step of this process ended
-        self.last_at: float | None = None
-        self.input_wait = 0.0  # seconds the loop waited for the prefetcher between the first and last step
-        self.step_seconds = 0.0  # seconds inside the train step after the first step; the rest is the loop's
-
-    def elapsed(self) -> float:
-        """Seconds from the end of the first step to the end of the last (0 before two steps)."""
-        return (self.last_at - self.first_at) if self.first_at is not None and self.last_at else 0.0
-
-    def update(self, images: int) -> float:
-        now = time.monotonic()
-        if self.first_at is None:
-            self.first_at = now
-            self.images_stepped = 0  # the first step includes warm-up; measure from its end
-        self.last_at = now
-        self.events.append((now, images))
-        while len(self.events) > 2 and now - self.events[0][0] > self.window_s:
-            self.events.popleft()
-        span = now - self.events[0][0]
-        if span > 0:
-            self.value = sum(n for _, n in list(self.events)[1:]) / span
-        return self.value
 

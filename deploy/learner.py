@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from deploy.batches import standin
 from deploy.errors import UsageError
 from deploy.settings import Settings
 from deploy.world import World
@@ -26,6 +28,8 @@ from learners.presets import PRESETS, Preset
 from learners.regularizers import Regularizer, build_regularizer, parse_strategy
 from learners.snapshot import backbone_spec
 from learners.train_step import LinearWarmup, TrainStep, build_optimizer, build_scheduler
+from replay.balanced import BalancedBuffer
+from replay.buffer import ReservoirBuffer
 
 log = structlog.get_logger()
 
@@ -258,3 +262,57 @@ def load_learner_state(learner: Learner, folder: Path) -> None:
     if learner.regularizer is not None and reg_file.is_file():
         state = {k: v for k, v in load_file(str(reg_file), device=device).items() if k != "_empty"}
         learner.regularizer.load_state_dict(state, backbone=learner.backbone)
+
+
+def build_buffer(settings: Settings) -> ReservoirBuffer | BalancedBuffer:
+    """The replay buffer named by the settings."""
+    kind = BalancedBuffer if settings.replay_buffer == "balanced" else ReservoirBuffer
+    return kind(settings.replay_max_images, settings.replay_max_bytes, seed=settings.seed)
+
+
+def paired_views(learner: Learner, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Two augmented views of each recent batch, concatenated: (2B,3,R,R) per batch."""
+    with torch.no_grad():
+        out = []
+        for images in batches:
+            images = images.to(learner.device)
+            out.append(torch.cat([learner.augment(images), learner.augment(images)]))
+        return out
+
+
+def paired_views_loss(learner: Learner):
+    """The SSL loss of a `paired_views` batch (first half vs second half), for Fisher/MAS."""
+    def loss(views: torch.Tensor) -> torch.Tensor:
+        half = len(views) // 2
+        return learner.method(views[:half], views[half:]).loss
+    return loss
+
+
+def update_regularizer(learner: Learner, recent: deque[torch.Tensor], world: World) -> None:
+    """The regularizer's experience-end statistics (Fisher, anchors...) from the recent batches.
+
+    With several ranks each estimates them on its own batches and the ranks average them,
+    so every rank holds the same state (a rank that saw no data uses a blank stand-in).
+    """
+    batches = list(recent)
+    if not batches and not world.distributed:
+        return
+    if not batches:
+        batches = [standin(recent, learner.preset.resolution)]
+    learner.regularizer.on_experience_end(learner.backbone, paired_views_loss(learner), paired_views(learner, batches))
+    if world.distributed:
+        state = world.average_state(learner.regularizer.state_dict())
+        learner.regularizer.load_state_dict(state, backbone=learner.backbone)
+
+
+def weights_digest(learner: Learner) -> str:
+    """sha256 of the model's parameters (ranks of one DDP run must log the same digest).
+
+    BatchNorm running statistics are left out: DDP copies rank 0's at the start of each
+    forward, so after the last step each rank holds its own (checkpoints keep rank 0's).
+    """
+    digest = hashlib.sha256()
+    for key, value in sorted(learner.method.named_parameters()):
+        digest.update(key.encode())
+        digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
@@ -65,3 +68,35 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+class Throughput:
+    """Images per second over a sliding window of steps, and this process's totals for the `stopped` line."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self.events: deque[tuple[float, int]] = deque()
+        self.value = 0.0
+        self.images_stepped = 0  # stream + replay images through the step, this process
+        self.first_at: float | None = None  # when the first step of this process ended
+        self.last_at: float | None = None
+        self.input_wait = 0.0  # seconds the loop waited for the prefetcher between the first and last step
+        self.step_seconds = 0.0  # seconds inside the train step after the first step; the rest is the loop's
+
+    def elapsed(self) -> float:
+        """Seconds from the end of the first step to the end of the last (0 before two steps)."""
+        return (self.last_at - self.first_at) if self.first_at is not None and self.last_at else 0.0
+
+    def update(self, images: int) -> float:
+        now = time.monotonic()
+        if self.first_at is None:
+            self.first_at = now
+            self.images_stepped = 0  # the first step includes warm-up; measure from its end
+        self.last_at = now
+        self.events.append((now, images))
+        while len(self.events) > 2 and now - self.events[0][0] > self.window_s:
+            self.events.popleft()
+        span = now - self.events[0][0]
+        if span > 0:
+            self.value = sum(n for _, n in list(self.events)[1:]) / span
+        return self.value

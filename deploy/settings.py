@@ -208,6 +208,17 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise SettingsError(describe_error(exc)) from exc
 
 
+def kafka_security(settings: Settings) -> dict:
+    """The TAILORD_KAFKA_* settings as a plain dict for `streamer.kafka_client.client_config`."""
+    password = settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None
+    return {"security_protocol": settings.kafka_security_protocol,
+            "ssl_cafile": str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None,
+            "ssl_certfile": str(settings.kafka_ssl_certfile) if settings.kafka_ssl_certfile else None,
+            "ssl_keyfile": str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None,
+            "sasl_mechanism": settings.kafka_sasl_mechanism,
+            "sasl_plain_username": settings.kafka_sasl_username, "sasl_plain_password": password}
+
+
 def describe_error(exc: ValidationError) -> str:
     """One line naming the first bad setting, its value and what is allowed."""
     err = exc.errors()[0]

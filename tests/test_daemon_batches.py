@@ -7,7 +7,7 @@ from collections import deque
 import pytest
 import torch
 
-from deploy.daemon import Prepared, replay_count, split_probes, standin, stream_batch_size
+from deploy.batches import Prepared, replay_count, split_probes, standin, stream_batch_size
 from deploy.probes import hashed_probe
 from streamer.records import Sample
 

@@ -14,9 +14,8 @@ import pytest
 import structlog
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
-from deploy.daemon import kafka_security
 from deploy.logs import configure_logging
-from deploy.settings import load_settings
+from deploy.settings import kafka_security, load_settings
 from streamer.kafka_client import client_config, redact
 
 PASSWORD = "sasl-pw-7f3a9c"

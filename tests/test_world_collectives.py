@@ -153,8 +153,8 @@ def _skip_together(world: World) -> dict:
 
 def _regularizer_average(world: World) -> dict:
     """`update_regularizer` (EWC, then MAS with no data on rank 1) vs each rank's own estimate."""
-    from deploy.daemon import paired_views, paired_views_loss, standin, update_regularizer
-    from deploy.learner import build_learner
+    from deploy.batches import standin
+    from deploy.learner import build_learner, paired_views, paired_views_loss, update_regularizer
     from deploy.settings import Settings
     from learners.regularizers import build_regularizer
 
