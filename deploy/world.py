@@ -11,6 +11,7 @@ the probe sets and the audit log. With one process every call is a local no-op.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -135,6 +136,10 @@ class World:
         dist.all_gather_object(out, tick, group=self._objects)
         return out
 
+    def agree(self, tick: Tick, current_domain: str | None) -> Agreement:
+        """This iteration's decisions: every rank's tick exchanged, then `agree` (one process: its own tick)."""
+        return agree(self.exchange(tick), current_domain)
+
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj` on the main rank (rank order); None on the others."""
         if not self.distributed:
@@ -142,6 +147,16 @@ class World:
         out: list[Any] | None = [None] * self.size if self.is_main else None
         dist.gather_object(obj, out, dst=0, group=self._objects)
         return out
+
+    def gather_others(self, make: Callable[[], Any]) -> list[Any]:
+        """The other ranks' `make()` on the main rank, in rank order; [] on the other ranks.
+
+        Every rank calls it (a collective). With one process there are no others and `make` is not called.
+        """
+        if not self.distributed:
+            return []
+        out = self.gather(make())
+        return out[1:] if out is not None else []
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank."""
