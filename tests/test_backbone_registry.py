@@ -8,7 +8,14 @@ import torch
 import torchvision
 
 from deploy.errors import UsageError
-from deploy.learner import backbone_choice, build_learner, check_backbone, load_init_weights
+from deploy.learner import (
+    backbone_choice,
+    build_learner,
+    check_backbone,
+    learner_writers,
+    load_init_weights,
+    load_learner_state,
+)
 from deploy.settings import Settings, SettingsError, load_settings
 from learners.backbones import BACKBONES, build_backbone
 from learners.presets import PRESETS
@@ -62,6 +69,13 @@ def test_one_train_step_through_the_learner(tmp_path, name):
     assert not result.skipped and torch.isfinite(torch.tensor(result.loss))
     after = learner.backbone.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+    # the checkpoint round trip: a fresh learner of the same backbone resumes the trained weights
+    for filename, write in learner_writers(learner).items():
+        write(tmp_path / filename)
+    torch.manual_seed(1)
+    resumed = build_learner(_settings(tmp_path, backbone=name, backbone_kwargs=TINY[name]))
+    load_learner_state(resumed, tmp_path)
+    assert all(torch.equal(v, resumed.backbone.state_dict()[k]) for k, v in after.items())
 
 
 def test_backbone_choice_defaults():
@@ -166,8 +180,8 @@ def test_changed_backbone_on_an_existing_state_dir_is_refused(tmp_path):
 
 # ---- exports
 
-@pytest.mark.parametrize("name", ["resnet34", "vit"])
-def test_load_snapshot_of_other_backbones(tmp_path, name):
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_load_snapshot_of_every_backbone(tmp_path, name):
     torch.manual_seed(0)
     backbone = build_backbone(name, TINY[name]).eval()
     digest = save_backbone(backbone, tmp_path)
@@ -189,4 +203,31 @@ def test_snapshot_loads_into_plain_torchvision(tmp_path):
     model.fc = torch.nn.Identity()
     model.load_state_dict(safetensors.torch.load_file(tmp_path / "model.safetensors"))
     x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(model.eval()(x), backbone(x), rtol=0, atol=0)
+
+
+def _plain_torchvision(name: str, kwargs: dict) -> torch.nn.Module:
+    """The torchvision model of that name, classification head replaced by identity."""
+    if name == "vit":
+        model = torchvision.models.VisionTransformer(**kwargs)
+        model.heads = torch.nn.Identity()
+    elif name == "convnext_tiny":
+        model = torchvision.models.convnext_tiny()
+        model.classifier[2] = torch.nn.Identity()
+    else:
+        model = getattr(torchvision.models, name)()
+        model.fc = torch.nn.Identity()
+    return model
+
+
+@pytest.mark.parametrize("name,kwargs", [("resnet18", {"width": 64}), ("resnet50", {}), ("convnext_tiny", {}),
+                                         ("vit", TINY["vit"])])
+def test_every_backbones_snapshot_loads_into_plain_torchvision(tmp_path, name, kwargs):
+    """Torchvision-shaped configs (ImageNet stem, full width) of the other backbones load the same way."""
+    torch.manual_seed(0)
+    backbone = build_backbone(name, kwargs).eval()
+    save_backbone(backbone, tmp_path)
+    model = _plain_torchvision(name, kwargs)
+    model.load_state_dict(safetensors.torch.load_file(tmp_path / "model.safetensors"))
+    x = torch.randn(2, 3, 32 if name == "vit" else 64, 32 if name == "vit" else 64)
     torch.testing.assert_close(model.eval()(x), backbone(x), rtol=0, atol=0)
