@@ -86,21 +86,21 @@ def loo_knn_predict(features: Tensor, labels: Tensor, k: int, temperature: float
     return torch.cat(predictions)
 
 
+def loo_knn_k(labels: Tensor, k: int = KNN_K) -> int:
+    """The k leave-one-out kNN uses: at most `k` and at most the smallest class count - 1."""
+    return max(1, min(k, min(Counter(labels.tolist()).values()) - 1))
+
+
 def loo_knn_accuracy(features: Tensor, labels: Tensor, k: int = KNN_K,
                      temperature: float = KNN_TEMPERATURE) -> tuple[float, int]:
     """(accuracy, k used): leave-one-out weighted kNN with k <= smallest class count - 1."""
-    smallest = min(Counter(labels.tolist()).values())
-    k = max(1, min(k, smallest - 1))
-    predicted = loo_knn_predict(features, labels, k, temperature)
-    return (predicted == labels.long()).float().mean().item(), k
+    return loo_knn_correct(features, labels, k, temperature).float().mean().item(), loo_knn_k(labels, k)
 
 
 def loo_knn_correct(features: Tensor, labels: Tensor, k: int = KNN_K,
                     temperature: float = KNN_TEMPERATURE) -> Tensor:
     """(N,) bool: which rows leave-one-out weighted kNN (k <= smallest class count - 1) gets right."""
-    smallest = min(Counter(labels.tolist()).values())
-    k = max(1, min(k, smallest - 1))
-    return loo_knn_predict(features, labels, k, temperature) == labels.long()
+    return loo_knn_predict(features, labels, loo_knn_k(labels, k), temperature) == labels.long()
 
 
 def paired_z(better: Tensor, baseline: Tensor) -> float:
