@@ -36,6 +36,7 @@ from deploy.errors import UsageError
 from deploy.evaluate import evaluate_row, keep_untrained, score_baselines
 from deploy.history import History
 from deploy.http_api import HttpServer
+from deploy.index_budget import ComputeBudget
 from deploy.indexer import Indexer
 from deploy.learner import (
     Learner,
@@ -273,7 +274,8 @@ def start_indexer(settings: Settings, world: World, metrics: Metrics, learner: L
 
     indexer = Indexer(settings.state_dir, settings.store_max_bytes, settings.index_options(),
                       learner.backbone.feature_dim, learner.device, learner.preset.resolution, publish_index,
-                      limits=limits, seed=settings.seed)
+                      limits=limits, seed=settings.seed, budget=ComputeBudget(settings.indexer_share))
+    metrics.watch_index(indexer.upkeep)
     indexer.start()
     snapshots = SnapshotEngine(settings.state_dir, indexer.store, indexer.index, learner.device,
                                learner.preset.resolution, metrics, settings.targets_dir, limits)
@@ -436,6 +438,8 @@ def train(d: Daemon) -> None:
         if agreed.stop:
             break
         if not agreed.records:  # no data on any rank: exit once idle long enough, else poll again
+            if d.indexer is not None:
+                d.indexer.budget.rest()  # the cores are free for the indexer
             if agreed.idle:
                 log.info("idle_exit", idle_seconds=round(time.monotonic() - state.last_data, 1))
                 break
@@ -555,6 +559,8 @@ def train_step(d: Daemon, batch: Batch, agreed: Agreement) -> None:
     if len(images) + (len(batch.replay) if batch.replay is not None else 0) < 2:
         images = images.repeat(2, 1, 1, 1)  # BatchNorm needs two samples; a lone straggler
     result = learner.step(images, batch.replay, weight=agreed.weight(d.world.rank, d.world.size))
+    if d.indexer is not None:
+        d.indexer.budget.trained(result.seconds)  # the indexer's compute share is of this
     state.count_step(result, agreed.stepped)
     report_step(d.metrics, state, result, agreed)
     if train:

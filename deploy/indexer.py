@@ -26,8 +26,9 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import faiss
@@ -38,9 +39,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from deploy.checkpoints import MANIFEST
+from deploy.index_budget import ComputeBudget
 from learners.augment import EvalTransform
 from learners.evaluation import embed
 from learners.snapshot import backbone_from_spec
+from replay.catalog import SampleRow
 from replay.index import VectorIndex
 from replay.index_options import IndexOptions
 from replay.store import SampleStore
@@ -55,6 +58,7 @@ EXPERIENCE_DIR = re.compile(r"^exp-(\d{6})$")
 LOCK_FILE = ".store.lock"
 EMBED_BATCH = 256  # stored samples decoded and embedded at a time during a refresh
 MAX_PENDING = 64  # submitted batches waiting before `submit` blocks (the thread is badly behind)
+BUDGET_POLL_S = 0.05  # how often a thread out of budget looks again
 
 
 # ---- helpers shared with the snapshot engine
@@ -182,12 +186,42 @@ class _Batch:
     probes: list[bool]
 
 
-class _Aborted(Exception):
-    """A refresh given up because the indexer is stopping (the next start redoes it)."""
+@dataclass
+class _Rebuild:
+    """A re-embedding of the store with a new encoder, done chunk by chunk within the budget."""
+
+    encoder: Encoder
+    pages: Iterator[tuple[list[SampleRow], list[bytes]]]  # the store's non-probe records, keyset-paged
+    total: int  # non-probe samples stored when it started (progress only)
+    started: float
+    done: int = 0
+    vectors: list[np.ndarray] = field(default_factory=list)  # (n_i, D) each
+    ids: list[str] = field(default_factory=list)
+    experiences: list[int] = field(default_factory=list)
+    evicted: set[str] = field(default_factory=set)  # dropped by the store since it started
+
+
+@dataclass(frozen=True)
+class Upkeep:
+    """How fresh the live index is and what keeping it so has cost (the daemon's metrics)."""
+
+    sizes: dict[int, int]  # vectors by encoder version
+    versions_behind: int  # newest experience checkpoint minus the live index's encoder version
+    stale_seconds: float  # since a checkpoint newer than the live index exists (0: current)
+    unindexed: int  # stored non-probe samples waiting to be embedded into the live index
+    refresh_progress: float  # share of the store re-embedded by the refresh under way (1: none)
+    seconds: dict[str, float]  # embedding seconds by kind (`index_budget.KINDS`)
+    share: float  # charged embedding seconds over training seconds
 
 
 class Indexer:
-    """Background thread keeping the sample store and the FAISS index up to date.
+    """Background thread keeping the sample store and the FAISS index up to date, within a
+    compute budget (docs/design.md, "Index upkeep").
+
+    Store writes are done at once; embedding runs in chunks of `EMBED_BATCH` only while
+    `budget.allows()`: new samples into the live index (newest first), and, after a new
+    experience checkpoint, a rolling re-embedding of the whole store built to the side and
+    swapped in when complete. The two alternate when both have work. `flush` lifts the budget.
 
     Args:
         state_dir: the daemon's state dir (`samples/`, `catalog.sqlite`, `index/`, `checkpoints/`).
@@ -199,12 +233,13 @@ class Indexer:
         decode_size: side of decoded images (the training resolution).
         metrics_callback: called with `sizes_by_version()` after the index changes.
         limits: decode limits for stored bytes (they passed the daemon's limits once).
+        budget: the share of training compute embedding may use; default unbounded.
     """
 
     def __init__(self, state_dir: Path, store_max_bytes: int, index_options: IndexOptions,
                  feature_dim: int, device: torch.device | str, decode_size: int,
                  metrics_callback: Callable[[dict[int, int]], None] | None = None, *,
-                 limits: DecodeLimits | None = None, seed: int = 0) -> None:
+                 limits: DecodeLimits | None = None, seed: int = 0, budget: ComputeBudget | None = None) -> None:
         faiss.omp_set_num_threads(1)  # faiss threads thrash on a few shared cores
         self.state_dir = Path(state_dir)
         self.checkpoint_root = self.state_dir / "checkpoints"
@@ -212,6 +247,7 @@ class Indexer:
         self.decode_size = decode_size
         self.limits = limits or DecodeLimits()
         self.metrics_callback = metrics_callback
+        self.budget = budget or ComputeBudget(share=None)
         self._lock_fd = lock_state(self.state_dir)
         try:
             options = replace(index_options, gpu=self.device.type == "cuda")
@@ -224,10 +260,14 @@ class Indexer:
         self.last_refresh_seconds: float | None = None
         self._encoder: Encoder | None = None
         self._pending: deque[_Batch] = deque()
-        self._refresh: tuple[int, Path] | None = None
+        self._refresh: tuple[int, Path] | None = None  # the newest checkpoint not being embedded yet
+        self._rebuild: _Rebuild | None = None
+        self._unindexed: list[str] = []  # stored, not yet in the live index; newest last
+        self._seen: dict[int, float] = {}  # experience checkpoints -> when this thread learnt of them
+        self._refresh_turn = False  # alternates refresh and new-sample chunks
+        self._urgent = 0  # flushes waiting: the budget does not bind
         self._busy = True  # until the thread has restored its encoder and scheduled any refresh
         self._stopping = False
-        self._evicted_during_refresh: set[str] | None = None
         self._unsaved = False  # live index changed since it was last published
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="indexer", daemon=True)
@@ -243,6 +283,18 @@ class Indexer:
 
     def sizes_by_version(self) -> dict[int, int]:
         return self.index.sizes_by_version()
+
+    def upkeep(self) -> Upkeep:
+        """The live index's freshness and the cost of keeping it (read by the metrics at scrape)."""
+        with self._cond:
+            live, rebuild = self.encoder_version or 0, self._rebuild
+            newer = [seen for version, seen in self._seen.items() if version > live]
+            behind = max(self._seen, default=live) - live
+            stale = time.monotonic() - min(newer) if newer else 0.0
+            progress = min(1.0, rebuild.done / rebuild.total) if rebuild and rebuild.total else 1.0
+            unindexed = len(self._unindexed)
+        return Upkeep(self.index.sizes_by_version(), behind, stale, unindexed, progress,
+                      dict(self.budget.seconds), self.budget.used_share)
 
     def start(self) -> None:
         """Start the thread; it first restores the encoder and schedules any refresh missed by a crash."""
@@ -262,17 +314,23 @@ class Indexer:
     def new_encoder(self, version: int, checkpoint_dir: Path) -> None:
         """Re-embed the store with this experience checkpoint's backbone and swap the index in.
 
-        A newer request replaces one not started yet.
+        A refresh under way finishes first; a newer request replaces one not started yet.
         """
         with self._cond:
             self._refresh = (version, Path(checkpoint_dir))
+            self._seen.setdefault(version, time.monotonic())
             self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every submitted batch and requested refresh is done; False on timeout."""
+        """Wait, with the budget lifted, until every submitted batch is stored and embedded and every
+        requested refresh is swapped in; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(
-                lambda: not (self._pending or self._refresh or self._busy) or self._stopping, timeout)
+            self._urgent += 1
+            self._cond.notify_all()
+            try:
+                return self._cond.wait_for(lambda: not self._work_left() or self._stopping, timeout)
+            finally:
+                self._urgent -= 1
 
     def stop(self, timeout: float = 60.0) -> None:
         """Store what is queued, give up a running refresh, save the index, close the store."""
@@ -281,7 +339,11 @@ class Indexer:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        self._drain()
+        if self._rebuild is not None:
+            log.info("index_refresh_aborted", encoder_version=self._rebuild.encoder.version,
+                     note="redone on the next start")
+        while self._pending:
+            self._store(self._pending.popleft())  # embedded on the next start (`_restore`)
         if self._unsaved:
             self.index.save()
         self.store.close()
@@ -293,29 +355,51 @@ class Indexer:
             self._restore()
         except Exception:
             log.exception("indexer_restore_failed")
-        while True:
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
-                self._cond.wait_for(lambda: self._pending or self._refresh or self._stopping)
-                if self._stopping:
-                    return
-                refresh, self._refresh = self._refresh, None
-                batch = None if refresh else self._pending.popleft()
-                self._busy = True
-                self._cond.notify_all()
+        while (task := self._next_task()) is not None:
             try:
-                if refresh:
-                    self._do_refresh(*refresh)
-                else:
-                    self._store(batch)
-            except _Aborted:
-                log.info("index_refresh_aborted", note="redone on the next start")
+                task()
             except Exception:
                 log.exception("indexer_task_failed")
 
+    def _next_task(self) -> Callable[[], None] | None:
+        """The next thing to do, waiting for one: store a batch, start a refresh, or (when the
+        budget allows) embed a chunk; None once stopping."""
+        with self._cond:
+            while not self._stopping:
+                if self._pending:
+                    return self._task(partial(self._store, self._pending.popleft()))
+                if self._refresh is not None and self._rebuild is None:
+                    request, self._refresh = self._refresh, None
+                    return self._task(partial(self._start_rebuild, *request))
+                chunk = self._embedding_chunk()
+                if chunk is not None and (self._urgent or self.budget.allows()):
+                    return self._task(chunk)
+                self._busy = False
+                self._cond.notify_all()
+                self._cond.wait(BUDGET_POLL_S if chunk is not None else None)
+            return None
+
+    def _task(self, task: Callable[[], None]) -> Callable[[], None]:
+        self._busy = True
+        self._cond.notify_all()
+        return task
+
+    def _work_left(self) -> bool:
+        return bool(self._pending or self._refresh or self._rebuild or self._unindexed or self._busy)
+
+    def _embedding_chunk(self) -> Callable[[], None] | None:
+        """A refresh chunk or a new-samples chunk (alternating when both have work), or None."""
+        can_refresh, can_embed = self._rebuild is not None, bool(self._unindexed) and self._encoder is not None
+        if can_refresh and can_embed:
+            self._refresh_turn = not self._refresh_turn
+            can_refresh = self._refresh_turn
+        if can_refresh:
+            return self._refresh_chunk
+        return self._embed_chunk if can_embed else None
+
     def _restore(self) -> None:
-        """Load the live index's encoder; schedule a refresh if the index is behind the checkpoints."""
+        """Load the live index's encoder; queue the stored samples it lacks (additions lost in a
+        crash, batches stored at stop); schedule a refresh if it is behind the checkpoints."""
         checkpoints = experience_checkpoints(self.checkpoint_root)
         version = self.index.current_version
         if version is not None and version in checkpoints:
@@ -323,79 +407,94 @@ class Indexer:
                 self._encoder = Encoder.load(version, checkpoints[version], self.device)
             except (OSError, ValueError, KeyError) as exc:
                 log.warning("index_encoder_unreadable", version=version, error=str(exc))
-        if not checkpoints:
-            return
-        latest = max(checkpoints)
-        # Stale: a crash lost index additions made since the last save (the store has more).
-        stale = self.index.size != len(self.store.sample_ids(probe=False))
-        if self._encoder is None or latest > version or stale:
-            log.info("index_refresh_scheduled", index_version=version, checkpoint=latest, stale=stale)
-            with self._cond:
+        with self._cond:
+            if self._encoder is not None:
+                self._unindexed = self.index.missing(self.store.sample_ids(probe=False))
+            if not checkpoints:
+                return
+            latest = max(checkpoints)
+            self._seen.setdefault(latest, time.monotonic())
+            if self._encoder is None or latest > version:
+                log.info("index_refresh_scheduled", index_version=version, checkpoint=latest)
                 if self._refresh is None:
                     self._refresh = (latest, checkpoints[latest])
 
     def _evicted(self, sample_ids: list[str]) -> None:
         """The store dropped samples: drop them from the live index and from a refresh in progress."""
         self._unsaved |= self.index.remove(sample_ids) > 0
-        if self._evicted_during_refresh is not None:
-            self._evicted_during_refresh.update(sample_ids)
+        if self._rebuild is not None:
+            self._rebuild.evicted.update(sample_ids)
 
     def _store(self, batch: _Batch) -> None:
-        """Write a batch to the store; embed its non-probe samples still stored into the live index."""
+        """Write a batch to the store; its non-probe samples still stored wait to be embedded."""
         self.store.add(batch.sample_ids, batch.encoded, batch.experience, batch.domains,
                        batch.labels, batch.probes)
         if self._encoder is None:
-            return
+            return  # the first refresh embeds the whole store
         stored = self.store.catalog.get(batch.sample_ids)
-        picked = [i for i, sid in enumerate(batch.sample_ids) if sid in stored and not batch.probes[i]]
-        images, kept = decode_images([batch.encoded[i] for i in picked], self.decode_size, self.limits)
-        if not kept:
+        waiting = [sid for sid, probe in zip(batch.sample_ids, batch.probes, strict=True)
+                   if sid in stored and not probe]
+        with self._cond:
+            self._unindexed += waiting
+
+    def _embed_chunk(self) -> None:
+        """Embed the newest `EMBED_BATCH` waiting samples still stored into the live index."""
+        with self._cond:
+            sample_ids = self._unindexed[-EMBED_BATCH:]
+            del self._unindexed[-EMBED_BATCH:]
+        rows = self.store.catalog.get(sample_ids)
+        sample_ids = [sid for sid in sample_ids if sid in rows]  # the store may have evicted some
+        started = time.perf_counter()
+        images, kept = decode_images(self.store.read(sample_ids), self.decode_size, self.limits)
+        vectors = self._encoder(images) if kept else None
+        self.budget.spent("embed", time.perf_counter() - started)
+        if vectors is None:
             return
-        ids = [batch.sample_ids[picked[i]] for i in kept]
-        added = self.index.add(self._encoder.version, self._encoder(images), ids, [batch.experience] * len(ids))
+        ids = [sample_ids[i] for i in kept]
+        added = self.index.add(self._encoder.version, vectors, ids, [rows[sid].experience for sid in ids])
         self._unsaved |= added > 0
         self._report()
 
-    def _drain(self) -> None:
-        """Store every queued batch now (between refresh batches, and on stop)."""
-        while True:
-            with self._cond:
-                if not self._pending:
-                    return
-                batch = self._pending.popleft()
-                self._cond.notify_all()
-            self._store(batch)
-
-    def _do_refresh(self, version: int, checkpoint_dir: Path) -> None:
-        """Re-embed every stored non-probe sample with checkpoint `version` and swap the index."""
-        started = time.perf_counter()
+    def _start_rebuild(self, version: int, checkpoint_dir: Path) -> None:
+        """Load checkpoint `version`'s encoder and start re-embedding the store with it."""
         encoder = Encoder.load(version, checkpoint_dir, self.device)
-        vectors: list[np.ndarray] = []
-        ids: list[str] = []
-        experiences: list[int] = []
-        self._evicted_during_refresh = set()
+        total = len(self.store.sample_ids(probe=False))
+        # Keyset paging also reaches the rows stored meanwhile: nothing is missed.
+        pages = self.store.iter_records(probe=False, batch_size=EMBED_BATCH)
+        self._rebuild = _Rebuild(encoder, pages, total, time.perf_counter())
+
+    def _refresh_chunk(self) -> None:
+        """Re-embed the next page of the store; swap the new index in after the last page."""
+        rebuild = self._rebuild
         try:
-            # Keyset paging also reaches the rows stored by `_drain` meanwhile: nothing is missed.
-            for rows, payloads in self.store.iter_records(probe=False, batch_size=EMBED_BATCH):
-                images, kept = decode_images(payloads, self.decode_size, self.limits)
-                if kept:
-                    vectors.append(encoder(images))
-                    ids += [rows[i].sample_id for i in kept]
-                    experiences += [rows[i].experience for i in kept]
-                self._drain()
-                if self._stopping:
-                    raise _Aborted
-            gone = self._evicted_during_refresh
-        finally:
-            self._evicted_during_refresh = None
-        keep = [i for i, sid in enumerate(ids) if sid not in gone]
-        matrix = np.concatenate(vectors) if vectors else np.zeros((0, self.index.dim), np.float32)
-        built = self.index.build(version, matrix[keep], [ids[i] for i in keep], [experiences[i] for i in keep])
+            rows, payloads = next(rebuild.pages)
+        except StopIteration:
+            self._finish_rebuild(rebuild)
+            return
+        except Exception:
+            self._rebuild = None  # e.g. a corrupt record: logged by `_run`; the next checkpoint redoes it
+            raise
+        started = time.perf_counter()
+        images, kept = decode_images(payloads, self.decode_size, self.limits)
+        if kept:
+            rebuild.vectors.append(rebuild.encoder(images))
+            rebuild.ids += [rows[i].sample_id for i in kept]
+            rebuild.experiences += [rows[i].experience for i in kept]
+        rebuild.done += len(rows)
+        self.budget.spent("refresh", time.perf_counter() - started)
+
+    def _finish_rebuild(self, rebuild: _Rebuild) -> None:
+        """Build the re-embedded vectors into an index, swap it in, and make its encoder live."""
+        keep = [i for i, sid in enumerate(rebuild.ids) if sid not in rebuild.evicted]
+        matrix = np.concatenate(rebuild.vectors) if rebuild.vectors else np.zeros((0, self.index.dim), np.float32)
+        built = self.index.build(rebuild.encoder.version, matrix[keep], [rebuild.ids[i] for i in keep],
+                                 [rebuild.experiences[i] for i in keep])
         self.index.swap(built)  # publishes it: nothing unsaved until the next change
-        self._encoder = encoder
-        self._unsaved = False
-        self.last_refresh_seconds = time.perf_counter() - started
-        log.info("index_refreshed", encoder_version=version, vectors=built.size,
+        with self._cond:
+            self._encoder, self._rebuild, self._unsaved = rebuild.encoder, None, False
+            self._unindexed = self.index.missing(self._unindexed)
+        self.last_refresh_seconds = time.perf_counter() - rebuild.started
+        log.info("index_refreshed", encoder_version=rebuild.encoder.version, vectors=built.size,
                  seconds=round(self.last_refresh_seconds, 2))
         self._report()
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from deploy.indexer import Upkeep
 
 
 class Metrics:
@@ -64,10 +70,47 @@ class Metrics:
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
         self.state_dir_bytes = Gauge("tailord_state_dir_bytes", "disk used by the state dir", registry=r)
         self.broker_up = Gauge("tailord_broker_up", "1 when the broker answered recently", registry=r)
+        self.index_upkeep = IndexUpkeepCollector()  # zeros until `watch_index`
+        r.register(self.index_upkeep)
+
+    def watch_index(self, read: Callable[[], Upkeep]) -> None:
+        """Export the index's freshness and upkeep cost, read from the indexer at every scrape."""
+        self.index_upkeep.read = read
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+class IndexUpkeepCollector:
+    """The indexer's freshness and compute, as of the scrape (docs/design.md, "Index upkeep")."""
+
+    def __init__(self, read: Callable[[], Upkeep] | None = None) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        from deploy.index_budget import KINDS
+        from deploy.indexer import Upkeep
+
+        upkeep = self.read() if self.read is not None else Upkeep({}, 0, 0.0, 0, 1.0, dict.fromkeys(KINDS, 0.0), 0.0)
+        seconds = CounterMetricFamily("tailord_indexer_seconds", "seconds the indexer spent embedding, by kind",
+                                      labels=["kind"])
+        for kind, value in upkeep.seconds.items():
+            seconds.add_metric([kind], value)
+        yield seconds
+        yield GaugeMetricFamily("tailord_indexer_compute_share",
+                                "indexer embedding seconds charged over training step seconds", value=upkeep.share)
+        yield GaugeMetricFamily("tailord_index_versions_behind",
+                                "newest experience checkpoint minus the live index's encoder version",
+                                value=upkeep.versions_behind)
+        yield GaugeMetricFamily("tailord_index_stale_seconds",
+                                "seconds since a checkpoint newer than the live index exists (0: current)",
+                                value=upkeep.stale_seconds)
+        yield GaugeMetricFamily("tailord_index_unindexed_samples",
+                                "stored samples waiting to be embedded into the live index", value=upkeep.unindexed)
+        yield GaugeMetricFamily("tailord_index_refresh_progress",
+                                "share of the store re-embedded by the refresh under way (1: none)",
+                                value=upkeep.refresh_progress)
 
 
 class Throughput:

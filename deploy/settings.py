@@ -104,6 +104,7 @@ class Settings(BaseSettings):
     index_shard_max: int = Field(IndexOptions.shard_max, ge=0, description="vectors per index shard before search fans out over several (0: one shard)")
     index_kind: Literal["ivf", "hnsw"] = Field(IndexOptions.kind, description="approximate index past index_exact_max")
     index_ondisk: bool = Field(IndexOptions.ondisk, description="IVF shards serve their inverted lists memory-mapped from disk, not from RAM (docs/scaling.md)")
+    indexer_share: float = Field(0.10, gt=0, le=1, description="share of training compute the indexer may spend embedding while training runs (docs/design.md, \"Index upkeep\")")
 
     # service
     http_host: str = Field("127.0.0.1", description="bind address of the HTTP server")

@@ -158,6 +158,12 @@ class VectorIndex:
                 return SearchResult.empty(len(q), k)
             return self._table.search(q, k)
 
+    def missing(self, sample_ids: list[str]) -> list[str]:
+        """The ids of ``sample_ids`` not in the live index, in their order."""
+        with self._lock:
+            indexed = self._table.label_of if self._table else {}
+            return [sid for sid in sample_ids if sid not in indexed]
+
     def remove(self, sample_ids: list[str]) -> int:
         """Drop samples (e.g. evicted by the store) from the live index. Returns vectors removed."""
         with self._lock:

@@ -145,6 +145,9 @@ ALERT_CASES = {
         {f'tailord_records_consumed_total{{{LABELS}, topic="images"}}': "0+100x30",
          f'tailord_records_rejected_total{{{LABELS}, reason="undecodable"}}': "0+1x30"},
         [(20, "TailordRecordsRejected", [])]),
+    "index stale": (
+        {f"tailord_index_stale_seconds{{{LABELS}}}": "0x5 0+600x90"},
+        [(40, "TailordIndexStale", []), (75, "TailordIndexStale", [FIRING])]),
     "broker unreachable": (
         {f"tailord_broker_up{{{LABELS}}}": "1x5 0x20"},
         [(8, "TailordBrokerUnreachable", []), (15, "TailordBrokerUnreachable", [FIRING])]),

@@ -1,0 +1,262 @@
+"""Index upkeep at store scale: the indexer's compute share, training speed with it on vs off,
+and how far the budgeted index's retrieval and routing fall from a full re-embed (issue #17).
+
+1. Store: `--store` real samples (the built-in domains digits, fashion, textures, photos, a
+   quarter each as experiences 1-4; their items repeated with random crops and flips, 32 px
+   PNGs), indexed with the untrained encoder (checkpoint `exp-000004`) before anything is timed.
+2. Off: `--experiences` experiences of `--experience-images` stream images (domains in turn,
+   same augmentation) trained with the `cpu` preset's learner, no indexer work: images/s.
+3. On: the same experiences from the same initial weights, each batch submitted to the indexer
+   as the daemon does (`ComputeBudget(--share)`), a checkpoint and `new_encoder` after each.
+   After each experience (no step runs then, so the indexer's allowance does not grow):
+   - truth: every stored sample re-embedded with the newest checkpoint, searched exactly;
+   - recall@50 per target image of the live index (queries embedded with its encoder) and of
+     the live index's top `--rerank`x50 re-ranked by the newest encoder (what a snapshot can do);
+   - routing agreement: each domain's targets (`--targets` held-out items, never stored)
+     routed on the live index vs on the truth.
+The last line printed is one JSON object. Run: `python -m benchmarks.index_upkeep`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from PIL import Image
+
+DOMAINS = ("digits", "fashion", "textures", "photos")
+K = 50
+BATCH = 64
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def domain_pixels(seed: int, targets: int) -> tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]]:
+    """Per domain: RGB arrays of the items to store/stream, and `targets` held-out ones."""
+    from streamer.sources import open_source
+
+    rng = np.random.default_rng(seed)
+    pool, held = {}, {}
+    for name in DOMAINS:
+        images = [np.asarray(Image.open(io.BytesIO(item.encoded)).convert("RGB"))
+                  for item in open_source(f"builtin:{name}").items]
+        order = rng.permutation(len(images))
+        held[name] = [images[i] for i in order[:targets]]
+        pool[name] = [images[i] for i in order[targets:]]
+    return pool, held
+
+
+def augmented_png(pixels: np.ndarray, rng: np.random.Generator, side: int = 32) -> bytes:
+    """A random crop (60-100 % of the side) of `pixels`, maybe flipped, resized to `side`, as PNG."""
+    h, w = pixels.shape[:2]
+    crop = max(4, int(min(h, w) * rng.uniform(0.6, 1.0)))
+    top, left = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
+    patch = pixels[top:top + crop, left:left + crop]
+    if rng.random() < 0.5:
+        patch = patch[:, ::-1]
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(patch)).resize((side, side), Image.BILINEAR).save(out, format="PNG")
+    return out.getvalue()
+
+
+def stream(pool: list[np.ndarray], count: int, rng: np.random.Generator, tag: str) -> tuple[list[str], list[bytes]]:
+    """`count` augmented samples of a domain pool: (sample ids, PNG bytes)."""
+    picks = rng.integers(0, len(pool), count)
+    return [f"{tag}-{i}" for i in range(count)], [augmented_png(pool[p], rng) for p in picks]
+
+
+def build_learner(state_dir: Path):
+    from deploy.learner import build_learner as build
+    from deploy.settings import Settings
+
+    torch.manual_seed(0)
+    return build(Settings(state_dir=state_dir, preset="cpu"))  # the daemon's default method
+
+
+def save_checkpoint(learner, state_dir: Path, experience: int) -> Path:
+    from deploy.checkpoints import write_checkpoint
+    from deploy.learner import learner_writers
+
+    manifest = {"kind": "experience", "experience": experience, **learner.describe()}
+    return write_checkpoint(state_dir / "checkpoints", f"exp-{experience:06d}", learner_writers(learner),
+                            manifest).path
+
+
+def decoded(encoded: list[bytes], size: int) -> torch.Tensor:
+    from deploy.indexer import decode_images
+    from streamer.limits import DecodeLimits
+
+    return decode_images(encoded, size, DecodeLimits())[0]
+
+
+def prefill(indexer, pool: dict[str, list[np.ndarray]], total: int, rng: np.random.Generator) -> None:
+    """Experiences 1-4: a quarter of `total` samples of each domain, stored (not yet indexed)."""
+    for experience, name in enumerate(DOMAINS, start=1):
+        for start in range(0, total // len(DOMAINS), 1000):
+            ids, pngs = stream(pool[name], min(1000, total // len(DOMAINS) - start), rng, f"{name}-{start}")
+            indexer.submit(ids, pngs, experience, [name] * len(ids))
+        say(f"prefilled {name} (experience {experience})")
+
+
+def train_experience(learner, encoded: list[bytes], on_batch) -> tuple[float, float]:
+    """Train one experience on `encoded` (decoded up front); returns (step seconds, wall seconds)."""
+    images = decoded(encoded, learner.preset.resolution)
+    step_seconds, started = 0.0, time.perf_counter()
+    for first in range(0, len(images) - BATCH + 1, BATCH):
+        result = learner.step(images[first:first + BATCH], None)
+        step_seconds += result.seconds
+        on_batch(first, result.seconds)
+    return step_seconds, time.perf_counter() - started
+
+
+class StoreImages:
+    """Every stored non-probe sample decoded once (new ones added on each `update`), so a full
+    re-embed for the truth costs forward passes only."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.experiences: list[int] = []
+        self.parts: list[torch.Tensor] = []
+
+    def update(self, indexer) -> None:
+        known = set(self.ids)
+        for rows, payloads in indexer.store.iter_records(probe=False, batch_size=1024):
+            fresh = [i for i, row in enumerate(rows) if row.sample_id not in known]
+            if fresh:
+                self.parts.append(decoded([payloads[i] for i in fresh], indexer.decode_size))
+                self.ids += [rows[i].sample_id for i in fresh]
+                self.experiences += [rows[i].experience for i in fresh]
+
+    def embed(self, encoder) -> np.ndarray:
+        """(N,D) vectors of every cached sample under `encoder`."""
+        images = torch.cat(self.parts)
+        return np.concatenate([encoder(images[i:i + 1024]) for i in range(0, len(images), 1024)])
+
+
+def evaluate(indexer, cache: StoreImages, newest, held: dict[str, torch.Tensor], rerank: int) -> dict:
+    """Recall@50 (live, live re-ranked) and routing agreement against a full re-embed by `newest`."""
+    from deploy.indexer import Encoder, experience_checkpoints
+    from replay.routing import route, route_targets
+
+    cache.update(indexer)
+    truth, ids, experiences = cache.embed(newest), cache.ids, np.asarray(cache.experiences)
+    row_of = {sid: i for i, sid in enumerate(ids)}
+    exact = faiss.IndexFlatIP(truth.shape[1])
+    exact.add(truth)
+    version = indexer.encoder_version
+    live = Encoder.load(version, experience_checkpoints(indexer.checkpoint_root)[version], "cpu")
+    recalls, reranked, agree, candidates = [], [], [], 0
+    for images in held.values():
+        q_new, q_live = newest(images), live(images)
+        scores, rows = exact.search(q_new, K)
+        truth_sets = [{ids[j] for j in row} for row in rows]
+        found = indexer.index.search(q_live, K).sample_ids
+        recalls += [len(truth_sets[i] & set(found[i])) / K for i in range(len(found))]
+        pools = indexer.index.search(q_live, K * rerank).sample_ids
+        candidates += len({sid for pool in pools for sid in pool if sid})
+        for i, pool in enumerate(pools):
+            known = [sid for sid in pool if sid in row_of]
+            best = np.argsort(-(truth[[row_of[s] for s in known]] @ q_new[i]))[:K]
+            reranked.append(len(truth_sets[i] & {known[j] for j in best}) / K)
+        agree.append(route_targets(indexer.index, q_live)[0][0] == route(scores, experiences[rows])[0][0])
+    return {"live_encoder": version, "recall_at_50": round(float(np.mean(recalls)), 4),
+            f"recall_at_50_reranked_x{rerank}": round(float(np.mean(reranked)), 4),
+            "rerank_embeddings": candidates, "routing_agreement": round(float(np.mean(agree)), 3),
+            "stored": len(ids)}
+
+
+def run_off(state_dir: Path, experiences: list) -> float:
+    """Images/s of training the experiences with no indexer."""
+    learner = build_learner(state_dir)
+    wall = sum(train_experience(learner, pngs, lambda *_: None)[1] for _, _, _, pngs in experiences)
+    return sum(len(pngs) // BATCH * BATCH for *_, pngs in experiences) / wall
+
+
+def run_on(indexer, experiences: list, held: dict[str, torch.Tensor],
+           rerank: int) -> tuple[float, list[dict]]:
+    """Images/s of training the experiences with the indexer on, and the evaluation after each."""
+    from deploy.indexer import Encoder
+
+    learner = build_learner(indexer.state_dir)
+    wall, records, cache = 0.0, [], StoreImages()
+    for experience, domain, ids, pngs in experiences:
+        def on_batch(first: int, seconds: float, ids=ids, pngs=pngs, experience=experience, domain=domain) -> None:
+            indexer.budget.trained(seconds)
+            n = min(BATCH, len(ids) - first)
+            indexer.submit(ids[first:first + n], pngs[first:first + n], experience, [domain] * n)
+        wall += train_experience(learner, pngs, on_batch)[1]
+        path = save_checkpoint(learner, indexer.state_dir, experience)
+        indexer.new_encoder(experience, path)
+        upkeep = indexer.upkeep()
+        record = {"experience": experience, "domain": domain, "versions_behind": upkeep.versions_behind,
+                  "unindexed": upkeep.unindexed, "refresh_progress": round(upkeep.refresh_progress, 3),
+                  "share": round(upkeep.share, 4),
+                  **evaluate(indexer, cache, Encoder.load(experience, path, "cpu"), held, rerank)}
+        say(json.dumps(record))
+        records.append(record)
+    return sum(len(pngs) // BATCH * BATCH for *_, pngs in experiences) / wall, records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=int, default=100_000)
+    parser.add_argument("--experiences", type=int, default=5)
+    parser.add_argument("--experience-images", type=int, default=2000)
+    parser.add_argument("--share", type=float, default=0.10, help="the indexer's budget (TAILORD_INDEXER_SHARE)")
+    parser.add_argument("--targets", type=int, default=64, help="held-out target images per domain")
+    parser.add_argument("--rerank", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from deploy.index_budget import ComputeBudget
+    from deploy.indexer import Indexer
+    from replay.index_options import IndexOptions
+
+    rng = np.random.default_rng(args.seed)
+    pool, held_pixels = domain_pixels(args.seed, args.targets)
+    experiences = []
+    for i in range(args.experiences):
+        domain = DOMAINS[(i + 1) % len(DOMAINS)]
+        experiences.append((5 + i, domain, *stream(pool[domain], args.experience_images, rng, f"s{5 + i}")))
+    with tempfile.TemporaryDirectory() as tmp:
+        state_dir = Path(tmp)
+        probe = build_learner(state_dir)
+        held = {name: decoded([augmented_png(p, rng) for p in pixels], probe.preset.resolution)
+                for name, pixels in held_pixels.items()}
+        indexer = Indexer(state_dir, 8 << 30, IndexOptions(), probe.backbone.feature_dim, "cpu",
+                          probe.preset.resolution, budget=ComputeBudget(args.share))
+        indexer.start()
+        started = time.perf_counter()
+        prefill(indexer, pool, args.store, rng)
+        indexer.new_encoder(4, save_checkpoint(probe, state_dir, 4))
+        assert indexer.flush(None)
+        setup_s = time.perf_counter() - started
+        say(f"store of {indexer.index_size()} indexed in {setup_s:.0f} s")
+        off = run_off(state_dir, experiences)
+        say(f"off: {off:.1f} images/s")
+        on, records = run_on(indexer, experiences, held, args.rerank)
+        upkeep = indexer.upkeep()
+        indexer.stop()
+    print(json.dumps({
+        "images_per_second_on": round(on, 2), "images_per_second_off": round(off, 2),
+        "ratio": round(on / off, 3), "indexer_share": round(upkeep.share, 4),
+        "indexer_seconds": {k: round(v, 2) for k, v in upkeep.seconds.items()},
+        "experiences": records, "setup_seconds": round(setup_s, 1),
+        "config": {**vars(args), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                   "loadavg_1m": os.getloadavg()[0]},
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The indexer's compute budget: a share of the training step's time, whatever the store size.
+
+The training loop reports each step's seconds (`trained`) and says when it has nothing to
+train (`rest`: no input on any rank). The indexer asks `allows()` before each chunk of
+embedding and reports the seconds it spent (`spent`). While training runs, the indexer is
+charged for its seconds and may only start a chunk while charged < share x trained + burst;
+while the loop rests (and before its first step), the cores are free: the indexer runs
+unbounded, and that work is counted but not charged.
+
+Usage:
+    budget = ComputeBudget(share=0.10)
+    budget.trained(step_seconds)            # training loop, after every step
+    budget.rest()                           # training loop, on a poll with no data
+    if budget.allows():                     # indexer thread, before a chunk
+        ...; budget.spent("refresh", seconds)
+"""
+
+from __future__ import annotations
+
+import threading
+
+KINDS = ("embed", "refresh")  # new samples into the live index; re-embedding the store for a new encoder
+
+
+class ComputeBudget:
+    """Seconds the indexer may embed for, as a share of training seconds.
+
+    Args:
+        share: the indexer's seconds over training seconds while training runs; None: unbounded.
+        burst_s: seconds it may run ahead of its share (a chunk's worth, so it starts at once).
+    """
+
+    def __init__(self, share: float | None = 0.10, *, burst_s: float = 1.0) -> None:
+        if share is not None and not 0 < share <= 1:
+            raise ValueError(f"share must be in (0, 1], not {share}")
+        self.share = share
+        self.burst_s = burst_s
+        self._lock = threading.Lock()
+        self._training = 0.0
+        self._charged = 0.0
+        self._resting = True  # until the first step
+        self.seconds = dict.fromkeys(KINDS, 0.0)  # every embedding second by kind, charged or not
+
+    def trained(self, seconds: float) -> None:
+        """The training loop ran a step of `seconds`."""
+        with self._lock:
+            self._training += seconds
+            self._resting = False
+
+    def rest(self) -> None:
+        """The training loop has no data: the budget does not bind until its next step."""
+        with self._lock:
+            self._resting = True
+
+    @property
+    def resting(self) -> bool:
+        with self._lock:
+            return self._resting
+
+    def allows(self) -> bool:
+        """Whether the indexer may start its next chunk now."""
+        with self._lock:
+            if self.share is None or self._resting:
+                return True
+            return self._charged < self.share * self._training + self.burst_s
+
+    def spent(self, kind: str, seconds: float) -> None:
+        """The indexer embedded for `seconds` (`kind` of `KINDS`); charged unless the loop rests."""
+        with self._lock:
+            self.seconds[kind] += seconds
+            if not self._resting:
+                self._charged += seconds
+
+    @property
+    def used_share(self) -> float:
+        """Charged indexer seconds over training seconds (0 before any step)."""
+        with self._lock:
+            return self._charged / self._training if self._training else 0.0
