@@ -140,6 +140,7 @@ class DaemonService:
             "last_checkpoint": self.checkpoint_name,
             "index_size": self.indexer.index_size() if self.indexer else 0,
             "encoder_version": self.indexer.encoder_version if self.indexer else None,
+            "index_upkeep": self.index_upkeep(),
             "store": self.indexer.store.stats() if self.indexer else None,
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "topic": self.settings.topic,
@@ -148,6 +149,16 @@ class DaemonService:
             **self.learner.describe(),
             **{k: v for k, v in self.history.summary().items()},
         }
+
+    def index_upkeep(self) -> dict[str, Any] | None:
+        """The live index's freshness and upkeep cost (docs/design.md, "Index upkeep")."""
+        if self.indexer is None:
+            return None
+        upkeep = self.indexer.upkeep()
+        return {"versions_behind": upkeep.versions_behind, "stale_seconds": round(upkeep.stale_seconds, 1),
+                "refresh_progress": round(upkeep.refresh_progress, 3), "unindexed": upkeep.unindexed,
+                "compute_share": round(upkeep.share, 4),
+                "seconds": {kind: round(value, 1) for kind, value in upkeep.seconds.items()}}
 
     def create_snapshot(self, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]:
         if self.snapshots is None:

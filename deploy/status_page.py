@@ -269,7 +269,22 @@ def index_text(data: PageData) -> str:
     live = str(data.status.get("encoder_version"))
     parts = [f"{count(v)} <span class=\"dim\">(encoder {esc(k)}{', live' if k == live else ''})</span>"
              for k, v in sorted(data.index_vectors.items())]
-    return "<br>".join(parts)
+    return "<br>".join(parts + freshness_lines(data.status.get("index_upkeep")))
+
+
+def freshness_lines(upkeep: Any) -> list[str]:
+    """What the live index lags (docs/design.md, "Index upkeep"); nothing when it is current."""
+    if not isinstance(upkeep, dict):
+        return []
+    lines = []
+    behind, progress = upkeep.get("versions_behind"), upkeep.get("refresh_progress")
+    if isinstance(behind, int) and behind > 0:
+        done = f", refresh {progress:.0%} done" if isinstance(progress, float) and progress < 1 else ""
+        lines.append(f'<span class="dim">{behind} encoder version(s) behind the newest checkpoint{done}</span>')
+    waiting = upkeep.get("unindexed")
+    if isinstance(waiting, int) and waiting > 0:
+        lines.append(f'<span class="dim">{count(waiting)} stored samples waiting to be indexed</span>')
+    return lines
 
 
 def summary_section(history: History) -> str:

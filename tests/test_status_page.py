@@ -147,6 +147,20 @@ def test_summary_and_status_values_shown():
         assert text in page, text
 
 
+def test_index_freshness_shown_only_when_the_index_lags():
+    current = {"versions_behind": 0, "refresh_progress": 1.0, "unindexed": 0}
+    assert "behind the newest checkpoint" not in render(synthetic_data(**status_extra(index_upkeep=current)))
+    lagging = {"versions_behind": 2, "refresh_progress": 0.375, "unindexed": 1234}
+    page = render(synthetic_data(**status_extra(index_upkeep=lagging)))
+    assert "2 encoder version(s) behind the newest checkpoint, refresh 38% done" in page
+    assert "1,234 stored samples waiting to be indexed" in page
+
+
+def status_extra(**fields) -> dict:
+    """`synthetic_data` overrides whose status has `fields` added."""
+    return {"status": {**synthetic_data().status, **fields}}
+
+
 def test_hostile_stream_values_are_escaped():
     snapshot = {"name": HOSTILE, "strategy": '"><img src=x onerror=alert(1)>', "chosen_experience": HOSTILE,
                 "retrieved_count": 1, "target_count": 1, "created_at": START}
