@@ -21,7 +21,7 @@
    over the training seconds, and the daemon's images/s on the first stationary stream with
    the detector on vs off (``TAILORD_BOUNDARY=count``; noisy on a shared machine).
 
-Threshold, patience and window were set on synthetic streams (tests/test_drift.py) and not
+Threshold, patience and window were set on synthetic streams (tests/learners/test_drift.py) and not
 changed after; a pilot daemon run (textures, digits, fashion: their first 400 items, before
 the benchmark's first run) showed the detector was ready too late with 4 embeddings per step,
 which made the sample a share of each step. Numbers: docs/operations.md, "Experience boundaries".

@@ -22,6 +22,7 @@ import numpy as np
 import structlog
 
 from deploy.checkpoints import list_checkpoints
+from deploy.snapshot_files import SNAPSHOTS_DIR
 
 log = structlog.get_logger()
 KEEP_INTERVAL = 2
@@ -34,7 +35,7 @@ def is_experience_checkpoint(path: Path) -> bool:
 def chosen_by_snapshots(state_dir: Path) -> set[int]:
     """Experiences that a stored snapshot was built from (never dropped)."""
     chosen = set()
-    for manifest in (state_dir / "snapshots").glob("*/manifest.json"):
+    for manifest in (state_dir / SNAPSHOTS_DIR).glob("*/manifest.json"):  # staging folders too
         try:
             experience = json.loads(manifest.read_text()).get("chosen_experience")
         except (OSError, ValueError):

@@ -9,8 +9,9 @@
    vote's by McNemar's z >= LABEL_SWITCH_Z (2) replaces it;
 3. `sept` (`learners.sept`): retrieve the `budget` nearest stored samples and continue SSL
    on them, from the chosen checkpoint (`route+sept`) or the latest one (`sept`);
-4. write `snapshots/<name>/model.safetensors` (the backbone alone) and `manifest.json`
-   atomically (temporary folder + rename).
+4. publish `snapshots/<name>/` with `model.safetensors` (the backbone alone) and
+   `manifest.json` (`deploy.snapshot_files.SnapshotShelf`: where snapshots live, names,
+   writing, reading and listing them).
 
 The engine works online, on the daemon's `Indexer` store and index (HTTP threads, while
 training goes on; one snapshot at a time), and offline on a stopped daemon's state dir
@@ -22,8 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import secrets
 import threading
 import time
 from collections import Counter
@@ -52,6 +51,7 @@ from deploy.snapshot_errors import (
     NotFound,
     Unavailable,
 )
+from deploy.snapshot_files import SnapshotShelf, check_name, default_name
 from learners.augment import EvalTransform
 from learners.backbones import build_backbone
 from learners.device import pick_device
@@ -67,14 +67,12 @@ from replay.index_options import IndexOptions
 from replay.retrieval import retrieve_budget
 from replay.routing import route_targets
 from replay.store import SampleStore
-from safefiles.publish import clean_staging, publish_dir, read_pointer, staging_dir
+from safefiles.publish import read_pointer
 from streamer.decode import decode_image, sniff_format
 from streamer.limits import DecodeLimits
 from streamer.records import RejectedRecord
 
 STRATEGIES = ("route", "sept", "route+sept")
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-SNAPSHOT_FILES = ("model.safetensors", "manifest.json")
 MAX_TARGETS = 10_000
 LABEL_CANDIDATES = 3  # top candidates compared by kNN accuracy when labels are given
 LABEL_SWITCH_Z = 2.0  # McNemar z a runner-up needs over the top vote to be chosen instead
@@ -88,15 +86,8 @@ SNAPSHOT_MAX_BYTES = 2 << 30
 a request over it is refused before anything is decoded, a default budget shrinks to fit."""
 
 
-# ---- checks of what the engine is asked (shared with deploy/snapshot_request.py)
-
-def check_name(name: str) -> str:
-    """A snapshot name safe as one path component; BadRequest otherwise."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise BadRequest(f"bad snapshot name {str(name)[:80]!r}: use 1-64 of A-Z a-z 0-9 . _ - "
-                         "starting with a letter or digit")
-    return name
-
+# ---- checks of what the engine is asked (shared with deploy/snapshot_request.py; the name's
+# check is deploy.snapshot_files.check_name)
 
 def parse_strategy(value: Any) -> str:
     if value not in STRATEGIES:
@@ -118,7 +109,7 @@ def parse_budget(value: Any) -> int | None:
 # ---- the engine
 
 class SnapshotEngine:
-    """Builds and serves snapshots under `state_dir/snapshots/` from a store and an index.
+    """Builds snapshots from a store and an index, published on `state_dir/snapshots/` (`shelf`).
 
     Args:
         state_dir: the daemon's state dir (its `checkpoints/` are the candidates).
@@ -132,10 +123,11 @@ class SnapshotEngine:
         limits: decode limits for target images.
         max_bytes: ceiling of decoded pixels per snapshot (SNAPSHOT_MAX_BYTES).
 
-    Routing is `replay.routing.route_targets`, SEPT's training `learners.sept`. SEPT runs on
-    HTTP threads beside training: it draws its crops and batch order from its own generators
-    (`learners.sept`) and builds its model on the meta device, so it never reads, advances
-    or reseeds the global RNGs that drive the daemon's augmentation.
+    Routing is `replay.routing.route_targets`, SEPT's training `learners.sept`; the snapshot
+    folders are `shelf` (`deploy.snapshot_files.SnapshotShelf`: `describe` and `file_path`
+    are its). SEPT runs on HTTP threads beside training: it draws its crops and batch order
+    from its own generators (`learners.sept`) and builds its model on the meta device, so it
+    never reads, advances or reseeds the global RNGs that drive the daemon's augmentation.
     """
 
     def __init__(self, state_dir: Path, store: SampleStore, index: VectorIndex, device: torch.device | str,
@@ -143,7 +135,7 @@ class SnapshotEngine:
                  limits: DecodeLimits | None = None, max_bytes: int = SNAPSHOT_MAX_BYTES) -> None:
         self.state_dir = Path(state_dir)
         self.checkpoint_root = self.state_dir / "checkpoints"
-        self.root = self.state_dir / "snapshots"
+        self.shelf = SnapshotShelf.in_state_dir(self.state_dir).prepare()
         self.store = store
         self.index = index
         self.device = torch.device(device)
@@ -155,8 +147,6 @@ class SnapshotEngine:
         self._lock = threading.Lock()
         self._encoder: Encoder | None = None
         self._lock_fd: int | None = None  # held when opened offline
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        clean_staging(self.root)
 
     @classmethod
     def open_offline(cls, state_dir: Path, device: torch.device | str = "auto",
@@ -192,20 +182,18 @@ class SnapshotEngine:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    @property
+    def root(self) -> Path:
+        """The folder of the snapshots (`state_dir/snapshots/`)."""
+        return self.shelf.root
+
     def describe(self, name: str) -> dict[str, Any]:
-        """The manifest of snapshot `name`."""
-        path = self.root / check_name(name) / MANIFEST
-        try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            raise NotFound(f"no snapshot {name!r}") from None
+        """The manifest of snapshot `name` (`SnapshotShelf.describe`)."""
+        return self.shelf.describe(name)
 
     def file_path(self, name: str, filename: str) -> Path:
-        """A downloadable file of snapshot `name` (model.safetensors or manifest.json)."""
-        path = self.root / check_name(name) / filename
-        if filename not in SNAPSHOT_FILES or not path.is_file():
-            raise NotFound(f"no file {filename[:80]!r} in snapshot {name!r}")
-        return path
+        """A downloadable file of snapshot `name` (`SnapshotShelf.file_path`)."""
+        return self.shelf.file_path(name, filename)
 
     # ---- building
     def create(self, targets: list[tuple[str, bytes]], labels: dict[str, str] | None = None,
@@ -214,10 +202,10 @@ class SnapshotEngine:
         """Build snapshot `name` for `targets` (filename, encoded image); returns its manifest."""
         strategy = parse_strategy(strategy)
         budget = parse_budget(budget)
-        name = check_name(name) if name is not None else _default_name()
+        name = check_name(name) if name is not None else default_name()
         with self._lock:
             started = time.perf_counter()
-            if (self.root / name).exists():
+            if self.shelf.exists(name):
                 raise Conflict(f"snapshot {name!r} already exists")
             self._check_targets(targets)
             stored = len(self.store.sample_ids(probe=False))
@@ -266,7 +254,7 @@ class SnapshotEngine:
                 "backbone": backbone_spec(backbone), "input": encoder.manifest["input"],
                 "seconds": round(time.perf_counter() - started, 3),
             }
-            return self._write(name, backbone, manifest)
+            return self.shelf.publish(name, manifest, lambda folder: save_backbone(backbone, folder))
 
     @staticmethod
     def _check_targets(targets: list[tuple[str, bytes]]) -> None:
@@ -410,17 +398,6 @@ class SnapshotEngine:
         steps = continue_pretraining(step, images, preset.batch_size, epochs, SEPT_MAX_STEPS)
         return method.backbone.eval(), steps
 
-    def _write(self, name: str, backbone: nn.Module, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Publish the snapshot folder (`safefiles.publish`: staged, fsynced, renamed into place)."""
-        with staging_dir(self.root, name, mode=0o700) as tmp:
-            digest = save_backbone(backbone, tmp)
-            manifest = {**manifest, "files": {"model.safetensors": digest}, "created_at": time.time()}
-            try:
-                publish_dir(tmp, self.root / name, json.dumps(manifest, indent=2, sort_keys=True).encode())
-            except FileExistsError:
-                raise Conflict(f"snapshot {name!r} already exists") from None
-        return manifest
-
 
 def labelled_targets(names: list[str], labels: dict[str, str]) -> tuple[list[int], torch.Tensor] | None:
     """(indices of the labelled targets, their class ids), or None unless >= 2 classes have >= 2
@@ -439,10 +416,6 @@ def sept_capacity(checkpoint_dir: Path) -> int:
     """
     manifest = json.loads((checkpoint_dir / MANIFEST).read_text())
     return SEPT_MAX_STEPS * trained_preset(manifest).batch_size
-
-
-def _default_name() -> str:
-    return f"snap-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
 
 
 def _index_dim(state_dir: Path) -> int:

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import functools
 import html
-import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from deploy.snapshot_files import SNAPSHOTS_DIR, SnapshotShelf
 
 if TYPE_CHECKING:  # the page module is stdlib-only: the HTTP server imports its headers
     from deploy.history import History
@@ -42,6 +43,7 @@ PAGE_HEADERS = {
     "Cache-Control": "no-store",
 }
 MAX_SNAPSHOTS = 20  # newest snapshots listed
+SNAPSHOT_KEYS = ("name", "strategy", "chosen_experience", "retrieved_count", "target_count", "created_at")
 MAX_CHART_POINTS = 600  # throughput samples drawn (the service keeps up to 2000)
 
 # matplotlib's viridis at 0, 0.1, ..., 1 (perceptually uniform, colour-blind safe)
@@ -82,7 +84,7 @@ def collect(service: Any) -> PageData:
     stamp = [value for _, value in metric_samples(registry, "tailord_last_checkpoint_timestamp_seconds")]
     uses_replay = bool(getattr(service.learner, "use_replay", False))
     engine = getattr(service, "snapshots", None)
-    root = Path(engine.root) if engine is not None else Path(service.settings.state_dir) / "snapshots"
+    root = Path(engine.root) if engine is not None else Path(service.settings.state_dir) / SNAPSHOTS_DIR
     snapshots, count = list_snapshots(root)
     return PageData(
         now=time.time(), status=status, history=service.history, throughput=list(service.throughput),
@@ -99,25 +101,11 @@ def metric_samples(registry: Any, name: str) -> list[tuple[dict[str, str], float
 
 
 def list_snapshots(root: Path, most: int = MAX_SNAPSHOTS) -> tuple[list[dict[str, Any]], int]:
-    """The newest `most` snapshot manifests under `root` (name, strategy, chosen experience,
-    retrieved count, created at), and how many snapshots there are."""
-    try:
-        folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    except OSError:
-        return [], 0
-    folders.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    out = []
-    for folder in folders[:most]:
-        try:
-            manifest = json.loads((folder / "manifest.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(manifest, dict):
-            out.append({key: manifest.get(key) for key in
-                        ("name", "strategy", "chosen_experience", "retrieved_count", "target_count",
-                         "created_at")} | {"name": manifest.get("name") or folder.name})
-    out.sort(key=lambda m: m.get("created_at") or 0, reverse=True)
-    return out, len(folders)
+    """The newest `most` snapshot manifests under `root` (`SnapshotShelf.newest`), cut to
+    SNAPSHOT_KEYS (name, strategy, chosen experience, retrieved count, created at), and how
+    many snapshots there are."""
+    manifests, count = SnapshotShelf(root).newest(most)
+    return [{key: manifest.get(key) for key in SNAPSHOT_KEYS} for manifest in manifests], count
 
 
 # ---- formatting

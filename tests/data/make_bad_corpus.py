@@ -1,6 +1,6 @@
 """Regenerate tests/data/bad/: one broken or hostile record value per file.
 
-Each file is named `<expected reason>__<what it is>.bin`; tests/test_decode.py checks that
+Each file is named `<expected reason>__<what it is>.bin`; tests/streamer/test_decode.py checks that
 `decode_record` rejects it with that reason under the default `DecodeLimits` and that
 nothing else ever comes out. The output is deterministic (fixed pixels, tar mtimes 0), so
 rerunning the script changes no file.

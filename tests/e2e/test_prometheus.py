@@ -23,9 +23,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.deploy.test_deploy_files import (
+    ALERTS,
+    dashboard_queries,
+    exported_series,
+    used_metric_names,
+)
 from tests.e2e.daemon_proc import DaemonProcess, free_port
 from tests.kafka_fixtures import unique_topic
-from tests.test_deploy_files import ALERTS, dashboard_queries, exported_series, used_metric_names
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

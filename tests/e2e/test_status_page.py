@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from deploy.status_page import CONTENT_SECURITY_POLICY, colour
+from tests.deploy.test_status_page import parse, values
 from tests.e2e.daemon_proc import DaemonProcess
 from tests.e2e.streams import produce
 from tests.kafka_fixtures import unique_topic
-from tests.test_status_page import parse, values
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -19,7 +19,7 @@ import yaml
 
 from deploy.metrics import Metrics
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "tailord.json"
 ALERTS = DEPLOY / "alerts.yml"
 PROMTOOL = shutil.which("promtool")

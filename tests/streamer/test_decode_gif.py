@@ -13,7 +13,7 @@ from deploy.snapshot_request import collect_images
 from streamer.decode import decode_record, sniff_format
 from streamer.limits import DecodeLimits
 from streamer.records import RejectedRecord
-from tests.test_decode import GREEN, SIZE, gradient, make_tar, solid
+from tests.streamer.test_decode import GREEN, SIZE, gradient, make_tar, solid
 
 
 def gif(*frames: Image.Image, **params: object) -> bytes:

@@ -26,7 +26,7 @@ from streamer.produce import tar_batch
 from streamer.records import Decoded, RawRecord, RejectedRecord
 from streamer.sources import Item
 
-BAD = Path(__file__).parent / "data" / "bad"
+BAD = Path(__file__).resolve().parents[1] / "data" / "bad"
 LIMITS = DecodeLimits()
 SIZE = 64
 

@@ -13,8 +13,9 @@ from deploy.indexer import backbone_from_checkpoint
 from deploy.metrics import Metrics
 from deploy.multipart import MultipartError, encode_form_data, parse_form_data
 from deploy.snapshot_errors import SnapshotError
+from deploy.snapshot_files import check_name
 from deploy.snapshot_request import create_from_request, parse_labels_csv
-from deploy.snapshots import SnapshotEngine, check_name
+from deploy.snapshots import SnapshotEngine
 from learners.backbones import ResNet18
 from learners.snapshot import load_snapshot
 from safefiles.files import sha256_file

@@ -74,7 +74,7 @@ def test_table_lists_every_setting():
 def test_readme_table_is_current():
     from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert settings_table() in readme, "regenerate with: make docs"
 
 

@@ -30,7 +30,7 @@ from streamer.decode import (
 from streamer.limits import DecodeLimits
 from streamer.records import RejectedRecord
 
-BAD = Path(__file__).parent / "data" / "bad"
+BAD = Path(__file__).resolve().parents[1] / "data" / "bad"
 CORPUS = sorted(BAD.glob("*.bin"))
 SIZE = 32
 LIMITS = DecodeLimits()
