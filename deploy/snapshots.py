@@ -249,7 +249,8 @@ class SnapshotEngine:
                 "retrieved_count": len(rows), "retrieved_share": len(rows) / max(stored, 1),
                 "retrieved_by_experience": dict(Counter(str(row.experience) for row in rows)),
                 "sept_steps": steps, "sept_epochs": epochs if "sept" in strategy else 0,
-                "encoder_version": encoder.version,
+                "encoder_version": encoder.version, "index_freshness": index_freshness(encoder.version, checkpoints,
+                                                                                   stored, self.index.size),
                 "method": encoder.manifest.get("method"), "preset": encoder.manifest.get("preset"),
                 "backbone": backbone_spec(backbone), "input": encoder.manifest["input"],
                 "seconds": round(time.perf_counter() - started, 3),
@@ -397,6 +398,12 @@ class SnapshotEngine:
         step = sept_step(method, preset, manifest["input"], self.device)
         steps = continue_pretraining(step, images, preset.batch_size, epochs, SEPT_MAX_STEPS)
         return method.backbone.eval(), steps
+
+
+def index_freshness(version: int, checkpoints: dict[int, Path], stored: int, indexed: int) -> dict[str, int]:
+    """How the index a snapshot routed and retrieved on lagged (docs/design.md, "Index upkeep"):
+    the newest experience checkpoint's number minus its encoder's, and stored samples it did not hold."""
+    return {"versions_behind": max(checkpoints, default=version) - version, "unindexed": max(0, stored - indexed)}
 
 
 def labelled_targets(names: list[str], labels: dict[str, str]) -> tuple[list[int], torch.Tensor] | None:

@@ -59,6 +59,7 @@ def test_route_picks_the_experience_the_targets_resemble(engine, colour, expecte
     assert candidates[0]["vote_share"] > candidates[1]["vote_share"]
     assert sum(c["vote_share"] for c in candidates) == pytest.approx(1.0)
     assert manifest["encoder_version"] == 2 and manifest["target_count"] == 6
+    assert manifest["index_freshness"] == {"versions_behind": 0, "unindexed": 0}
     assert manifest["retrieved_count"] == 0 and manifest["sept_steps"] == 0 and not manifest["labels_used"]
 
 
@@ -289,3 +290,22 @@ def test_labels_overturn_the_vote_only_by_more_than_luck(engine, state, monkeypa
     chosen = engine._choose(candidates, images, names, labels, checkpoints)
     assert chosen == (2 if switched else 1)
     assert candidates[1]["knn_accuracy"] == pytest.approx((30 + runner_up_extra) / 40)
+
+
+def test_manifest_says_how_far_the_index_lagged(tmp_path):
+    """A checkpoint the index has not caught up with, and samples stored but not embedded yet."""
+    from replay.store import SampleStore
+    from tests.snapshot_testkit import colour_png, write_experience_checkpoint
+
+    state = build_state(tmp_path / "state", {1: "red", 2: "blue"}, n=8, probes=0)
+    write_experience_checkpoint(state, 3, seed=3)  # a crash before its refresh began
+    store = SampleStore(state, 1 << 30)
+    store.add(["late-1", "late-2"], [colour_png("blue", 7), colour_png("blue", 8)], 3, ["blue"] * 2)
+    store.close()
+    engine = SnapshotEngine.open_offline(state, "cpu")
+    try:
+        manifest = engine.create(target_images("blue", 4), strategy="route", name="lagging")
+    finally:
+        engine.close()
+    assert manifest["encoder_version"] == 2
+    assert manifest["index_freshness"] == {"versions_behind": 1, "unindexed": 2}
