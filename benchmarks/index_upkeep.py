@@ -3,7 +3,10 @@ and how far the budgeted index's retrieval and routing fall from a full re-embed
 
 1. Store: `--store` real samples (the built-in domains digits, fashion, textures, photos, a
    quarter each as experiences 1-4; their items repeated with random crops and flips, 32 px
-   PNGs), indexed with the untrained encoder (checkpoint `exp-000004`) before anything is timed.
+   PNGs), indexed before anything is timed with checkpoint `exp-000004`: the `cpu` preset's
+   learner after `--warm-images` of that data (a store this size exists only after a long run,
+   so its encoder has trained; `--warm-images 0`: the untrained encoder, the worst case for
+   the first refresh). Both arms below start from that checkpoint.
 2. Off: `--experiences` experiences of `--experience-images` stream images (domains in turn,
    same augmentation) trained with the `cpu` preset's learner, no indexer work: images/s.
 3. On: the same experiences from the same initial weights, each batch submitted to the indexer
@@ -76,12 +79,17 @@ def stream(pool: list[np.ndarray], count: int, rng: np.random.Generator, tag: st
     return [f"{tag}-{i}" for i in range(count)], [augmented_png(pool[p], rng) for p in picks]
 
 
-def build_learner(state_dir: Path):
+def build_learner(state_dir: Path, start: Path | None = None):
+    """The `cpu` preset's learner with the daemon's default method, from checkpoint `start` if given."""
     from deploy.learner import build_learner as build
+    from deploy.learner import load_learner_state
     from deploy.settings import Settings
 
     torch.manual_seed(0)
-    return build(Settings(state_dir=state_dir, preset="cpu"))  # the daemon's default method
+    learner = build(Settings(state_dir=state_dir, preset="cpu"))
+    if start is not None:
+        load_learner_state(learner, start)
+    return learner
 
 
 def save_checkpoint(learner, state_dir: Path, experience: int) -> Path:
@@ -176,19 +184,19 @@ def evaluate(indexer, cache: StoreImages, newest, held: dict[str, torch.Tensor],
             "stored": len(ids)}
 
 
-def run_off(state_dir: Path, experiences: list) -> float:
-    """Images/s of training the experiences with no indexer."""
-    learner = build_learner(state_dir)
+def run_off(state_dir: Path, start: Path, experiences: list) -> float:
+    """Images/s of training the experiences from checkpoint `start` with no indexer."""
+    learner = build_learner(state_dir, start)
     wall = sum(train_experience(learner, pngs, lambda *_: None)[1] for _, _, _, pngs in experiences)
     return sum(len(pngs) // BATCH * BATCH for *_, pngs in experiences) / wall
 
 
-def run_on(indexer, experiences: list, held: dict[str, torch.Tensor],
+def run_on(indexer, start: Path, experiences: list, held: dict[str, torch.Tensor],
            rerank: int) -> tuple[float, list[dict]]:
-    """Images/s of training the experiences with the indexer on, and the evaluation after each."""
+    """Images/s of training the experiences from `start` with the indexer on, and the evaluation after each."""
     from deploy.indexer import Encoder
 
-    learner = build_learner(indexer.state_dir)
+    learner = build_learner(indexer.state_dir, start)
     wall, records, cache = 0.0, [], StoreImages()
     for experience, domain, ids, pngs in experiences:
         def on_batch(first: int, seconds: float, ids=ids, pngs=pngs, experience=experience, domain=domain) -> None:
@@ -216,6 +224,7 @@ def main() -> None:
     parser.add_argument("--share", type=float, default=0.10, help="the indexer's budget (TAILORD_INDEXER_SHARE)")
     parser.add_argument("--targets", type=int, default=64, help="held-out target images per domain")
     parser.add_argument("--rerank", type=int, default=4)
+    parser.add_argument("--warm-images", type=int, default=8000, help="prefill images the first encoder trains on")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -239,13 +248,16 @@ def main() -> None:
         indexer.start()
         started = time.perf_counter()
         prefill(indexer, pool, args.store, rng)
-        indexer.new_encoder(4, save_checkpoint(probe, state_dir, 4))
+        warm = [png for name in DOMAINS for png in stream(pool[name], args.warm_images // len(DOMAINS), rng, "w")[1]]
+        train_experience(probe, [warm[i] for i in rng.permutation(len(warm))], lambda *_: None)
+        start = save_checkpoint(probe, state_dir, 4)
+        indexer.new_encoder(4, start)
         assert indexer.flush(None)
         setup_s = time.perf_counter() - started
         say(f"store of {indexer.index_size()} indexed in {setup_s:.0f} s")
-        off = run_off(state_dir, experiences)
+        off = run_off(state_dir, start, experiences)
         say(f"off: {off:.1f} images/s")
-        on, records = run_on(indexer, experiences, held, args.rerank)
+        on, records = run_on(indexer, start, experiences, held, args.rerank)
         upkeep = indexer.upkeep()
         indexer.stop()
     print(json.dumps({

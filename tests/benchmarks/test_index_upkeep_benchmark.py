@@ -1,0 +1,30 @@
+"""benchmarks/index_upkeep.py end to end on a tiny store: one JSON line with the arms, the
+indexer's cost and, per experience, retrieval and routing against a full re-embed (#17)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_tiny_run_prints_the_measures():
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.index_upkeep", "--store", "400", "--experiences", "2",
+         "--experience-images", "128", "--targets", "4", "--warm-images", "128"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["images_per_second_on"] > 0 and result["images_per_second_off"] > 0
+    assert set(result["indexer_seconds"]) == {"embed", "refresh"} and result["indexer_seconds"]["refresh"] > 0
+    assert [e["experience"] for e in result["experiences"]] == [5, 6]
+    for i, experience in enumerate(result["experiences"]):
+        assert experience["stored"] == 400 + 128 * (i + 1)  # the stream is stored, whatever is indexed
+        assert 0 <= experience["recall_at_50"] <= 1 and 0 <= experience["recall_at_50_reranked_x4"] <= 1
+        assert 0 <= experience["routing_agreement"] <= 1 and experience["versions_behind"] >= 1
