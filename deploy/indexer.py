@@ -59,6 +59,7 @@ LOCK_FILE = ".store.lock"
 EMBED_BATCH = 256  # stored samples decoded and embedded at a time during a refresh
 MAX_PENDING = 64  # submitted batches waiting before `submit` blocks (the thread is badly behind)
 BUDGET_POLL_S = 0.05  # how often a thread out of budget looks again
+MAX_UNINDEXED = 200_000  # queued sample ids; older ones wait for the next refresh instead
 
 
 # ---- helpers shared with the snapshot engine
@@ -436,6 +437,7 @@ class Indexer:
                    if sid in stored and not probe]
         with self._cond:
             self._unindexed += waiting
+            del self._unindexed[:-MAX_UNINDEXED]  # the oldest wait for the next refresh
 
     def _embed_chunk(self) -> None:
         """Embed the newest `EMBED_BATCH` waiting samples still stored into the live index."""

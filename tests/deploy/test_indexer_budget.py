@@ -95,3 +95,13 @@ def torch_images(indexer, sample_ids):
 
     images, _ = decode_images(indexer.store.read(sample_ids), indexer.decode_size, DecodeLimits())
     return images
+
+
+def test_the_queue_keeps_the_newest_and_the_refresh_takes_the_rest(budgeted, monkeypatch):
+    indexer, budget = budgeted
+    monkeypatch.setattr("deploy.indexer.MAX_UNINDEXED", 5)
+    red = submit_colour(indexer, 1, "red", 12)
+    settle(indexer, lambda: indexer.index_size() > 0)
+    assert indexer.upkeep().unindexed == 1  # 5 kept of 12, then one chunk of 4 embedded
+    assert indexer.index.missing(red) == red[:8]  # the newest went first
+    assert indexer.flush(30) and indexer.index.missing(red) == red[:7]  # the other 7 wait for a refresh
