@@ -27,10 +27,11 @@ class ComputeBudget:
 
     Args:
         share: the indexer's seconds over training seconds while training runs; None: unbounded.
-        burst_s: seconds it may run ahead of its share (a chunk's worth, so it starts at once).
+        burst_s: seconds it may run ahead of its share (0: it overshoots by at most the one chunk it
+            starts while just under it).
     """
 
-    def __init__(self, share: float | None = 0.10, *, burst_s: float = 1.0) -> None:
+    def __init__(self, share: float | None = 0.10, *, burst_s: float = 0.0) -> None:
         if share is not None and not 0 < share <= 1:
             raise ValueError(f"share must be in (0, 1], not {share}")
         self.share = share
