@@ -23,7 +23,7 @@ def trainable(backbone: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in backbone.named_parameters() if p.requires_grad}
 
 
-def snapshot(backbone: nn.Module) -> dict[str, Tensor]:
+def parameter_copy(backbone: nn.Module) -> dict[str, Tensor]:
     """A detached copy of the trainable parameters."""
     return {n: p.detach().clone() for n, p in trainable(backbone).items()}
 
@@ -171,7 +171,7 @@ class QuadraticRegularizer(Regularizer):
 
     def set_anchor(self, backbone: nn.Module) -> None:
         """Anchor at the backbone's current weights (float32 copies)."""
-        self.anchor = {n: p.float() for n, p in snapshot(backbone).items()}
+        self.anchor = {n: p.float() for n, p in parameter_copy(backbone).items()}
 
     def state_dict(self) -> dict[str, Tensor]:
         state = super().state_dict()

@@ -23,8 +23,8 @@ from learners.regularizers.base import (
     QuadraticRegularizer,
     device_of,
     move_all,
+    parameter_copy,
     prefixed,
-    snapshot,
     trainable,
     with_prefix,
 )
@@ -59,7 +59,7 @@ class SI(QuadraticRegularizer):
             for n, p in params.items()
             if p.grad is not None
         }
-        self._before = snapshot(backbone)
+        self._before = parameter_copy(backbone)
 
     def after_step(self, backbone: nn.Module) -> None:
         for name, p in trainable(backbone).items():
