@@ -79,8 +79,10 @@ def run_demo(quick: bool, state_dir: Path, keep: bool) -> int:
             say(f"[3/5] streaming {len(plan.domains)} domains, one experience each:")
             for name, count in plan.domains:
                 sent = produce(f"builtin:{name}", TOPIC, broker.bootstrap, limit=count, batch=8, progress=False)
+                check_interrupted()
                 say(f"      published {sent:,} {name} images")
             follow_training(daemon, plan, first)
+            check_interrupted()
             say("[4/5] snapshot for a fashion-like target task (route+sept over the admin API)")
             snapshot = make_snapshot(daemon, plan, state_dir)
             report = write_report(state_dir, state_dir / "report.png")
@@ -110,21 +112,35 @@ def prepare_state_dir(state_dir: Path, keep: bool) -> Path:
     return state_dir
 
 
+INTERRUPTED = threading.Event()  # set by SIGINT/SIGTERM while the demo runs
+
+
 @contextmanager
 def stop_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so the `finally` blocks stop the children."""
+    """Turn SIGTERM (and SIGINT) into KeyboardInterrupt so the `finally` blocks stop the children,
+    and remember it: `check_interrupted` raises it again where a library swallowed the first one
+    (kafka-python's IO tasks catch BaseException while the producer publishes)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(_signum: int, _frame: FrameType | None) -> None:
+        INTERRUPTED.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    INTERRUPTED.clear()
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def check_interrupted() -> None:
+    """KeyboardInterrupt if a signal asked the demo to stop (see `stop_on_sigterm`)."""
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
 
 
 def trained_count(name: str, count: int) -> int:
@@ -222,6 +238,7 @@ def follow_training(daemon: Daemon, plan: Plan, first_experience: int) -> None:
     tty = sys.stdout.isatty()
     last_line, last_print = "", 0.0
     while True:
+        check_interrupted()
         daemon.check_alive()
         status = daemon.status()
         if status["experience"] >= goal:
