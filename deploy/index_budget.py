@@ -1,4 +1,5 @@
-"""The indexer's compute budget: a share of the training step's time, whatever the store size.
+"""The indexer's compute budget (a share of the training step's time, whatever the store size)
+and `Upkeep`, what the indexer reports of its freshness and cost.
 
 The training loop reports each step's seconds (`trained`) and says when it has nothing to
 train (`rest`: no input on any rank). The indexer asks `allows()` before each chunk of
@@ -18,6 +19,7 @@ Usage:
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 
 KINDS = ("embed", "refresh")  # new samples into the live index; re-embedding the store for a new encoder
 
@@ -77,3 +79,16 @@ class ComputeBudget:
         """Charged indexer seconds over training seconds (0 before any step)."""
         with self._lock:
             return self._charged / self._training if self._training else 0.0
+
+
+@dataclass(frozen=True)
+class Upkeep:
+    """How fresh the live index is and what keeping it so has cost (the daemon's metrics and
+    /admin/status). The defaults: no index yet."""
+
+    versions_behind: int = 0  # newest experience checkpoint minus the live index's encoder version
+    stale_seconds: float = 0.0  # since a checkpoint newer than the live index exists (0: current)
+    unindexed: int = 0  # stored non-probe samples waiting to be embedded into the live index
+    refresh_progress: float = 1.0  # share of the store re-embedded by the refresh under way (1: none)
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))  # by kind
+    share: float = 0.0  # charged embedding seconds over training seconds

@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from deploy.checkpoints import MANIFEST
-from deploy.index_budget import ComputeBudget
+from deploy.index_budget import ComputeBudget, Upkeep
 from learners.augment import EvalTransform
 from learners.evaluation import embed
 from learners.snapshot import backbone_from_spec
@@ -202,19 +202,6 @@ class _Rebuild:
     evicted: set[str] = field(default_factory=set)  # dropped by the store since it started
 
 
-@dataclass(frozen=True)
-class Upkeep:
-    """How fresh the live index is and what keeping it so has cost (the daemon's metrics)."""
-
-    sizes: dict[int, int]  # vectors by encoder version
-    versions_behind: int  # newest experience checkpoint minus the live index's encoder version
-    stale_seconds: float  # since a checkpoint newer than the live index exists (0: current)
-    unindexed: int  # stored non-probe samples waiting to be embedded into the live index
-    refresh_progress: float  # share of the store re-embedded by the refresh under way (1: none)
-    seconds: dict[str, float]  # embedding seconds by kind (`index_budget.KINDS`)
-    share: float  # charged embedding seconds over training seconds
-
-
 class Indexer:
     """Background thread keeping the sample store and the FAISS index up to date, within a
     compute budget (docs/design.md, "Index upkeep").
@@ -294,8 +281,7 @@ class Indexer:
             stale = time.monotonic() - min(newer) if newer else 0.0
             progress = min(1.0, rebuild.done / rebuild.total) if rebuild and rebuild.total else 1.0
             unindexed = len(self._unindexed)
-        return Upkeep(self.index.sizes_by_version(), behind, stale, unindexed, progress,
-                      dict(self.budget.seconds), self.budget.used_share)
+        return Upkeep(behind, stale, unindexed, progress, dict(self.budget.seconds), self.budget.used_share)
 
     def start(self) -> None:
         """Start the thread; it first restores the encoder and schedules any refresh missed by a crash."""

@@ -5,13 +5,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-if TYPE_CHECKING:
-    from deploy.indexer import Upkeep
+from deploy.index_budget import Upkeep
 
 
 class Metrics:
@@ -89,10 +87,7 @@ class IndexUpkeepCollector:
         self.read = read
 
     def collect(self) -> Iterator[Metric]:
-        from deploy.index_budget import KINDS
-        from deploy.indexer import Upkeep
-
-        upkeep = self.read() if self.read is not None else Upkeep({}, 0, 0.0, 0, 1.0, dict.fromkeys(KINDS, 0.0), 0.0)
+        upkeep = self.read() if self.read is not None else Upkeep()
         seconds = CounterMetricFamily("tailord_indexer_seconds", "seconds the indexer spent embedding, by kind",
                                       labels=["kind"])
         for kind, value in upkeep.seconds.items():
