@@ -33,7 +33,8 @@ from deploy.batches import Prepared, Shared, batch_records, replay_count, standi
 from deploy.boundaries import DRIFT_FILE, Boundaries, experience_record, label
 from deploy.checkpoints import Checkpoint, clean_temporaries, load_latest, write_checkpoint
 from deploy.errors import UsageError
-from deploy.evaluate import evaluate_row, keep_untrained, score_baselines
+from deploy.evaluate import FrozenModel, keep_untrained
+from deploy.evaluator import KIND, MAX_PENDING, Evaluation, EvaluationJob, Evaluator, requeue
 from deploy.history import History
 from deploy.http_api import HttpServer
 from deploy.index_budget import ComputeBudget
@@ -72,6 +73,7 @@ from streamer.topics import ensure_topic, wait_for_broker
 log = structlog.get_logger()
 
 RECENT_BATCHES = 8  # recent stream batches kept for the regularizer's experience-end statistics
+EXIT_FLUSH_S = 120.0  # at a clean exit, how long pending rows of R may take (the rest stay pending in the checkpoint)
 
 Buffer = ReservoirBuffer | BalancedBuffer
 
@@ -124,6 +126,7 @@ def run_rank(settings: Settings, world: World) -> int:
     limits = DecodeLimits(max_record_bytes=settings.max_record_bytes, max_pixels=settings.max_pixels)
     decode_batch = jpeg_decoder(settings, limits, learner)
     indexer, snapshots = start_indexer(settings, world, metrics, learner, limits)
+    evaluator = start_evaluator(settings, world, metrics, learner, state)
 
     # ---- stream: this rank's partitions, seeked to the checkpoint's offsets, decoded off the training thread
     dlq = DeadLetterQueue.connect(bootstrap, client)
@@ -133,14 +136,14 @@ def run_rank(settings: Settings, world: World) -> int:
     # ---- HTTP (rank 0): metrics, health, admin
     service = DaemonService(settings, metrics, learner, state.progress, state.history, prefetcher,
                             checkpoint_name=checkpoint.name if checkpoint else None)
-    service.indexer, service.snapshots = indexer, snapshots
+    service.indexer, service.snapshots, service.evaluator = indexer, snapshots, evaluator
     server = start_http(settings, world, service)
 
     # ---- the loop; whatever ends it, the checkpoint the policy allows, then everything closes
     checkpointer = Checkpointer(settings, world, metrics, learner, buffer, boundaries, state, service, prefetcher,
                                 indexer)
     daemon = Daemon(settings, world, metrics, stop, learner, buffer, boundaries, state, checkpointer, prefetcher,
-                    service, indexer, open_audit(settings, world), (server, dlq, source, broker))
+                    service, indexer, evaluator, open_audit(settings, world), (server, dlq, source, broker))
     state.start()
     metrics.experience.set(state.progress.experience)
     service.publish_evaluation(state.history)
@@ -219,11 +222,12 @@ def restore(settings: Settings, world: World, metrics: Metrics
             durable("untrained", lambda: keep_untrained(learner, settings.state_dir))
     probe_sets = read_probe_sets(settings.state_dir / "metrics" / "probes")
     probe_sets = {j: p for j, p in probe_sets.items() if j < progress.experience}
+    pending = checkpoint.manifest.get("pending_evaluations", []) if checkpoint is not None else []
     log.info("learner", device=str(learner.device), backbone=learner.describe()["backbone"]["name"],
              **learner.describe()["backbone"]["kwargs"],
              preset=learner.preset.name, method=settings.method, strategy=settings.strategy,
              batch_size=learner.preset.batch_size, resolution=learner.preset.resolution)
-    return checkpoint, learner, buffer, boundaries, RunState(progress, history, probes, probe_sets)
+    return checkpoint, learner, buffer, boundaries, RunState(progress, history, probes, probe_sets, pending)
 
 
 def resume(settings: Settings, world: World, checkpoint: Checkpoint, learner: Learner, buffer: Buffer | None,
@@ -280,6 +284,18 @@ def start_indexer(settings: Settings, world: World, metrics: Metrics, learner: L
     snapshots = SnapshotEngine(settings.state_dir, indexer.store, indexer.index, learner.device,
                                learner.preset.resolution, metrics, settings.targets_dir, limits)
     return indexer, snapshots
+
+
+def start_evaluator(settings: Settings, world: World, metrics: Metrics, learner: Learner,
+                    state: RunState) -> Evaluator | None:
+    """Rank 0: the thread that scores experience ends, with the rows a checkpoint left pending queued."""
+    if not world.is_main:
+        return None
+    evaluator = Evaluator(settings.state_dir, ComputeBudget(settings.evaluation_share, kinds=(KIND,)), metrics)
+    evaluator.start()
+    lost = requeue(evaluator, learner, settings.state_dir / "checkpoints", state.pending_rows, state.probe_sets)
+    state.pending_rows = [p for p in state.pending_rows if p["experience"] not in lost]
+    return evaluator
 
 
 def open_stream(settings: Settings, world: World, metrics: Metrics, learner: Learner, progress: Progress,
@@ -346,6 +362,7 @@ class RunState:
     history: History  # the accuracy matrix R and the experiences' records
     probes: ProbeSet  # the probe set of the experience in progress
     probe_sets: dict[int, ProbeSet]  # the finished experiences' probe sets, by experience
+    pending_rows: list[dict] = field(default_factory=list)  # {experience, record} of rows not yet scored (checkpointed)
     recent: deque[torch.Tensor] = field(default_factory=lambda: deque(maxlen=RECENT_BATCHES))  # stream batches
     rate: Throughput = field(default_factory=Throughput)
     last_checkpoint: float = 0.0  # time.monotonic() of the last interval checkpoint (or of the start)
@@ -420,6 +437,7 @@ class Daemon:
     prefetcher: Prefetcher
     service: DaemonService
     indexer: Indexer | None
+    evaluator: Evaluator | None
     audit: IO[str] | None
     closing: tuple[HttpServer | None, DeadLetterQueue, KafkaSource, EmbeddedBroker | None]  # for shut_down
 
@@ -433,13 +451,15 @@ def train(d: Daemon) -> None:
     while True:
         # ---- this rank's next batch and its replay images; every rank's tick, the same decisions on all
         batch = next_batch(d)
+        if d.evaluator is not None:
+            apply_evaluations(d, d.evaluator.finished())  # rows of R scored off the loop since the last iteration
         agreed = d.world.agree(tick(d, batch), progress.domain)
         state.rank_domain = batch.domain or state.rank_domain
         if agreed.stop:
             break
         if not agreed.records:  # no data on any rank: exit once idle long enough, else poll again
-            if d.indexer is not None:
-                d.indexer.budget.rest()  # the cores are free for the indexer
+            for budget in upkeep_budgets(d):
+                budget.rest()  # the cores are free for the indexer and the evaluator
             if agreed.idle:
                 log.info("idle_exit", idle_seconds=round(time.monotonic() - state.last_data, 1))
                 break
@@ -559,8 +579,8 @@ def train_step(d: Daemon, batch: Batch, agreed: Agreement) -> None:
     if len(images) + (len(batch.replay) if batch.replay is not None else 0) < 2:
         images = images.repeat(2, 1, 1, 1)  # BatchNorm needs two samples; a lone straggler
     result = learner.step(images, batch.replay, weight=agreed.weight(d.world.rank, d.world.size))
-    if d.indexer is not None:
-        d.indexer.budget.trained(result.seconds)  # the indexer's compute share is of this
+    for budget in upkeep_budgets(d):
+        budget.trained(result.seconds)  # the indexer's and the evaluator's compute shares are of this
     state.count_step(result, agreed.stepped)
     report_step(d.metrics, state, result, agreed)
     if train:
@@ -572,6 +592,11 @@ def train_step(d: Daemon, batch: Batch, agreed: Agreement) -> None:
         if d.world.is_main:
             d.boundaries.observe(learner, images, agreed.images)  # the drift detector's sample
     state.advance(agreed.images)
+
+
+def upkeep_budgets(d: Daemon) -> list[ComputeBudget]:
+    """The compute budgets of the work beside training (rank 0): the indexer's, the evaluator's."""
+    return [part.budget for part in (d.indexer, d.evaluator) if part is not None]
 
 
 def report_step(metrics: Metrics, state: RunState, result: StepResult, agreed: Agreement) -> None:
@@ -599,8 +624,8 @@ def done(settings: Settings, progress: Progress) -> bool:
 
 
 def end_experience(d: Daemon, reason: str, statistic: float | None, next_domain: str | None) -> None:
-    """Close the experience (ended by `reason`): regularizer statistics, probe set, one row of R,
-    its name and span in the catalog; open the next one; checkpoint; re-embed the store."""
+    """Close the experience (ended by `reason`): regularizer statistics, probe set, its name and span
+    in the catalog, its row of R queued for the evaluator; open the next one; checkpoint; re-embed the store."""
     progress = d.state.progress
     ended = progress.experience
     d.boundaries.ended(reason, statistic, progress)
@@ -608,28 +633,41 @@ def end_experience(d: Daemon, reason: str, statistic: float | None, next_domain:
     if d.learner.regularizer is not None:
         update_regularizer(d.learner, d.state.recent, d.world)  # every rank: the ranks average them
     if d.world.is_main:
-        evaluate_experience(d, ended, record)
+        submit_evaluation(d, ended, record)
     d.state.start_experience(next_domain, d.settings.probe_max_images)
     if d.checkpointer.save("experience") and d.indexer is not None:
         # re-embed the store with the new encoder, swap the index
         d.indexer.new_encoder(ended, d.checkpointer.root / checkpoint_name("experience", ended, progress.steps))
 
 
-def evaluate_experience(d: Daemon, ended: int, record: dict) -> None:
-    """Rank 0: the ended experience's probe set kept, every probe set scored (one row of R, the
-    floors), the catalog's name for it, the gauges and the `experience_end` line."""
+def submit_evaluation(d: Daemon, ended: int, record: dict) -> None:
+    """Rank 0: keep the ended experience's probe set, name the experience in the catalog, and queue
+    its row of R with a copy of the model now (scored off the loop; `apply_evaluations` adds it)."""
     state, state_dir, progress = d.state, d.settings.state_dir, d.state.progress
     durable("probe_set", lambda: write_probe_set(state.probes, state_dir / "metrics" / "probes"))
     state.probe_sets[ended] = state.probes
-    row = evaluate_row(d.learner, state.probe_sets, ended, state_dir / "metrics" / "probe_features")
-    state.history.add_row(ended, row, score_baselines(d.learner, state.probes, state_dir),
-                          {**record, "images": progress.images_in_experience,
-                           "images_total": progress.images_total, "time": time.time(),
-                           "images_per_second": state.rate.value})
+    record = {**record, "images": progress.images_in_experience, "images_total": progress.images_total,
+              "time": time.time(), "images_per_second": state.rate.value}
     durable("catalog_name", lambda: d.indexer.store.catalog.name_experience(ended, record["domain"], record))
-    d.service.publish_evaluation(state.history)
-    log.info("experience_end", experience=ended, accuracy=row.accuracy, linear=row.linear,
-             baselines=state.history.baselines[str(ended)], **state.history.summary())
+    d.evaluator.wait_below(MAX_PENDING)  # a row may lag, the queue of model copies may not grow without bound
+    d.evaluator.submit(EvaluationJob(ended, FrozenModel.of(d.learner), dict(state.probe_sets), record))
+    state.pending_rows.append({"experience": ended, "record": record})
+
+
+def apply_evaluations(d: Daemon, evaluations: list[Evaluation]) -> None:
+    """Rank 0: finished rows of R into the history (the next checkpoint keeps them; until then its
+    `pending_evaluations` would score them again after a crash), the gauges, `metrics/`, and the
+    `experience_end` line."""
+    history = d.state.history
+    for done in evaluations:
+        history.add_row(done.experience, done.row, done.baselines, done.record)
+        d.state.pending_rows = [p for p in d.state.pending_rows if p["experience"] != done.experience]
+        log.info("experience_end", experience=done.experience, accuracy=done.row.accuracy, linear=done.row.linear,
+                 baselines=history.baselines[str(done.experience)], evaluation_seconds=round(done.seconds, 3),
+                 **history.summary())
+    if evaluations:
+        d.service.publish_evaluation(history)
+        durable("metrics_export", lambda: history.export(d.settings.state_dir / "metrics", d.service.throughput))
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -716,7 +754,8 @@ class Checkpointer:
         name = checkpoint_name(kind, finished, progress.steps)
         writers = self.writers(other_buffers)
         manifest = {"kind": kind, "experience": finished, "progress": progress.to_json(),
-                    "history": self.state.history.to_json(), "topic": self.settings.topic,
+                    "history": self.state.history.to_json(), "pending_evaluations": self.state.pending_rows,
+                    "topic": self.settings.topic,
                     "strategy": self.settings.strategy, "world_size": self.world.size, **self.learner.describe()}
         try:
             saved = write_checkpoint(self.root, name, writers, manifest)
@@ -782,7 +821,14 @@ def shut_down(d: Daemon, exit_code: int) -> None:
     """Stop the prefetcher, take the last checkpoint the policy allows, close everything."""
     server, dlq, source, broker = d.closing
     d.prefetcher.stop()
+    if d.evaluator is not None:  # the pending rows of R into the last checkpoint, if they are quick enough
+        if exit_code == 0 and not d.evaluator.flush(EXIT_FLUSH_S):
+            log.warning("evaluation_pending_at_exit", pending=d.evaluator.pending,
+                        note="scored after the next start, with their experience checkpoints")
+        apply_evaluations(d, d.evaluator.finished())
     d.checkpointer.at_exit(exit_code, d.state.mid_iteration)
+    if d.evaluator is not None:
+        d.evaluator.stop()
     if server is not None:
         server.stop()
     if d.indexer is not None:

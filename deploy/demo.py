@@ -231,7 +231,8 @@ class Daemon:
 
 
 def follow_training(daemon: Daemon, plan: Plan, first_experience: int) -> None:
-    """Show progress until every domain's experience has ended (bounded by `plan.timeout_s`)."""
+    """Show progress until every domain's experience has ended and been scored (bounded by `plan.timeout_s`;
+    the daemon scores rows of R off its training loop, docs/design.md "deploy — evaluation at each experience end")."""
     goal = first_experience + len(plan.domains)
     names = [name for name, _ in plan.domains]
     deadline = time.monotonic() + plan.timeout_s
@@ -241,7 +242,7 @@ def follow_training(daemon: Daemon, plan: Plan, first_experience: int) -> None:
         check_interrupted()
         daemon.check_alive()
         status = daemon.status()
-        if status["experience"] >= goal:
+        if status["experience"] >= goal and (status.get("last_evaluated_experience") or 0) >= goal - 1:
             break
         if time.monotonic() > deadline:
             raise RuntimeError(f"training the stream took over {plan.timeout_s:.0f} s "
@@ -251,6 +252,8 @@ def follow_training(daemon: Daemon, plan: Plan, first_experience: int) -> None:
         domain = names[index] if 0 <= index < len(names) else status.get("domain")
         line = (f"      experience {status['experience']} ({domain}): {status['images_total']:,} images trained, "
                 f"{rate:.0f} images/s, lag {sum(status.get('lag', {}).values()):,} records")
+        if status["experience"] >= goal:
+            line = f"      scoring the last experiences: {status.get('evaluations_pending', 0)} rows of R to go"
         if tty:
             print(f"\r{line:<110}", end="", flush=True)
         elif line.split(":")[0] != last_line.split(":")[0] or time.monotonic() - last_print > 15:

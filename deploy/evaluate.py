@@ -10,6 +10,7 @@ encoder (the step-0 weights kept in `<state>/untrained.safetensors`).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from deploy.learner import Learner
 from deploy.probes import ProbeSet
+from learners.augment import BatchAugment, EvalTransform
 from learners.evaluation import embed, linear_cka
 from learners.protocol import UNSCORED, ProbeScore, pixel_features, score_probes
 from learners.train_step import ssl_loss
@@ -37,21 +39,47 @@ class EvalRow:
     probe_loss: list[float | None]
 
 
+@dataclass(frozen=True)
+class FrozenModel:
+    """The learner's model as it was at one moment (an experience end), for scoring off the
+    training thread: the loop goes on changing the learner's weights meanwhile."""
+
+    method: nn.Module  # a copy, eval mode, no gradients
+    augment: BatchAugment  # a copy (probe SSL loss views)
+    eval_transform: EvalTransform  # shared: it holds constants only
+    device: torch.device
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.method.backbone
+
+    @classmethod
+    def of(cls, learner: Learner) -> FrozenModel:
+        """A copy of the learner's model now (its weights are copied, not shared)."""
+        method = copy.deepcopy(learner.method).eval().requires_grad_(False)
+        return cls(method, copy.deepcopy(learner.augment), learner.eval_transform, learner.device)
+
+
+Model = Learner | FrozenModel  # what the scoring functions read: backbone, method, augment, eval_transform, device
+
+
 def score(features: torch.Tensor, probes: ProbeSet) -> ProbeScore:
     """The protocol's scores of `features` on a probe set (UNSCORED without labels)."""
     return score_probes(features, probes.labels) if probes.labelled else UNSCORED
 
 
-def evaluate_row(learner: Learner, probe_sets: dict[int, ProbeSet], experience: int,
-                 features_dir: Path) -> EvalRow:
+def evaluate_row(learner: Model, probe_sets: dict[int, ProbeSet], experience: int,
+                 features_dir: Path, pace: Callable[[], None] = lambda: None) -> EvalRow:
     """Evaluate every finished probe set j <= `experience` with the current encoder.
 
     The features of probe set `experience` are saved as its reference for later CKA.
+    `pace` is called before each probe set (the evaluator waits there for its compute budget).
     """
     features_dir.mkdir(parents=True, exist_ok=True)
     row = EvalRow([], [], [], [])
     for j in range(1, experience + 1):
         probes = probe_sets.get(j)
+        pace()
         if probes is None or len(probes) < 2:
             for column in (row.accuracy, row.linear, row.cka, row.probe_loss):
                 column.append(None)
@@ -83,7 +111,7 @@ def keep_untrained(learner: Learner, state_dir: Path) -> None:
         write_atomic(path, save(state))
 
 
-def untrained_encoder(learner: Learner, state_dir: Path) -> nn.Module | None:
+def untrained_encoder(learner: Model, state_dir: Path) -> nn.Module | None:
     """A copy of the backbone holding the step-0 weights; None if this state dir predates them."""
     path = state_dir / UNTRAINED_FILE
     if not path.is_file():
@@ -93,7 +121,7 @@ def untrained_encoder(learner: Learner, state_dir: Path) -> nn.Module | None:
     return encoder
 
 
-def score_baselines(learner: Learner, probes: ProbeSet, state_dir: Path) -> dict:
+def score_baselines(learner: Model, probes: ProbeSet, state_dir: Path) -> dict:
     """The floors of a new probe set: raw pixels and the untrained encoder, with k, chance and sizes.
 
     `{}` for a probe set without labels; "untrained" is null for a state dir without
@@ -112,7 +140,7 @@ def score_baselines(learner: Learner, probes: ProbeSet, state_dir: Path) -> dict
 
 
 @torch.no_grad()
-def probe_ssl_loss(learner: Learner, images: torch.Tensor, batch: int = 256, seed: int = 1234) -> float:
+def probe_ssl_loss(learner: Model, images: torch.Tensor, batch: int = 256, seed: int = 1234) -> float:
     """Mean SSL loss on probe images, the views drawn from a private generator seeded `seed`
     (rows comparable over time). The global RNGs (CPU and every accelerator), which drive the
     training augmentation, are neither read nor reseeded."""

@@ -4,8 +4,9 @@ R[i][j] = kNN accuracy on probe set j after experience i (0-based rows here; exp
 numbers are 1-based in names and labels); `linear` is the same matrix for the linear
 probe, and `baselines[j]` holds probe set j's floors (raw pixels, untrained encoder) scored
 when it was created (protocol: docs/continual.md). The copy in each checkpoint is the truth;
-`metrics/` is rewritten from it after every checkpoint so readers (report, dashboards)
-never see a row the model state does not have.
+`metrics/` is rewritten after every checkpoint and whenever the evaluator's rows arrive (a row
+not yet in a checkpoint is in its `pending_evaluations`, so it comes back after a crash): readers
+(report, dashboards) never see a row the model state does not have.
 """
 
 from __future__ import annotations

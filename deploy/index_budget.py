@@ -31,9 +31,12 @@ class ComputeBudget:
         share: the indexer's seconds over training seconds while training runs; None: unbounded.
         burst_s: seconds it may run ahead of its share (0: it overshoots by at most the one chunk it
             starts while just under it).
+        kinds: what the seconds are counted by (the experience-end evaluator has its own budget,
+            of kind "evaluate").
     """
 
-    def __init__(self, share: float | None = 0.10, *, burst_s: float = 0.0) -> None:
+    def __init__(self, share: float | None = 0.10, *, burst_s: float = 0.0,
+                 kinds: tuple[str, ...] = KINDS) -> None:
         if share is not None and not 0 < share <= 1:
             raise ValueError(f"share must be in (0, 1], not {share}")
         self.share = share
@@ -42,7 +45,7 @@ class ComputeBudget:
         self._training = 0.0
         self._charged = 0.0
         self._resting = True  # until the first step
-        self.seconds = dict.fromkeys(KINDS, 0.0)  # every embedding second by kind, charged or not
+        self.seconds = dict.fromkeys(kinds, 0.0)  # every second spent by kind, charged or not
 
     def trained(self, seconds: float) -> None:
         """The training loop ran a step of `seconds`."""
@@ -68,7 +71,7 @@ class ComputeBudget:
             return self._charged < self.share * self._training + self.burst_s
 
     def spent(self, kind: str, seconds: float) -> None:
-        """The indexer embedded for `seconds` (`kind` of `KINDS`); charged unless the loop rests."""
+        """The indexer embedded for `seconds` (`kind`: one of `kinds`); charged unless the loop rests."""
         with self._lock:
             self.seconds[kind] += seconds
             if not self._resting:

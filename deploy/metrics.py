@@ -55,6 +55,10 @@ class Metrics:
         self.probe_chance_accuracy = Gauge(
             "tailord_probe_chance_accuracy", "accuracy of guessing a probe set's most frequent class",
             ["probe_experience"], registry=r)
+        self.evaluations_pending = Gauge(
+            "tailord_evaluations_pending", "experience ends whose row of R is not scored yet", registry=r)
+        self.evaluation_seconds = Counter(
+            "tailord_evaluation_seconds", "seconds the evaluator spent scoring experience ends", registry=r)
         self.probe_ssl_loss = Gauge("tailord_probe_ssl_loss", "SSL loss on a probe set", ["probe_experience"], registry=r)
         self.representation_drift_cka = Gauge(
             "tailord_representation_drift_cka", "linear CKA of probe features now vs at their experience's end",

@@ -40,6 +40,7 @@ class DaemonService:
         self.throughput: list[dict] = []
         self.snapshots: Any = None  # the SnapshotEngine, set by the daemon
         self.indexer: Any = None  # the Indexer (sample store + FAISS index), set by the daemon
+        self.evaluator: Any = None  # the Evaluator (rows of R scored off the loop), set by the daemon
         self.remote_lag: dict[int, int] = {}  # other DDP ranks' partitions, as their last tick said
         self._last_point = 0.0
         self.images_per_second = 0.0  # the training loop's sliding-window rate, for status
@@ -141,6 +142,8 @@ class DaemonService:
             "index_size": self.indexer.index_size() if self.indexer else 0,
             "encoder_version": self.indexer.encoder_version if self.indexer else None,
             "index_upkeep": self.index_upkeep(),
+            "evaluations_pending": self.evaluator.pending if self.evaluator else 0,  # rows of R still being scored
+            "last_evaluated_experience": self.history.experiences[-1] if self.history.experiences else None,
             "store": self.indexer.store.stats() if self.indexer else None,
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "topic": self.settings.topic,

@@ -105,6 +105,7 @@ class Settings(BaseSettings):
     index_kind: Literal["ivf", "hnsw"] = Field(IndexOptions.kind, description="approximate index past index_exact_max")
     index_ondisk: bool = Field(IndexOptions.ondisk, description="IVF shards serve their inverted lists memory-mapped from disk, not from RAM (docs/scaling.md)")
     indexer_share: float = Field(0.10, gt=0, le=1, description="share of training compute the indexer may spend embedding while training runs (docs/design.md, \"Index upkeep\")")
+    evaluation_share: float = Field(0.05, gt=0, le=1, description="share of training compute the experience-end evaluation may spend while training runs; a row of R never lags more than one experience (docs/design.md, \"deploy — evaluation at each experience end\")")
 
     # service
     http_host: str = Field("127.0.0.1", description="bind address of the HTTP server")

@@ -228,6 +228,7 @@ def small(tmp_path: Path) -> SimpleNamespace:
     buffer = build_buffer(settings)
     buffer.add(["a/1", "a/2"], torch.zeros(2, 3, 16, 16, dtype=torch.uint8), ["a", "a"])
     state = run_state(experience=2, steps=5, images_total=80, positions={0: 80})
+    state.pending_rows = [{"experience": 1, "record": {"domain": "a"}}]
     state.probes.add("p/1", torch.zeros(3, 16, 16, dtype=torch.uint8), "0", "a")
     service = SimpleNamespace(checkpoint_name=None, throughput=[])
     prefetcher = SimpleNamespace(request_commit=Recorder())
@@ -245,6 +246,7 @@ def test_save_writes_everything_that_must_agree_and_commits_after(small):
     assert (manifest["kind"], manifest["experience"], manifest["topic"], manifest["strategy"]) == \
         ("interval", 1, "t", "replay")
     assert manifest["world_size"] == 1 and manifest["progress"]["images_total"] == 80
+    assert manifest["pending_evaluations"] == [{"experience": 1, "record": {"domain": "a"}}]  # re-queued at restart
     assert {"model.safetensors", "optimizer.pt", "offsets.json", "probes.safetensors", "drift.safetensors",
             "replay/buffer.safetensors", "replay/buffer.json"} <= set(manifest["files"])
     assert json.loads((saved.path / "offsets.json").read_text())["positions"] == {"0": 80}
@@ -281,7 +283,7 @@ def loop_daemon(state: RunState, save_ok: bool = True, **overrides: object) -> S
 
 def test_end_experience_evaluates_opens_the_next_checkpoints_and_reembeds(monkeypatch):
     evaluated = Recorder()
-    monkeypatch.setattr(daemon, "evaluate_experience", evaluated)
+    monkeypatch.setattr(daemon, "submit_evaluation", evaluated)
     state = run_state(experience=4, images_in_experience=30, domain="a", steps=9)
     d = loop_daemon(state)
     end_experience(d, "count", None, "a")
@@ -294,10 +296,44 @@ def test_end_experience_evaluates_opens_the_next_checkpoints_and_reembeds(monkey
 
 
 def test_no_reembedding_after_a_failed_experience_checkpoint(monkeypatch):
-    monkeypatch.setattr(daemon, "evaluate_experience", Recorder())
+    monkeypatch.setattr(daemon, "submit_evaluation", Recorder())
     d = loop_daemon(run_state(experience=2), save_ok=False)
     end_experience(d, "header", None, "b")
     assert not d.indexer.new_encoder.calls and d.state.progress.domain == "b"
+
+
+def test_an_experience_end_queues_its_row_and_the_loop_applies_it_in_order(tmp_path):
+    from deploy.evaluate import EvalRow
+    from deploy.evaluator import Evaluation
+
+    learner = build_learner(Settings(preset="cpu", device="cpu", resolution=16, seed=0, torch_threads=1), World())
+    state = run_state(experience=3, images_in_experience=30, images_total=90)
+    state.probe_sets = {1: ProbeSet(1, 5), 2: ProbeSet(2, 5)}
+    submitted, published = [], []
+    evaluator = SimpleNamespace(wait_below=Recorder(), submit=submitted.append)
+    catalog = SimpleNamespace(name_experience=Recorder())
+    d = loop_daemon(state, learner=learner, evaluator=evaluator, settings=SimpleNamespace(state_dir=tmp_path),
+                    indexer=SimpleNamespace(store=SimpleNamespace(catalog=catalog)),
+                    service=SimpleNamespace(publish_evaluation=published.append))
+    daemon.submit_evaluation(d, 3, {"domain": "c"})
+    (job,) = submitted
+    assert job.experience == 3 and sorted(job.probe_sets) == [1, 2, 3] and job.probe_sets[3] is state.probes
+    assert job.record["images"] == 30 and job.record["images_total"] == 90 and job.record["domain"] == "c"
+    weight = next(learner.method.parameters())
+    assert job.model.method is not learner.method  # a copy: training goes on changing the learner
+    assert torch.equal(next(job.model.method.parameters()), weight) and not next(job.model.method.parameters()).requires_grad
+    assert state.pending_rows == [{"experience": 3, "record": job.record}]
+    assert evaluator.wait_below.calls == [(daemon.MAX_PENDING,)]
+    assert (tmp_path / "metrics" / "probes").is_dir()  # the probe set is kept at once, not when scored
+
+    rows = [Evaluation(3, EvalRow([0.5, None, 0.9], [0.6, None, 0.8], [1, None, 1], [2.0, None, 1.0]), {"k": 4},
+                       job.record, 1.5)]
+    daemon.apply_evaluations(d, rows)
+    assert state.history.experiences == [3] and state.history.accuracy == [[0.5, None, 0.9]]
+    assert state.history.baselines == {"3": {"k": 4}} and state.pending_rows == []
+    assert published == [state.history]
+    daemon.apply_evaluations(d, [])
+    assert len(published) == 1  # nothing new: nothing published
 
 
 # ---- a rank's batch and tick
