@@ -104,7 +104,8 @@ class GpuUtilization:
 
 def daemon_run(images_per_domain: int, preset: str, method: str, batch_size: int, device: str,
                experience_images: int, photos: bool, decode_workers: int, nproc: int = 1,
-               jpeg_decode: str = "auto") -> dict:
+               jpeg_decode: str = "auto", daemon_log: str | None = None,
+               extra_env: dict[str, str] | None = None) -> dict:
     """Fill a broker, run the daemon over it until idle, return its own throughput report."""
     from streamer.broker import EmbeddedBroker
     from streamer.produce import produce
@@ -125,11 +126,14 @@ def daemon_run(images_per_domain: int, preset: str, method: str, batch_size: int
                     "TAILORD_DEVICE": device, "TAILORD_EXPERIENCE_IMAGES": str(experience_images),
                     "TAILORD_EXIT_WHEN_IDLE_S": "3", "TAILORD_LOG_FORMAT": "json",
                     "TAILORD_DECODE_WORKERS": str(decode_workers), "TAILORD_JPEG_DECODE": jpeg_decode})
+        env.update(extra_env or {})
         if nproc > 1:
             env["TAILORD_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
         with GpuUtilization() as gpu:
             proc = subprocess.run([sys.executable, "-m", "deploy.cli", "run", "--nproc", str(nproc)], env=env,
                                   capture_output=True, text=True, timeout=3600)
+        if daemon_log is not None:
+            Path(daemon_log).write_text(proc.stderr)
         events = json_events(proc.stderr)
         stopped = [e for e in events if e.get("event") == "stopped" and e.get("rank", 0) == 0]
         if proc.returncode != 0 or not stopped:
@@ -171,11 +175,15 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=1, help="DDP ranks for the daemon run (torchrun)")
     parser.add_argument("--jpeg-decode", choices=["auto", "cpu", "gpu"], default="auto",
                         help="TAILORD_JPEG_DECODE: gpu = batched nvJPEG (auto picks it on CUDA)")
+    parser.add_argument("--set", action="append", default=[], metavar="TAILORD_X=VALUE",
+                        help="a daemon setting for the run (repeatable), e.g. TAILORD_EVALUATION_SHARE=0.2")
+    parser.add_argument("--daemon-log", help="write the daemon's JSON log here (to see what the time went to)")
     args = parser.parse_args()
 
     bare = bare_images_per_second(args.preset, args.method, args.batch_size, args.bare_steps, args.device)
     daemon = daemon_run(args.images_per_domain, args.preset, args.method, args.batch_size, args.device,
-                        args.experience_images, args.photos, args.decode_workers, args.nproc, args.jpeg_decode)
+                        args.experience_images, args.photos, args.decode_workers, args.nproc, args.jpeg_decode,
+                        args.daemon_log, dict(item.split("=", 1) for item in args.set))
     print(json.dumps({
         "daemon_images_per_second": daemon["images_per_second"],
         "bare_step_images_per_second": round(bare, 2),
