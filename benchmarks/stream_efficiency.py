@@ -1,6 +1,7 @@
 """Daemon throughput through the real broker vs the bare train step, same model and batch.
 
-1. bare: `TrainStep` on tensors already in memory (stream part + replay part, as the daemon).
+1. bare: `TrainStep` on tensors already in memory (stream part + replay part, as the daemon),
+   before and after the daemon run (the ratio is against their mean).
 2. daemon: an embedded broker is filled with real images first, then `tailord run` consumes
    them (decode, prefetch, probes, replay, experience ends, checkpoints) and exits when idle;
    its own log reports images through the step and the seconds from first to last step.
@@ -22,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the daemon sets it (deploy/__init__.py): the bare step too
+import torch  # noqa: E402 - after the OpenMP policy
 
 
 def bare_images_per_second(preset_name: str, method: str, batch_size: int, steps: int, device: str) -> float:
@@ -180,13 +182,18 @@ def main() -> None:
     parser.add_argument("--daemon-log", help="write the daemon's JSON log here (to see what the time went to)")
     args = parser.parse_args()
 
-    bare = bare_images_per_second(args.preset, args.method, args.batch_size, args.bare_steps, args.device)
+    # the bare step before and after the daemon run: on a shared VM its speed drifts by a quarter or
+    # more between minutes, so the ratio is against the mean of the two and both are reported
+    before = bare_images_per_second(args.preset, args.method, args.batch_size, args.bare_steps, args.device)
     daemon = daemon_run(args.images_per_domain, args.preset, args.method, args.batch_size, args.device,
                         args.experience_images, args.photos, args.decode_workers, args.nproc, args.jpeg_decode,
                         args.daemon_log, dict(item.split("=", 1) for item in args.set))
+    after = bare_images_per_second(args.preset, args.method, args.batch_size, args.bare_steps, args.device)
+    bare = (before + after) / 2
     print(json.dumps({
         "daemon_images_per_second": daemon["images_per_second"],
         "bare_step_images_per_second": round(bare, 2),
+        "bare_step_before_after": [round(before, 2), round(after, 2)],
         "ratio": round(daemon["images_per_second"] / bare, 3),
         "daemon": daemon,
         "config": {**vars(args), "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
