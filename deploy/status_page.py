@@ -215,6 +215,7 @@ def status_section(data: PageData) -> str:
         ("consumer lag", lag_text + " records"),
         ("broker", broker),
         ("last checkpoint", checkpoint),
+        ("rows of R", evaluation_text(s)),
         ("replay buffer", replay_text(data)),
         ("sample store", store_text(s.get("store"))),
         ("index vectors", index_text(data)),
@@ -226,6 +227,16 @@ def status_section(data: PageData) -> str:
     ]
     items = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in rows)
     return f'<section id="status"><h2>Status</h2><dl class="kv">{items}</dl></section>'
+
+
+def evaluation_text(status: dict[str, Any]) -> str:
+    """How far the accuracy matrix has been scored (rows lag their experience end by at most one
+    experience: docs/design.md, "deploy — evaluation at each experience end")."""
+    last, pending = status.get("last_evaluated_experience"), status.get("evaluations_pending") or 0
+    scored = f"through experience {esc(last)}" if last is not None else "none yet"
+    if isinstance(pending, int) and pending > 0:
+        scored += f' <span class="dim">({pending} experience end{"s" if pending > 1 else ""} being scored)</span>'
+    return scored
 
 
 def bar(fraction: float | None) -> str:

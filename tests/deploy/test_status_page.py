@@ -156,6 +156,13 @@ def test_index_freshness_shown_only_when_the_index_lags():
     assert "1,234 stored samples waiting to be indexed" in page
 
 
+def test_rows_of_r_show_how_far_scoring_is():
+    assert "<dt>rows of R</dt><dd>none yet</dd>" in render(synthetic_data(**status_extra(
+        last_evaluated_experience=None, evaluations_pending=0)))
+    page = render(synthetic_data(**status_extra(last_evaluated_experience=3, evaluations_pending=1)))
+    assert "<dt>rows of R</dt><dd>through experience 3 <span class=\"dim\">(1 experience end being scored)" in page
+
+
 def status_extra(**fields) -> dict:
     """`synthetic_data` overrides whose status has `fields` added."""
     return {"status": {**synthetic_data().status, **fields}}
