@@ -45,8 +45,8 @@ class FrozenModel:
     training thread: the loop goes on changing the learner's weights meanwhile."""
 
     method: nn.Module  # a copy, eval mode, no gradients
-    augment: BatchAugment  # a copy (probe SSL loss views)
-    eval_transform: EvalTransform  # shared: it holds constants only
+    augment: BatchAugment  # shared: constants only (the probe SSL loss draws from a private generator)
+    eval_transform: EvalTransform  # shared: constants only
     device: torch.device
 
     @property
@@ -57,7 +57,7 @@ class FrozenModel:
     def of(cls, learner: Learner) -> FrozenModel:
         """A copy of the learner's model now (its weights are copied, not shared)."""
         method = copy.deepcopy(learner.method).eval().requires_grad_(False)
-        return cls(method, copy.deepcopy(learner.augment), learner.eval_transform, learner.device)
+        return cls(method, learner.augment, learner.eval_transform, learner.device)
 
 
 Model = Learner | FrozenModel  # what the scoring functions read: backbone, method, augment, eval_transform, device
