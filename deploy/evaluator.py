@@ -36,7 +36,7 @@ import structlog
 from safetensors.torch import load_file
 
 from deploy.evaluate import EvalRow, FrozenModel, evaluate_row, score_baselines
-from deploy.index_budget import ComputeBudget
+from deploy.index_budget import POLL_S, ComputeBudget
 from deploy.learner import Learner
 from deploy.metrics import Metrics
 from deploy.probes import ProbeSet
@@ -45,7 +45,6 @@ log = structlog.get_logger()
 
 KIND = "evaluate"
 MAX_PENDING = 3  # jobs waiting before the loop stops at an experience end until one is done
-BUDGET_POLL_S = 0.05  # how often the evaluator, out of budget, looks again
 
 
 @dataclass(frozen=True)
@@ -179,7 +178,7 @@ class Evaluator:
                     break
             if self.budget.allows():
                 break
-            time.sleep(BUDGET_POLL_S)
+            time.sleep(POLL_S)
         self._mark = time.perf_counter()
 
     def _charge(self) -> None:

@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass, field
 
 KINDS = ("embed", "refresh")  # new samples into the live index; re-embedding the store for a new encoder
+POLL_S = 0.05  # how often a thread out of budget looks again (the indexer's, the evaluator's)
 
 
 class ComputeBudget:

@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from deploy.checkpoints import MANIFEST
-from deploy.index_budget import ComputeBudget, Upkeep
+from deploy.index_budget import POLL_S, ComputeBudget, Upkeep
 from learners.augment import EvalTransform
 from learners.evaluation import embed
 from learners.snapshot import backbone_from_spec
@@ -58,7 +58,6 @@ EXPERIENCE_DIR = re.compile(r"^exp-(\d{6})$")
 LOCK_FILE = ".store.lock"
 EMBED_BATCH = 256  # stored samples decoded and embedded at a time during a refresh
 MAX_PENDING = 64  # submitted batches waiting before `submit` blocks (the thread is badly behind)
-BUDGET_POLL_S = 0.05  # how often a thread out of budget looks again
 MAX_UNINDEXED = 200_000  # queued sample ids; older ones wait for the next refresh instead
 
 
@@ -363,7 +362,7 @@ class Indexer:
                     return self._task(chunk)
                 self._busy = False
                 self._cond.notify_all()
-                self._cond.wait(BUDGET_POLL_S if chunk is not None else None)
+                self._cond.wait(POLL_S if chunk is not None else None)
             return None
 
     def _task(self, task: Callable[[], None]) -> Callable[[], None]:
