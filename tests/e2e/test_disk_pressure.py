@@ -3,6 +3,7 @@ and checkpoints again once space returns. Uses a real size-limited tmpfs (needs 
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ from tests.e2e.streams import metric, produce
 from tests.kafka_fixtures import unique_topic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+FILLER = "filler.bin"
 
 
 @pytest.fixture
@@ -25,16 +27,31 @@ def small_fs(tmp_path):
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)],
                                            capture_output=True).returncode != 0:
         pytest.skip("cannot mount a size-limited tmpfs here (needs root)")
+    if not os.path.ismount(mount) or os.statvfs(mount).f_blocks * os.statvfs(mount).f_frsize > 64 * 2**20:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        pytest.skip("the tmpfs mount is not visible here (another mount namespace?)")
+    (mount / FILLER).touch()  # its inode exists before the daemon can take the last byte
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill(path, leave_bytes: int) -> None:
-    """Write a filler file until only `leave_bytes` are free on path's filesystem."""
+    """Grow the filler file until only `leave_bytes` are free on path's filesystem
+    (or none: the daemon may write the last bytes first, which is just as full)."""
     stat = os.statvfs(path)
     free = stat.f_bavail * stat.f_frsize
-    with open(path / "filler.bin", "wb") as fh:
-        fh.write(b"\0" * max(0, free - leave_bytes))
+    with open(path / FILLER, "r+b") as fh:
+        try:
+            fh.write(b"\0" * max(0, free - leave_bytes))
+            fh.flush()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+
+
+def disk_use(path) -> str:
+    """`du` of every entry under path, for a failure message."""
+    return subprocess.run(["du", "-ak", str(path)], capture_output=True, text=True).stdout
 
 
 def checkpoint_errors(text: str) -> float:
@@ -60,10 +77,13 @@ def test_full_disk_keeps_last_good_checkpoint_and_recovers(broker, small_fs):
         daemon.wait_for(lambda: metric(daemon.metrics(), "tailord_images_trained_total") > trained, 120,
                         "training to go on while the disk is full")
 
-        (small_fs / "filler.bin").unlink()  # space returns
+        (small_fs / FILLER).unlink()  # space returns
         daemon.wait_for(lambda: load_latest(state / "checkpoints").name != good, 120, "a new checkpoint")
         assert daemon.get("/healthz")[0] == 200
         assert daemon.stop(signal.SIGTERM) == 0
+    except BaseException:
+        print("disk use at the failure (KiB):\n" + disk_use(small_fs))  # pytest shows it with the failure
+        raise
     finally:
         daemon.kill()
     assert load_latest(state / "checkpoints") is not None
