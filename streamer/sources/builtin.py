@@ -15,6 +15,17 @@ photos    128x128 JPEG crops of OpenCV's sample photos (scaled to <= 512 px) (De
           PHOTO_CATEGORIES (calibration chessboards, text, graphics, people and animals,
           objects, scenes, science).
 
+Held out, never streamed (targets for snapshots, benchmarks/snapshot.py; docs/snapshots.md):
+textures-heldout, photos-heldout   crops of the patterns / photos that `textures` and
+          `photos` leave out: whole pictures with their near copies, a quarter of each class
+          (streamer/sources/holdout.py).
+digits-opencv   OpenCV's sheet of 5,000 handwritten digits (MNIST-derived, 20x20 cells,
+          opencv-doc's digits.png), upscaled to 32x32 grey PNG: other writers, other scanner,
+          other pre-processing than `digits`. The sheet is no `photos` source.
+fashion-train   Fashion-MNIST's training split; the streamed `fashion` is the test split
+          (the continual benchmark's forgetting setting streams it: not a target there).
+Never stream a held-out source: it would leak the targets that show tailoring works.
+
 Labels are coarse on purpose: the evaluation scores probe images (10-20 % of a stream of a
 few thousand) by kNN and linear probes over labels, which needs dozens of images per class.
 Items go round-robin over the classes, each a random crop of a random source of that class,
@@ -34,6 +45,7 @@ import numpy as np
 from PIL import Image
 
 from streamer.sources import Item, MissingDataError
+from streamer.sources.holdout import Source, distinct, split_sources
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 GIMP_PATTERNS = Path("/usr/share/gimp/2.0/patterns")
@@ -59,7 +71,7 @@ PHOTO_CATEGORIES: dict[str, tuple[str, ...]] = {
         "right11", "right12", "right13", "right14",
     ),
     "text": (
-        "digits", "imagetextn", "imagetextr", "licenseplate_motion", "notes", "sudoku",
+        "imagetextn", "imagetextr", "licenseplate_motion", "notes", "sudoku",
         "text_defocus", "text_motion",
     ),
     "graphics": (
@@ -83,6 +95,8 @@ PHOTO_CATEGORIES: dict[str, tuple[str, ...]] = {
     ),
     "science": ("hubble_deep_field", "immunohistochemistry", "moon", "retina"),
 }  # fmt: skip
+PHOTO_EXCLUDED = ("digits",)  # OpenCV's handwritten-digit sheet: builtin:digits-opencv, never a photo
+OPENCV_DIGITS_CELL, OPENCV_DIGITS_PER_CLASS = 20, 500  # digits.png: 50 rows x 100 cells, 5 rows per digit
 PHOTO_ITEMS = 1616  # 16 crops per source on average, as before
 SEED = 0
 PHOTO_MAX_SIDE = 512  # photos are scaled down to this first, so crops show whole objects
@@ -199,23 +213,26 @@ def _round_robin(
         yield Item(crop(sources[rng.integers(len(sources))], rng), ext, label, f"{prefix}-{i:06d}")
 
 
-def texture_families() -> dict[str, list[np.ndarray]]:
-    """Pixels of the patterns of each family (lowercase folder name) with enough patterns."""
-    families: dict[str, list[np.ndarray]] = {}
+def texture_families() -> dict[str, list[Source]]:
+    """(name, pixels) of the patterns of each family (lowercase folder name) with enough distinct
+    patterns, held-out ones included (`holdout.split_sources`)."""
+    families: dict[str, list[Source]] = {}
     for path in sorted(GIMP_PATTERNS.glob("*/*.pat")):
         pixels = _rgb(read_gimp_pattern(path.read_bytes()))
-        families.setdefault(path.parent.name.lower(), []).append(pixels)
+        families.setdefault(path.parent.name.lower(), []).append((path.stem.lower(), pixels))
     if "stone" in families:
-        families["stone"] += [pixels for _, pixels in _skimage(SKIMAGE_STONES)]
+        families["stone"] += _skimage(SKIMAGE_STONES)
+    families = {name: distinct(found) for name, found in families.items()}
     return {name: found for name, found in families.items() if len(found) >= MIN_FAMILY_PATTERNS}
 
 
-def textures(count: int = TEXTURE_ITEMS, size: int = 64) -> Iterator[Item]:
-    """`count` 64x64 PNG crops of GIMP patterns, labelled and balanced by pattern family."""
+def textures(count: int = TEXTURE_ITEMS, size: int = 64, heldout: bool = False) -> Iterator[Item]:
+    """`count` 64x64 PNG crops of GIMP patterns, labelled and balanced by pattern family:
+    of the streamed patterns, or of the held-out ones (`heldout`)."""
     _require(GIMP_PATTERNS, "gimp-data")
-    return _round_robin(
-        texture_families(), count, "textures", "png", lambda p, rng: _png(_crop(p, size, rng))
-    )
+    prefix = "textures-heldout" if heldout else "textures"
+    return _round_robin(split_sources(texture_families(), heldout), count, prefix, "png",
+                        lambda p, rng: _png(_crop(p, size, rng)))
 
 
 def _shrink(image: Image.Image, longest: int = PHOTO_MAX_SIDE) -> np.ndarray:
@@ -226,22 +243,24 @@ def _shrink(image: Image.Image, longest: int = PHOTO_MAX_SIDE) -> np.ndarray:
     return np.asarray(image)
 
 
-def photo_categories() -> dict[str, list[np.ndarray]]:
-    """Shrunk pixels of the sample photos of each PHOTO_CATEGORIES category."""
+def photo_categories() -> dict[str, list[Source]]:
+    """(stem, shrunk pixels) of the sample photos of each PHOTO_CATEGORIES category, held-out ones
+    included (`holdout.split_sources`)."""
     category = {stem: name for name, stems in PHOTO_CATEGORIES.items() for stem in stems}
-    found: dict[str, list[np.ndarray]] = {name: [] for name in PHOTO_CATEGORIES}
+    found: dict[str, list[Source]] = {name: [] for name in PHOTO_CATEGORIES}
     for path in sorted(OPENCV_DATA.iterdir()):
         stem = path.stem.lower()
         if path.suffix.lower() in (".jpg", ".png") and stem in category:
             with Image.open(path) as image:
-                found[category[stem]].append(_shrink(image))
+                found[category[stem]].append((stem, _shrink(image)))
     for name, pixels in _skimage(SKIMAGE_PHOTOS):
-        found[category[name]].append(_shrink(Image.fromarray(pixels)))
-    return found
+        found[category[name]].append((name, _shrink(Image.fromarray(pixels))))
+    return {name: distinct(sources) for name, sources in found.items()}
 
 
-def photos(count: int = PHOTO_ITEMS, size: int = 128) -> Iterator[Item]:
-    """`count` 128x128 JPEG crops of sample photos, labelled and balanced by scene category.
+def photos(count: int = PHOTO_ITEMS, size: int = 128, heldout: bool = False) -> Iterator[Item]:
+    """`count` 128x128 JPEG crops of sample photos, labelled and balanced by scene category:
+    of the streamed photos, or of the held-out ones (`heldout`).
 
     Each crop is a random quarter to all of the photo's short side, scaled to `size`.
     """
@@ -253,7 +272,24 @@ def photos(count: int = PHOTO_ITEMS, size: int = 128) -> Iterator[Item]:
         region = Image.fromarray(_crop(pixels, side, rng)).resize((size, size), Image.BILINEAR)
         return _jpeg(np.asarray(region))
 
-    return _round_robin(photo_categories(), count, "photos", "jpg", crop)
+    prefix = "photos-heldout" if heldout else "photos"
+    return _round_robin(split_sources(photo_categories(), heldout), count, prefix, "jpg", crop)
+
+
+def opencv_digits() -> Iterator[Item]:
+    """OpenCV's 5,000 handwritten digits as 32x32 grey PNG, round-robin over the digits."""
+    _require(OPENCV_DATA, "opencv-doc")
+    with Image.open(OPENCV_DATA / "digits.png") as image:
+        sheet = np.asarray(image.convert("L"))
+    cell = OPENCV_DIGITS_CELL
+    columns = sheet.shape[1] // cell
+    rows_per_class = OPENCV_DIGITS_PER_CLASS // columns
+    for i in range(10 * OPENCV_DIGITS_PER_CLASS):
+        digit, n = i % 10, i // 10
+        row, column = digit * rows_per_class + n // columns, n % columns
+        pixels = sheet[row * cell:(row + 1) * cell, column * cell:(column + 1) * cell]
+        pixels32 = np.asarray(Image.fromarray(pixels).resize((32, 32), Image.BILINEAR))
+        yield Item(_png(pixels32), "png", str(digit), f"digits-opencv-{i:06d}")
 
 
 BUILTINS: dict[str, tuple[Callable[[], Iterator[Item]], Path | None]] = {
@@ -262,6 +298,9 @@ BUILTINS: dict[str, tuple[Callable[[], Iterator[Item]], Path | None]] = {
     "fashion-train": (lambda: fashion("train"), FASHION_DIR),
     "textures": (textures, GIMP_PATTERNS),
     "photos": (photos, OPENCV_DATA),
+    "textures-heldout": (lambda: textures(heldout=True), GIMP_PATTERNS),
+    "photos-heldout": (lambda: photos(heldout=True), OPENCV_DATA),
+    "digits-opencv": (opencv_digits, OPENCV_DATA),
 }
 
 

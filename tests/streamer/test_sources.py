@@ -21,15 +21,20 @@ from streamer.sources.builtin import (
     BUILTINS,
     OPENCV_DATA,
     PHOTO_CATEGORIES,
+    PHOTO_EXCLUDED,
     SKIMAGE_PHOTOS,
     available_builtins,
     builtin,
+    photo_categories,
     read_gimp_pattern,
+    texture_families,
 )
 from streamer.sources.directory import directory
+from streamer.sources.holdout import NEAR_COPY, picture_groups, split_sources
 from streamer.sources.tarball import tarball
 
-PACKAGES = {"fashion": "dataset-fashion-mnist", "textures": "gimp-data", "photos": "opencv-doc"}
+PACKAGES = {"fashion": "dataset-fashion-mnist", "textures": "gimp-data", "photos": "opencv-doc",
+            "textures-heldout": "gimp-data", "photos-heldout": "opencv-doc", "digits-opencv": "opencv-doc"}
 FORMATS = {"png": "png", "jpg": "jpeg"}
 
 
@@ -46,6 +51,9 @@ def encoded(fmt: str, shade: int = 0) -> bytes:
         ("fashion", 60, {"ankle_boot", "tshirt", "trouser"}),
         ("textures", 180, {"legacy", "sky", "stone", "water", "wood"}),
         ("photos", 120, set(PHOTO_CATEGORIES)),
+        ("textures-heldout", 180, {"legacy", "sky", "stone", "water", "wood"}),
+        ("photos-heldout", 120, set(PHOTO_CATEGORIES)),
+        ("digits-opencv", 60, {str(d) for d in range(10)}),
     ],
 )
 def test_builtin_yields_decodable_labelled_images(name: str, count: int, some_labels: set) -> None:
@@ -62,7 +70,8 @@ def test_builtin_yields_decodable_labelled_images(name: str, count: int, some_la
         assert tuple(image.image.shape) == (3, 32, 32)
 
 
-@pytest.mark.parametrize("name", ["digits", "textures", "photos"])
+@pytest.mark.parametrize("name", ["digits", "textures", "photos", "textures-heldout", "photos-heldout",
+                                  "digits-opencv"])
 def test_builtin_is_deterministic(name: str) -> None:
     if name not in available_builtins():
         pytest.skip(f"apt-get install {PACKAGES[name]} to test builtin:{name}")
@@ -99,7 +108,45 @@ def test_every_photo_has_one_category() -> None:
     present = {
         p.stem.lower() for p in OPENCV_DATA.iterdir() if p.suffix.lower() in (".jpg", ".png")
     }
-    assert present | set(SKIMAGE_PHOTOS) <= set(stems)
+    assert (present - set(PHOTO_EXCLUDED)) | set(SKIMAGE_PHOTOS) <= set(stems)
+    assert not set(PHOTO_EXCLUDED) & set(stems), "the digit sheet is builtin:digits-opencv, never a photo"
+
+
+@pytest.mark.parametrize("classes", [texture_families, photo_categories])
+def test_held_out_sources_are_never_streamed(classes) -> None:
+    """Every class splits into streamed and held-out pictures: both non-empty, all used, and no
+    held-out source is a near copy of a streamed one (nor a named view of the same picture)."""
+    if not OPENCV_DATA.is_dir() or "textures" not in available_builtins():
+        pytest.skip("apt-get install opencv-doc gimp-data to test the held-out split")
+    every = classes()
+    streamed, heldout = split_sources(every, heldout=False), split_sources(every, heldout=True)
+    for label, sources in every.items():
+        assert streamed[label] and heldout[label], label
+        assert len(streamed[label]) + len(heldout[label]) == len(sources)
+        kept = {id(pixels) for pixels in streamed[label]}
+        sides = [id(pixels) in kept for _, pixels in sources]
+        for members in picture_groups(sources):
+            assert len({sides[i] for i in members}) == 1, [sources[i][0] for i in members]
+
+
+def test_near_copies_and_stereo_pairs_are_one_picture() -> None:
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 255, (40, 40, 3), dtype=np.uint8) for _ in range(2))
+    recolour = np.ascontiguousarray(255 - a[:, :, ::-1])  # inverted: correlation -1, not a copy
+    brighter = np.clip(a.astype(int) + 20, 0, 255).astype(np.uint8)  # correlation ~1 >= NEAR_COPY
+    sources = [("x", a), ("left07", b), ("y", recolour), ("z", brighter), ("right07", a[::-1].copy())]
+    assert NEAR_COPY < 1
+    assert picture_groups(sources) == [[0, 3], [1, 4], [2]]
+
+
+def test_opencv_digits_are_the_sheet_cells() -> None:
+    if not OPENCV_DATA.is_dir():
+        pytest.skip("apt-get install opencv-doc to test builtin:digits-opencv")
+    items = list(islice(builtin("digits-opencv"), 30))
+    assert [item.label for item in items[:10]] == [str(d) for d in range(10)]
+    sheet = np.asarray(Image.open(OPENCV_DATA / "digits.png").convert("L"))
+    first_five = np.asarray(Image.fromarray(sheet[5 * 20:5 * 20 + 20, :20]).resize((32, 32), Image.BILINEAR))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(items[1].encoded))), first_five)
 
 
 def test_digit_labels_match_the_data_set() -> None:
