@@ -1,34 +1,35 @@
-"""Task-tailored snapshots on a real multi-domain stream: accuracy, routing, retrieval, latency.
+"""Task-tailored snapshots against what a user gets without them, on tasks nobody streamed.
 
-1. An embedded broker is filled with the built-in domains in order (digits -> fashion ->
-   textures -> photos, ``--images-per-domain`` x ``--scale`` each) and ``tailord run``
-   consumes them until idle (as ``benchmarks/stream_efficiency.py``). Experiences end at
-   ``--experience-fraction`` of the images per domain or at a domain change, so the last
-   domain too gets an end-of-experience checkpoint (the daemon does not close the last
-   experience when it exits idle; a remnant after it has no checkpoint). The daemon exits
-   after ``IDLE_EXIT_S`` without records, so the last experience's index refresh can finish.
-2. Offline on the stopped daemon's state dir (``SnapshotEngine.open_offline``), for each
-   domain a held-out target set is built from items the stream never used (the source's
-   items after the first N): ``--shots`` labelled images for each of the first ``--classes``
-   classes, and a disjoint test split (``--test-images``) of the same classes.
-3. Arms, per domain: ``latest`` (the newest experience checkpoint's backbone), ``route``,
-   ``sept`` and ``route+sept`` snapshots (the SEPT arms get the same ``--sept-epochs`` and
-   the same retrieval budget, ``--budget-share`` of the stored samples). Each backbone
-   embeds the few-shot set and the test split: weighted kNN (k=20, T=0.07) and a linear
-   probe, trained on the few-shot features, scored on the test split.
-4. Routing accuracy: the chosen experience's domain (``metrics/history.json`` records)
-   equals the target set's domain. ``unlabelled`` (the vote alone; the target's metric):
-   ``--routing-sets`` held-out sets per domain; ``labelled``: the ``route`` and
-   ``route+sept`` arms, where the few-shot labels pick the best kNN candidate among the
-   top votes (which may well be another domain's experience).
-5. Latency: every ``create`` is timed; ``--route-repeats`` unlabelled ``route`` snapshots of
-   ``--latency-targets`` images (embedding included, this small store); and the embed-free
-   100k-vector route latency of ``benchmarks/routing_latency.py`` (run as a subprocess).
-6. Index refresh seconds (the daemon's ``index_refreshed`` log events) and the training
-   images/s in the daemon's throughput samples during refreshes vs elsewhere.
+Per seed (``--seeds``; the daemon's TAILORD_SEED and the target samples change with it):
 
-The last line printed is one JSON object. Run: ``python benchmarks/snapshot.py --device cpu``
-(``--scale 0.5`` for a quicker look). Progress goes to stderr.
+1. **Stream.** An embedded broker gets ``digits -> fashion -> textures -> photos``, the first
+   N items of each built-in source (N = ``--images-per-domain`` x ``--scale``), and
+   ``tailord run`` consumes them until idle. Experiences end at ``--experience-fraction``
+   of N or at a domain change, so the last domain too gets an end-of-experience checkpoint.
+2. **Targets**, never streamed (streamer/sources/builtin.py, "Held out"): ``digits`` (the
+   scikit-learn digits after the streamed prefix), ``fashion`` (Fashion-MNIST's training
+   split), ``textures`` and ``photos`` (``builtin:*-heldout``: pictures the stream leaves
+   out entirely) and, from a different source of a streamed kind, ``digits-opencv``
+   (OpenCV's handwritten digits; its domain is digits). Each: up to ``--classes`` classes,
+   ``max(SHOTS)`` labelled shots per class (the snapshot's targets), a disjoint test split
+   of ``--test-per-class`` per class, and labelled leftovers for routing sets.
+3. **Arms** on the stopped daemon's state dir (``SnapshotEngine.open_offline``): ``latest``
+   (the newest experience checkpoint) and ``route`` (no training); ``sept`` (from latest)
+   and ``route+sept`` (the engine's default budget and epochs: the same SSL steps);
+   ``target-only``: the latest checkpoint's SSL continued on the target images alone for
+   the same steps as ``sept`` (``deploy.snapshots.continue_checkpoint``), what a user does
+   without tailord. Each backbone is scored by weighted kNN (k <= 20, T = 0.07) and a linear
+   probe fit on 5 and on 20 shots per class, tested on the test split.
+4. **Routing**: the chosen experience's domain equals the target's, unlabelled (the vote)
+   and labelled (the vote checked by the labels), on ``--routing-sets`` sets per task and
+   on the snapshot targets, same-source and different-source tasks apart.
+5. **Latency** (first seed): every ``create`` timed; ``route`` snapshots of
+   ``--latency-targets`` real images on this store; ``benchmarks/routing_latency.py`` at
+   ``--latency-vectors`` synthetic vectors (embed-free, one FAISS thread as the daemon).
+
+Means and sample stds are over seeds; a gap counts only when it is larger than the std
+(``benchmarks.continual.at_least``). The last line printed is one JSON object; progress goes
+to stderr. Run: ``python benchmarks/snapshot.py`` (~15 min on 2 idle cores), ``--quick``.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,45 @@ import numpy as np
 import torch
 from torch import nn
 
+if __package__ in (None, ""):  # run as a script: the repository root holds the `benchmarks` package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.continual import at_least  # noqa: E402  the seed-std rule, one definition for both benchmarks
+
 DOMAINS = ("digits", "fashion", "textures", "photos")
-ARMS = ("latest", "route", "sept", "route+sept")
+ARMS = ("latest", "route", "target-only", "sept", "route+sept")
+SHOTS = (5, 20)
 KNN_K, KNN_T = 20, 0.07
 IDLE_EXIT_S = 20  # long enough for the last experience's index refresh to finish before the daemon exits
-TARGETS = {"routing_accuracy_min": 0.95, "route_sept_gain_points_min": 5.0, "retrieved_share_max": 0.05,
-           "route_p50_seconds_max": 1.0}
+
+
+@dataclass(frozen=True)
+class TargetTask:
+    """A target task: where its images come from and which streamed domain routing should pick."""
+
+    name: str
+    source: str
+    domain: str
+    kind: str  # "same source" | "different source"
+    after_stream: bool = False  # skip the source's streamed prefix (the same builtin was streamed)
+
+
+TASKS = (
+    TargetTask("digits", "builtin:digits", "digits", "same source", after_stream=True),
+    TargetTask("fashion", "builtin:fashion-train", "fashion", "same source"),
+    TargetTask("textures", "builtin:textures-heldout", "textures", "same source"),
+    TargetTask("photos", "builtin:photos-heldout", "photos", "same source"),
+    TargetTask("digits-opencv", "builtin:digits-opencv", "digits", "different source"),
+)
+
+
+@dataclass
+class TargetSet:
+    """One task's images: labelled shots (class-major order), a test split, labelled leftovers."""
+
+    task: TargetTask
+    shots: list[tuple[str, bytes, str]] = field(default_factory=list)  # (filename, encoded, label)
+    test: list[tuple[bytes, str]] = field(default_factory=list)
+    rest: list[tuple[bytes, str]] = field(default_factory=list)
 
 
 def say(message: str) -> None:
@@ -64,44 +98,34 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-@dataclass
-class TargetSet:
-    """Held-out images of one domain: labelled few-shot targets, a test split, the rest."""
-
-    domain: str
-    shots: list[tuple[str, bytes, str]]  # (filename, encoded, label)
-    test: list[tuple[bytes, str]]
-    rest: list[bytes]
-
-
-def held_out(domain: str, skip: int, shots: int, classes: int, test_images: int, rest_max: int) -> TargetSet:
-    """Items of builtin `domain` after the first `skip` (the streamed ones), split for the benchmark."""
+def draw_targets(task: TargetTask, skip: int, args: argparse.Namespace, seed: int, rest_max: int) -> TargetSet:
+    """Shots, test split and leftovers of `task`, drawn at random (`seed`) from its first `--pool` items
+    (after the `skip` streamed ones when the task's source was streamed)."""
     from streamer.sources import open_source
 
-    chosen: list[str] = []
-    few: list[tuple[str, bytes, str]] = []
-    test: list[tuple[bytes, str]] = []
-    rest: list[bytes] = []
-    per_class: Counter[str] = Counter()
-    for i, item in enumerate(open_source(f"builtin:{domain}").items):
-        if i < skip:
+    items = list(islice(open_source(task.source).items, skip if task.after_stream else 0, None))[:args.pool]
+    order = np.random.default_rng(seed).permutation(len(items))
+    classes = sorted({str(item.label) for item in items})[:args.classes]
+    by_class: dict[str, list[tuple[str, bytes, str]]] = {c: [] for c in classes}
+    tests: Counter[str] = Counter()
+    target = TargetSet(task)
+    for i in order:
+        item, label = items[i], str(items[i].label)
+        if label not in by_class:
             continue
-        label = str(item.label)
-        if label not in chosen and len(chosen) < classes:
-            chosen.append(label)
-        if label in chosen and per_class[label] < shots:
-            per_class[label] += 1
-            few.append((f"{domain}-{i:06d}.{item.fmt_ext}", item.encoded, label))
-        elif label in chosen and len(test) < test_images:
-            test.append((item.encoded, label))
-        elif len(rest) < rest_max:
-            rest.append(item.encoded)
-        if len(test) >= test_images and len(rest) >= rest_max and sum(per_class.values()) >= shots * classes:
-            break
-    return TargetSet(domain, few, test, rest)
+        if len(by_class[label]) < max(SHOTS):
+            by_class[label].append((f"{task.name}-{i:06d}.{item.fmt_ext}", item.encoded, label))
+        elif tests[label] < args.test_per_class:
+            tests[label] += 1
+            target.test.append((item.encoded, label))
+        elif len(target.rest) < rest_max:
+            target.rest.append((item.encoded, label))
+    for n in range(max(SHOTS)):  # shot n of every class, then n + 1: any prefix of n x classes is n-shot
+        target.shots += [by_class[c][n] for c in classes if n < len(by_class[c])]
+    return target
 
 
-def run_daemon(state_dir: Path, per_domain: int, args: argparse.Namespace) -> tuple[list[dict], float]:
+def run_daemon(state_dir: Path, per_domain: int, args: argparse.Namespace, seed: int) -> tuple[list[dict], float]:
     """Stream the domains through `tailord run` until idle; its JSON log events and wall seconds."""
     from streamer.broker import EmbeddedBroker
     from streamer.produce import produce
@@ -117,44 +141,14 @@ def run_daemon(state_dir: Path, per_domain: int, args: argparse.Namespace) -> tu
                     "TAILORD_PRESET": args.preset, "TAILORD_METHOD": args.method,
                     "TAILORD_BATCH_SIZE": str(args.batch_size), "TAILORD_DEVICE": args.device,
                     "TAILORD_EXPERIENCE_IMAGES": str(max(1, int(args.experience_fraction * per_domain))),
-                    "TAILORD_EXIT_WHEN_IDLE_S": str(IDLE_EXIT_S), "TAILORD_LOG_FORMAT": "json", "TAILORD_SEED": str(args.seed)})
+                    "TAILORD_EXIT_WHEN_IDLE_S": str(IDLE_EXIT_S), "TAILORD_LOG_FORMAT": "json",
+                    "TAILORD_SEED": str(seed)})
         proc = subprocess.run([sys.executable, "-m", "deploy.cli", "run"], env=env, capture_output=True,
                               text=True, timeout=3600)
     events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not any(e.get("event") == "stopped" for e in events):
         raise SystemExit(f"daemon failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return events, time.perf_counter() - started
-
-
-def refresh_dip(events: list[dict], throughput: list[dict]) -> dict[str, Any]:
-    """Index refresh seconds, and training images/s between throughput samples overlapping a refresh
-    vs the others (rates from consecutive samples' `images_total`; samples are ~5 s apart)."""
-    refreshes = []
-    for event in events:
-        if event.get("event") == "index_refreshed":
-            end = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
-            refreshes.append((end - float(event["seconds"]), end, float(event["seconds"])))
-    during, outside = [], []
-    for a, b in zip(throughput, throughput[1:], strict=False):
-        seconds = b["time"] - a["time"]
-        if seconds <= 0 or b["images_total"] <= a["images_total"]:
-            continue  # no training in this window (idle tail)
-        rate = (b["images_total"] - a["images_total"]) / seconds
-        overlaps = any(start < b["time"] and end > a["time"] for start, end, _ in refreshes)
-        (during if overlaps else outside).append(rate)
-    during_mean = statistics.mean(during) if during else None
-    outside_mean = statistics.mean(outside) if outside else None
-    dip = (1 - during_mean / outside_mean) if during_mean is not None and outside_mean else None
-    return {"count": len(refreshes), "seconds": [r[2] for r in refreshes],
-            "seconds_max": max((r[2] for r in refreshes), default=None),
-            "throughput_windows_during": len(during), "throughput_windows_outside": len(outside),
-            "stream_images_per_second_during": _round(during_mean),
-            "stream_images_per_second_outside": _round(outside_mean),
-            "dip_fraction": _round(dip, 3)}
-
-
-def _round(value: float | None, digits: int = 2) -> float | None:
-    return None if value is None else round(value, digits)
 
 
 def decode_all(encoded: list[bytes], size: int) -> torch.Tensor:
@@ -166,21 +160,138 @@ def decode_all(encoded: list[bytes], size: int) -> torch.Tensor:
     return torch.stack([decode_image(data, limits, size) for data in encoded])
 
 
-def downstream(backbone: nn.Module, input_spec: dict, target: TargetSet, size: int) -> dict[str, float]:
-    """kNN and linear-probe accuracy (%) on the test split, fit on the few-shot features."""
+def few_shot_scores(backbone: nn.Module, input_spec: dict, target: TargetSet, size: int) -> dict[str, dict]:
+    """kNN and linear-probe accuracy (%) on the test split, fit on n shots per class, n in SHOTS."""
     from learners.augment import EvalTransform
     from learners.evaluation import embed, encode_labels, knn_accuracy, linear_probe_accuracy
 
     transform = EvalTransform(input_spec["resolution"], input_spec["mean"], input_spec["std"])
     backbone = backbone.cpu().eval()
     y, classes = encode_labels([label for *_, label in target.shots] + [label for _, label in target.test])
-    y_train, y_test = y[:len(target.shots)], y[len(target.shots):]
-    x_train = embed(backbone, decode_all([data for _, data, _ in target.shots], size), transform)
+    y_shots, y_test = y[:len(target.shots)], y[len(target.shots):]
+    x_shots = embed(backbone, decode_all([data for _, data, _ in target.shots], size), transform)
     x_test = embed(backbone, decode_all([data for data, _ in target.test], size), transform)
-    k = min(KNN_K, len(y_train))
-    knn = knn_accuracy(x_train, y_train, x_test, y_test, k=k, temperature=KNN_T, num_classes=len(classes))
-    probe = linear_probe_accuracy(x_train, y_train, x_test, y_test, num_classes=len(classes))
-    return {"knn": round(100 * knn, 2), "linear": round(100 * probe, 2)}
+    scores = {}
+    for n in SHOTS:
+        m = min(n * len(classes), len(y_shots))
+        knn = knn_accuracy(x_shots[:m], y_shots[:m], x_test, y_test, k=min(KNN_K, m), temperature=KNN_T,
+                           num_classes=len(classes))
+        probe = linear_probe_accuracy(x_shots[:m], y_shots[:m], x_test, y_test, num_classes=len(classes))
+        scores[f"{n}-shot"] = {"knn": round(100 * knn, 2), "linear": round(100 * probe, 2)}
+    return scores
+
+
+def target_only(checkpoint: Path, target: TargetSet, size: int, steps: int, device: str) -> nn.Module:
+    """The latest checkpoint's SSL continued on the target images alone, for `steps` steps."""
+    from deploy.snapshots import continue_checkpoint
+
+    images = decode_all([data for _, data, _ in target.shots], size)
+    backbone, done = continue_checkpoint(checkpoint, images, device, epochs=max(steps, 1), max_steps=steps)
+    if done != steps:
+        say(f"  target-only trained {done} of {steps} steps")
+    return backbone
+
+
+class SeedRun:
+    """One seed: the daemon's stream, then every arm and routing set on its stopped state dir."""
+
+    def __init__(self, args: argparse.Namespace, seed: int, state_dir: Path) -> None:
+        self.args, self.seed, self.state_dir = args, seed, state_dir
+        self.create_seconds: dict[str, list[float]] = {arm: [] for arm in ("route", "sept", "route+sept")}
+        self.routed: dict[str, list[dict]] = {"unlabelled": [], "labelled": []}
+
+    def run(self) -> dict[str, Any]:
+        from deploy.snapshots import SnapshotEngine
+
+        args = self.args
+        per_domain = max(1, round(args.images_per_domain * args.scale))
+        say(f"seed {self.seed}: streaming {per_domain} images per domain through the daemon")
+        events, daemon_seconds = run_daemon(self.state_dir, per_domain, args, self.seed)
+        history = json.loads((self.state_dir / "metrics" / "history.json").read_text())
+        self.exp_domain = {int(r["experience"]): r["domain"] for r in history["records"]}
+        say(f"seed {self.seed}: daemon done in {daemon_seconds:.0f} s; experiences {self.exp_domain}")
+        rest_max = args.routing_sets * args.routing_set_size
+        targets = [draw_targets(task, per_domain, args, self.seed,
+                                max(rest_max, args.latency_targets if task.name == "fashion" else 0))
+                   for task in TASKS]
+        self.engine = SnapshotEngine.open_offline(self.state_dir, args.device)
+        try:
+            scores = {target.task.name: self.score_task(target) for target in targets}
+            latency = self.latency(targets) if self.seed == 0 else None
+            stored = len(self.engine.store.sample_ids(probe=False))
+        finally:
+            self.engine.close()
+        stopped = [e for e in events if e.get("event") == "stopped"][-1]
+        return {"seed": self.seed, "scores": scores, "routing": self.routed, "latency": latency,
+                "stored_samples": stored, "experience_domains": {str(k): v for k, v in self.exp_domain.items()},
+                "daemon": {"seconds": round(daemon_seconds, 1), "images_total": stopped.get("images_total"),
+                           "images_per_second": stopped.get("images_per_second_overall")}}
+
+    def create(self, strategy: str, targets: list[tuple[str, bytes]], labels: dict[str, str] | None,
+               name: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        manifest = self.engine.create(targets, labels, strategy, None, name)
+        self.create_seconds[strategy].append(time.perf_counter() - started)
+        return manifest
+
+    def score_task(self, target: TargetSet) -> dict[str, Any]:
+        """Every arm's few-shot scores on `target`, and its routing sets."""
+        from deploy.indexer import backbone_from_checkpoint, experience_checkpoints
+        from learners.snapshot import load_snapshot
+
+        task, size = target.task, self.engine.decode_size
+        say(f"seed {self.seed}: {task.name}: {len(target.shots)} shots, {len(target.test)} test images")
+        target_list = [(f, data) for f, data, _ in target.shots]
+        labels = {f: label for f, _, label in target.shots}
+        checkpoints = experience_checkpoints(self.state_dir / "checkpoints")
+        latest, manifest = backbone_from_checkpoint(checkpoints[max(checkpoints)], "cpu")
+        result: dict[str, Any] = {"latest": few_shot_scores(latest, manifest["input"], target, size)}
+        for strategy in ("route", "sept", "route+sept"):
+            made = self.create(strategy, target_list, labels, f"s{self.seed}-{task.name}-{strategy.replace('+', '-')}")
+            backbone = load_snapshot(self.state_dir / "snapshots" / made["name"])
+            chosen = made["chosen_experience"]
+            result[strategy] = {**few_shot_scores(backbone, made["input"], target, size),
+                                "chosen_domain": self.exp_domain.get(chosen), "retrieved": made["retrieved_count"],
+                                "sept_steps": made["sept_steps"], "seconds": made["seconds"]}
+            if strategy == "route":
+                self.route_check("labelled", task, made, "snapshot targets")
+        steps = result["sept"]["sept_steps"]
+        own = target_only(checkpoints[max(checkpoints)], target, size, steps, self.args.device)
+        result["target-only"] = {**few_shot_scores(own, manifest["input"], target, size), "sept_steps": steps}
+        self.routing_sets(target)
+        return result
+
+    def routing_sets(self, target: TargetSet) -> None:
+        """Route `--routing-sets` sets of the task's leftovers, without and with their labels."""
+        size = self.args.routing_set_size
+        for i in range(self.args.routing_sets):
+            chunk = target.rest[i * size:(i + 1) * size]
+            if len(chunk) < size:
+                break
+            files = [(f"r{j}.img", data) for j, (data, _) in enumerate(chunk)]
+            labels = {f"r{j}.img": label for j, (_, label) in enumerate(chunk)}
+            for kind, given in (("unlabelled", None), ("labelled", labels)):
+                made = self.create("route", files, given, f"s{self.seed}-{target.task.name}-{kind}-{i}")
+                self.route_check(kind, target.task, made, f"routing set {i}")
+
+    def route_check(self, kind: str, task: TargetTask, made: dict, what: str) -> None:
+        chosen = self.exp_domain.get(made["chosen_experience"])
+        self.routed[kind].append({"task": task.name, "kind": task.kind, "what": what, "chosen": chosen,
+                                  "correct": chosen == task.domain})
+
+    def latency(self, targets: list[TargetSet]) -> dict[str, Any]:
+        """`create` p50/p95 per strategy, and route snapshots of `--latency-targets` real images."""
+        fashion = next(t for t in targets if t.task.name == "fashion")
+        files = [(f"l{j}.img", data) for j, (data, _) in enumerate(fashion.rest[:self.args.latency_targets])]
+        route_seconds = []
+        for i in range(self.args.route_repeats):
+            started = time.perf_counter()
+            self.create("route", files, None, f"latency-{i}")
+            route_seconds.append(time.perf_counter() - started)
+        return {"create_seconds": {arm: {"n": len(v), "p50": percentile(v, 50), "p95": percentile(v, 95)}
+                                   for arm, v in self.create_seconds.items()},
+                "route_real": {"targets": len(files), "stored_vectors": len(self.engine.store.sample_ids(probe=False)),
+                               "p50": percentile(route_seconds, 50), "p95": percentile(route_seconds, 95)}}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -188,18 +299,107 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def routing_latency_100k(args: argparse.Namespace) -> dict[str, Any]:
-    """`benchmarks/routing_latency.py` at 100k vectors, 500 targets (its JSON summary)."""
+    """`benchmarks/routing_latency.py` at `--latency-vectors`, `--latency-targets` queries (its JSON),
+    with one FAISS thread as the daemon's index (`SnapshotEngine.open_offline` pins it too)."""
     script = Path(__file__).with_name("routing_latency.py")
     proc = subprocess.run([sys.executable, str(script), "--n", str(args.latency_vectors), "--queries",
-                           str(args.latency_targets), "--repeats", str(args.latency_repeats)],
+                           str(args.latency_targets), "--repeats", str(args.latency_repeats), "--threads", "1"],
                           capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         return {"error": proc.stderr[-1000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+# ---- summaries over seeds
+
+def mean_std(values: list[float]) -> dict[str, Any]:
+    """Mean and sample std (0 with one value) of per-seed values, and the values."""
+    return {"mean": round(statistics.mean(values), 2),
+            "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
+            "per_seed": [round(v, 2) for v in values]}
+
+
+def task_groups() -> dict[str, list[str]]:
+    """Which tasks each mean covers: all, and same- or different-source ones apart."""
+    groups = {"all": [t.name for t in TASKS]}
+    for kind in ("same source", "different source"):
+        groups[kind] = [t.name for t in TASKS if t.kind == kind]
+    return groups
+
+
+def summarize_scores(runs: list[dict]) -> dict[str, Any]:
+    """Per task and per task group: each arm's score at each shot count and read-out, over seeds."""
+    shot_keys = [f"{n}-shot" for n in SHOTS]
+
+    def over_seeds(names: list[str], arm: str, shots: str, metric: str) -> dict[str, Any]:
+        return mean_std([statistics.mean(r["scores"][t][arm][shots][metric] for t in names) for r in runs])
+
+    def table(names: list[str]) -> dict[str, Any]:
+        return {arm: {shots: {metric: over_seeds(names, arm, shots, metric) for metric in ("knn", "linear")}
+                      for shots in shot_keys} for arm in ARMS}
+
+    return {"per_task": {task.name: table([task.name]) for task in TASKS},
+            "means": {group: table(names) for group, names in task_groups().items()}}
+
+
+def summarize_routing(runs: list[dict]) -> dict[str, Any]:
+    """Routing accuracy over all seeds, unlabelled and labelled, per task kind and per task."""
+    selectors = {"all": lambda c: True}
+    selectors.update({k: (lambda c, k=k: c["kind"] == k) for k in ("same source", "different source")})
+    selectors.update({t.name: (lambda c, n=t.name: c["task"] == n) for t in TASKS})
+    summary: dict[str, Any] = {}
+    for kind in ("unlabelled", "labelled"):
+        checks = [c for r in runs for c in r["routing"][kind]]
+        summary[kind] = {}
+        for key, selector in selectors.items():
+            chosen = [c for c in checks if selector(c)]
+            summary[kind][key] = {"accuracy": round(sum(c["correct"] for c in chosen) / len(chosen), 4)
+                                  if chosen else None,
+                                  "sets": len(chosen), "chosen": dict(Counter(str(c["chosen"]) for c in chosen))}
+    return summary
+
+
+def check_targets(means: dict[str, Any], routing: dict[str, Any], latency: dict[str, Any] | None,
+                  synthetic: dict[str, Any]) -> dict[str, Any]:
+    """Issue #14's targets: means over all target tasks at 5 shots, gaps beyond the seed std."""
+    arms = means["all"]
+    checks: dict[str, Any] = {}
+    for metric in ("knn", "linear"):
+        a, latest, own = (arms[arm]["5-shot"][metric] for arm in ("route+sept", "latest", "target-only"))
+        checks[f"route_sept_ge_latest_plus_3_{metric}"] = at_least(a["mean"], latest["mean"], 3.0,
+                                                                   max(a["std"], latest["std"]))
+        checks[f"route_sept_ge_target_only_plus_1_{metric}"] = at_least(a["mean"], own["mean"], 1.0,
+                                                                         max(a["std"], own["std"]))
+    for kind, need in (("unlabelled", 0.95), ("labelled", 0.90)):
+        for source in ("same source", "different source"):
+            accuracy = routing[kind][source]["accuracy"]
+            checks[f"routing_{kind}_{source.replace(' ', '_')}"] = {
+                "accuracy": accuracy, "sets": routing[kind][source]["sets"], "need": need,
+                "passed": accuracy is not None and accuracy >= need}
+    flat = synthetic.get("flat", {}).get("p50_ms")
+    checks["route_p50_lt_1s_synthetic_flat"] = {"p50_s": flat and flat / 1000, "passed": bool(flat and flat < 1000)}
+    if latency is not None:
+        p50 = latency["route_real"]["p50"]
+        checks["route_p50_lt_1s_real_small_store"] = {"p50_s": p50, "passed": p50 is not None and p50 < 1.0}
+    checks["all_passed"] = all(c["passed"] for c in checks.values())
+    return checks
+
+
+def markdown_table(means: dict[str, Any]) -> str:
+    """Arms by task group: 5-shot and 20-shot kNN / linear, mean +- std over seeds."""
+    lines = ["| tasks | arm | 5-shot kNN | 5-shot linear | 20-shot kNN | 20-shot linear |",
+             "|---|---|---|---|---|---|"]
+    for group, arms in means.items():
+        for arm, by_shots in arms.items():
+            cells = [f"{by_shots[s][m]['mean']:.1f} ± {by_shots[s][m]['std']:.1f}"
+                     for s in ("5-shot", "20-shot") for m in ("knn", "linear")]
+            lines.append(f"| {group} | `{arm}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3, help="runs, seeds 0..N-1 (daemon seed and target draws)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies --images-per-domain")
     parser.add_argument("--images-per-domain", type=int, default=300)
     parser.add_argument("--experience-fraction", type=float, default=0.8,
@@ -208,147 +408,52 @@ def main() -> None:
     parser.add_argument("--method", default="simclr")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shots", type=int, default=5, help="labelled target images per class")
-    parser.add_argument("--classes", type=int, default=10, help="classes per domain's target set (the first seen)")
-    parser.add_argument("--test-images", type=int, default=200)
-    parser.add_argument("--sept-epochs", type=int, default=10, help="SSL epochs of both SEPT arms (equal steps)")
-    parser.add_argument("--budget-share", type=float, default=0.05, help="SEPT budget as a share of stored samples")
-    parser.add_argument("--routing-sets", type=int, default=5, help="extra unlabelled route sets per domain")
+    parser.add_argument("--classes", type=int, default=10, help="classes per target task at most")
+    parser.add_argument("--test-per-class", type=int, default=20, help="test images per class")
+    parser.add_argument("--pool", type=int, default=3000, help="target images are drawn from a task's first N items")
+    parser.add_argument("--routing-sets", type=int, default=5, help="routing sets per task and seed")
     parser.add_argument("--routing-set-size", type=int, default=20)
     parser.add_argument("--route-repeats", type=int, default=5)
     parser.add_argument("--latency-targets", type=int, default=500)
     parser.add_argument("--latency-vectors", type=int, default=100_000)
     parser.add_argument("--latency-repeats", type=int, default=5)
-    parser.add_argument("--state-dir", type=Path, default=None, help="keep the daemon's state here")
-    args = parser.parse_args()
+    parser.add_argument("--state-dir", type=Path, default=None, help="keep each seed's state in DIR/seed-N")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny run for a look: 1 seed, 100 images per domain, 1 routing set, small latency runs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.images_per_domain, args.routing_sets, args.route_repeats = 1, 100, 1, 1
+        args.latency_targets, args.latency_vectors, args.latency_repeats = 50, 2000, 1
+    return args
 
-    from deploy.indexer import backbone_from_checkpoint, experience_checkpoints
-    from deploy.snapshots import SnapshotEngine
-    from learners.snapshot import load_snapshot
 
+def main() -> None:
+    args = parse_args()
     wall = time.perf_counter()
-    torch.manual_seed(args.seed)
-    per_domain = max(1, round(args.images_per_domain * args.scale))
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        state_dir = args.state_dir or Path(tmp) / "state"
-        say(f"streaming {per_domain} images per domain through the daemon")
-        events, daemon_seconds = run_daemon(state_dir, per_domain, args)
-        stopped = [e for e in events if e.get("event") == "stopped"][-1]
-        history = json.loads((state_dir / "metrics" / "history.json").read_text())
-        exp_domain = {int(r["experience"]): r["domain"] for r in history["records"]}
-        refresh = refresh_dip(events, history.get("throughput", []))
-        say(f"daemon done in {daemon_seconds:.0f} s; experiences {exp_domain}")
-
-        extra = args.routing_sets * args.routing_set_size
-        targets = {d: held_out(d, per_domain, args.shots, args.classes, args.test_images,
-                               max(extra, args.latency_targets if d == "fashion" else 0)) for d in DOMAINS}
-        engine = SnapshotEngine.open_offline(state_dir, args.device)
-        try:
-            checkpoints = experience_checkpoints(state_dir / "checkpoints")
-            latest = max(checkpoints)
-            encoder_version = engine.index.current_version
-            stored = len(engine.store.sample_ids(probe=False))
-            budget = max(2, int(args.budget_share * stored))
-            latest_backbone, latest_manifest = backbone_from_checkpoint(checkpoints[latest], "cpu")
-            size = engine.decode_size
-            create_seconds: dict[str, list[float]] = {arm: [] for arm in ARMS[1:]}
-            routed: dict[str, list[bool]] = {"unlabelled": [], "labelled": []}
-            per_domain_results: dict[str, Any] = {}
-
-            def create(strategy: str, target_list: list[tuple[str, bytes]], labels: dict[str, str] | None,
-                       name: str) -> dict[str, Any]:
-                started = time.perf_counter()
-                manifest = engine.create(target_list, labels, strategy,
-                                         budget if "sept" in strategy else None, name, epochs=args.sept_epochs)
-                create_seconds[strategy].append(time.perf_counter() - started)
-                return manifest
-
-            for domain, target in targets.items():
-                say(f"{domain}: {len(target.shots)} shots, {len(target.test)} test images")
-                target_list = [(f, data) for f, data, _ in target.shots]
-                labels = {f: label for f, _, label in target.shots}
-                result: dict[str, Any] = {"shots": len(target.shots), "test": len(target.test),
-                                          "latest": downstream(latest_backbone, latest_manifest["input"], target,
-                                                               size)}
-                for strategy in ARMS[1:]:
-                    manifest = create(strategy, target_list, labels, f"{domain}-{strategy.replace('+', '-')}")
-                    backbone = load_snapshot(state_dir / "snapshots" / manifest["name"])
-                    chosen = manifest["chosen_experience"]
-                    result[strategy] = {**downstream(backbone, manifest["input"], target, size),
-                                        "chosen_experience": chosen, "chosen_domain": exp_domain.get(chosen),
-                                        "retrieved_count": manifest["retrieved_count"],
-                                        "retrieved_share": round(manifest["retrieved_share"], 4),
-                                        "sept_steps": manifest["sept_steps"],
-                                        "seconds": manifest["seconds"]}
-                    if strategy != "sept":
-                        routed["labelled"].append(exp_domain.get(chosen) == domain)
-                for i in range(args.routing_sets):
-                    chunk = target.rest[i * args.routing_set_size:(i + 1) * args.routing_set_size]
-                    if chunk:
-                        manifest = create("route", [(f"r{j}.img", d) for j, d in enumerate(chunk)], None,
-                                          f"{domain}-routing-{i}")
-                        routed["unlabelled"].append(exp_domain.get(manifest["chosen_experience"]) == domain)
-                per_domain_results[domain] = result
-
-            say(f"route latency: {args.route_repeats} x {args.latency_targets} fashion targets")
-            latency_targets = [(f"l{j}.img", d) for j, d in enumerate(targets["fashion"].rest[:args.latency_targets])]
-            route_seconds = []
-            for i in range(args.route_repeats):
-                started = time.perf_counter()
-                create("route", latency_targets, None, f"latency-{i}")
-                route_seconds.append(time.perf_counter() - started)
-        finally:
-            engine.close()
-
-    say("100k-vector routing latency (benchmarks/routing_latency.py)")
+        for seed in range(args.seeds):
+            torch.manual_seed(seed)
+            state_dir = (args.state_dir or Path(tmp)) / f"seed-{seed}"
+            runs.append(SeedRun(args, seed, state_dir).run())
+    say("routing latency at scale (benchmarks/routing_latency.py)")
     synthetic = routing_latency_100k(args)
-
-    means = {arm: {metric: round(statistics.mean(per_domain_results[d][arm][metric] for d in DOMAINS), 2)
-                   for metric in ("knn", "linear")} for arm in ARMS}
-    shares = [per_domain_results[d]["route+sept"]["retrieved_share"] for d in DOMAINS]
-    gain_knn = means["route+sept"]["knn"] - means["latest"]["knn"]
-    gain_linear = means["route+sept"]["linear"] - means["latest"]["linear"]
-    routing = {kind: {"accuracy": _round(sum(v) / len(v), 4) if v else None, "sets": len(v)}
-               for kind, v in routed.items()}
-    routing_accuracy = routing["unlabelled"]["accuracy"]
-    # The daemon's index stays exact (flat) up to TAILORD_INDEX_EXACT_MAX (200k): flat is the default at 100k.
-    synthetic_p50_s = synthetic["flat"]["p50_ms"] / 1000 if "flat" in synthetic else None
-    ivf_p50_s = synthetic["ivf"]["p50_ms"] / 1000 if "ivf" in synthetic else None
+    scores, routing = summarize_scores(runs), summarize_routing(runs)
+    latency = runs[0]["latency"]
+    say("means over seeds (percent):\n" + markdown_table(scores["means"]))
+    targets = check_targets(scores["means"], routing, latency, synthetic)
+    say("targets: " + ", ".join(f"{k} {'met' if v['passed'] else 'MISSED'}"
+                                for k, v in targets.items() if isinstance(v, dict)))
     print(json.dumps({
-        "benchmark": "snapshot",
-        "accuracy_mean": means,
-        "per_domain": per_domain_results,
-        "route_sept_gain_points": {"knn": round(gain_knn, 2), "linear": round(gain_linear, 2)},
-        "retrieved_share_max": max(shares), "retrieved_budget": budget, "stored_samples": stored,
-        "routing": {**routing, "experience_domains": {str(k): v for k, v in exp_domain.items()}},
-        "latency": {
-            "create_seconds": {arm: {"n": len(v), "p50": percentile(v, 50), "p95": percentile(v, 95)}
-                               for arm, v in create_seconds.items()},
-            "route_real": {"targets": len(latency_targets), "stored_vectors": stored,
-                           "p50": percentile(route_seconds, 50), "p95": percentile(route_seconds, 95)},
-            "route_100k_synthetic": synthetic,
-        },
-        "index_refresh": {**refresh, "aborted": sum(e.get("event") == "index_refresh_aborted" for e in events),
-                          "live_encoder_version": encoder_version},
-        "daemon": {"seconds": round(daemon_seconds, 1), "images_per_second": stopped.get("images_per_second_overall"),
-                   "images_total": stopped.get("images_total"), "experiences": len(checkpoints),
-                   "latest_experience": latest},
-        "targets": {
-            "routing_ge_95pct": routing_accuracy is not None and routing_accuracy >= TARGETS["routing_accuracy_min"],
-            "route_sept_ge_latest_plus_5_knn": gain_knn >= TARGETS["route_sept_gain_points_min"]
-            and max(shares) <= TARGETS["retrieved_share_max"],
-            "route_sept_ge_latest_plus_5_linear": gain_linear >= TARGETS["route_sept_gain_points_min"]
-            and max(shares) <= TARGETS["retrieved_share_max"],
-            "route_p50_lt_1s_500_targets_100k": synthetic_p50_s is not None
-            and synthetic_p50_s < TARGETS["route_p50_seconds_max"],
-            "route_p50_lt_1s_500_targets_100k_ivf": ivf_p50_s is not None
-            and ivf_p50_s < TARGETS["route_p50_seconds_max"],
-        },
+        "benchmark": "snapshot", "tasks": [vars(t) for t in TASKS], "arms": list(ARMS),
+        **scores, "routing": routing, "targets": targets,
+        "latency": {**(latency or {}), "route_synthetic": synthetic},
+        "seeds": [{k: r[k] for k in ("seed", "stored_samples", "experience_domains", "daemon")} for r in runs],
+        "per_seed_scores": [r["scores"] for r in runs],
         "wall_seconds": round(time.perf_counter() - wall, 1),
         "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                   "images_per_domain_streamed": per_domain, "torch_threads": torch.get_num_threads(),
-                   "loadavg_1m": os.getloadavg()[0]},
+                   "shots": list(SHOTS), "knn_k_max": KNN_K, "knn_temperature": KNN_T,
+                   "torch_threads": torch.get_num_threads(), "loadavg_1m": os.getloadavg()[0]},
     }))
 
 

@@ -389,15 +389,23 @@ class SnapshotEngine:
         images, _ = decode_images(encoded, self.decode_size, self.limits)
         if len(images) < 2:
             raise Conflict(f"only {len(images)} stored sample(s) retrieved: too few to train on")
-        state, manifest = read_checkpoint(checkpoint_dir)
-        spec = manifest["backbone"]
-        with torch.device("meta"):  # no weight init: it would draw from the global RNG; the checkpoint fills it
-            method = build_method(manifest["method"], build_backbone(spec["name"], spec.get("kwargs", {})))
-        method.load_state_dict(state, assign=True)
-        preset = trained_preset(manifest)  # the daemon's effective lr and batch size
-        step = sept_step(method, preset, manifest["input"], self.device)
-        steps = continue_pretraining(step, images, preset.batch_size, epochs, SEPT_MAX_STEPS)
-        return method.backbone.eval(), steps
+        return continue_checkpoint(checkpoint_dir, images, self.device, epochs)
+
+
+def continue_checkpoint(checkpoint_dir: Path, images: torch.Tensor, device: torch.device | str,
+                        epochs: int = SEPT_EPOCHS, max_steps: int = SEPT_MAX_STEPS) -> tuple[nn.Module, int]:
+    """SEPT's training: the checkpoint's SSL method continued on `images` (N, 3, S, S) uint8 at
+    the daemon's effective lr and batch size; (backbone, steps done). Also what a user would do
+    without retrieval: train on the target images alone (benchmarks/snapshot.py, `target-only`)."""
+    state, manifest = read_checkpoint(checkpoint_dir)
+    spec = manifest["backbone"]
+    with torch.device("meta"):  # no weight init: it would draw from the global RNG; the checkpoint fills it
+        method = build_method(manifest["method"], build_backbone(spec["name"], spec.get("kwargs", {})))
+    method.load_state_dict(state, assign=True)
+    preset = trained_preset(manifest)  # the daemon's effective lr and batch size
+    step = sept_step(method, preset, manifest["input"], torch.device(device))
+    steps = continue_pretraining(step, images, preset.batch_size, epochs, max_steps)
+    return method.backbone.eval(), steps
 
 
 def index_freshness(version: int, checkpoints: dict[int, Path], stored: int, indexed: int) -> dict[str, int]:
