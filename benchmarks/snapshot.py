@@ -4,8 +4,9 @@ Per seed (``--seeds``; the daemon's TAILORD_SEED and the target samples change w
 
 1. **Stream.** An embedded broker gets ``digits -> fashion -> textures -> photos``, the first
    N items of each built-in source (N = ``--images-per-domain`` x ``--scale``), and
-   ``tailord run`` consumes them until idle. Experiences end at ``--experience-fraction``
-   of N or at a domain change, so the last domain too gets an end-of-experience checkpoint.
+   ``tailord run`` consumes them until idle. Experiences end at a domain change; a few
+   images under an ``end-of-stream`` domain close the last one (the daemon does not close
+   the running experience when it exits), so every domain gets its checkpoint.
 2. **Targets**, never streamed (streamer/sources/builtin.py, "Held out"): ``digits`` (the
    scikit-learn digits after the streamed prefix), ``fashion`` (Fashion-MNIST's training
    split), ``textures`` and ``photos`` (``builtin:*-heldout``: pictures the stream leaves
@@ -61,6 +62,7 @@ ARMS = ("latest", "route", "target-only", "sept", "route+sept")
 SHOTS = (5, 20)
 KNN_K, KNN_T = 20, 0.07
 IDLE_EXIT_S = 20  # long enough for the last experience's index refresh to finish before the daemon exits
+END_DOMAIN, END_IMAGES = "end-of-stream", 8  # their domain change ends the last domain's experience
 
 
 @dataclass(frozen=True)
@@ -135,12 +137,13 @@ def run_daemon(state_dir: Path, per_domain: int, args: argparse.Namespace, seed:
         topic = "snapshot-bench"
         for domain in DOMAINS:
             produce(f"builtin:{domain}", topic, broker.bootstrap, None, per_domain, batch=16, progress=False)
+        produce("builtin:digits", topic, broker.bootstrap, END_DOMAIN, END_IMAGES, batch=END_IMAGES, progress=False)
         env = {k: v for k, v in os.environ.items() if not k.startswith("TAILORD_")}
         env.update({"TAILORD_BOOTSTRAP_SERVERS": broker.bootstrap, "TAILORD_TOPIC": topic,
                     "TAILORD_STATE_DIR": str(state_dir), "TAILORD_HTTP_PORT": "0",
                     "TAILORD_PRESET": args.preset, "TAILORD_METHOD": args.method,
                     "TAILORD_BATCH_SIZE": str(args.batch_size), "TAILORD_DEVICE": args.device,
-                    "TAILORD_EXPERIENCE_IMAGES": str(max(1, int(args.experience_fraction * per_domain))),
+                    "TAILORD_EXPERIENCE_IMAGES": str(per_domain),  # an upper bound the domains stay under
                     "TAILORD_EXIT_WHEN_IDLE_S": str(IDLE_EXIT_S), "TAILORD_LOG_FORMAT": "json",
                     "TAILORD_SEED": str(seed)})
         proc = subprocess.run([sys.executable, "-m", "deploy.cli", "run"], env=env, capture_output=True,
@@ -402,8 +405,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3, help="runs, seeds 0..N-1 (daemon seed and target draws)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies --images-per-domain")
     parser.add_argument("--images-per-domain", type=int, default=300)
-    parser.add_argument("--experience-fraction", type=float, default=0.8,
-                        help="TAILORD_EXPERIENCE_IMAGES as a fraction of the images per domain")
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--method", default="simclr")
     parser.add_argument("--batch-size", type=int, default=64)
