@@ -6,7 +6,7 @@
 2. `route` (SDR-style, `replay.routing.route_targets`): kNN of the targets among stored
    samples -> similarity-weighted votes per experience -> ranked candidate checkpoints;
    with labels, a runner-up whose leave-one-out kNN on the labelled targets beats the top
-   vote's by McNemar's z >= LABEL_SWITCH_Z (2) replaces it;
+   vote's by McNemar's z >= LABEL_SWITCH_Z (2) and by LABEL_SWITCH_GAIN (5 points) replaces it;
 3. `sept` (`learners.sept`): retrieve the `budget` nearest stored samples and continue SSL
    on them, from the chosen checkpoint (`route+sept`) or the latest one (`sept`);
 4. publish `snapshots/<name>/` with `model.safetensors` (the backbone alone) and
@@ -76,6 +76,7 @@ STRATEGIES = ("route", "sept", "route+sept")
 MAX_TARGETS = 10_000
 LABEL_CANDIDATES = 3  # top candidates compared by kNN accuracy when labels are given
 LABEL_SWITCH_Z = 2.0  # McNemar z a runner-up needs over the top vote to be chosen instead
+LABEL_SWITCH_GAIN = 0.05  # and this much more leave-one-out kNN accuracy: significant is not enough
 BUDGET_SHARE, BUDGET_MIN, BUDGET_MAX = 0.05, 64, 2000  # default SEPT budget
 # SEPT trains at most SEPT_MAX_STEPS batches, so no preset ever sees more samples than this:
 # a larger budget would only make retrieval and reads hold the index and store locks longer.
@@ -333,10 +334,9 @@ class SnapshotEngine:
 
     def _choose(self, candidates: list[dict[str, Any]], images: torch.Tensor, names: list[str],
                 labels: dict[str, str], checkpoints: dict[int, Path]) -> int:
-        """Top vote; with labels (>= 2 classes of >= 2 images) a runner-up replaces it only when its
-        leave-one-out kNN (the evaluation protocol, `learners.protocol`) beats the top vote's on
-        the same labelled images by McNemar's z >= LABEL_SWITCH_Z: a few lucky shots cannot
-        overturn the vote."""
+        """Top vote; with labels (>= 2 classes of >= 2 images) a runner-up among the top
+        LABEL_CANDIDATES may replace it (`label_switch`) by its leave-one-out kNN (the evaluation
+        protocol, `learners.protocol`) on the labelled images."""
         usable = labelled_targets(names, labels)
         if usable is None:
             return candidates[0]["experience"]
@@ -347,11 +347,7 @@ class SnapshotEngine:
             encoder = Encoder.load(exp, checkpoints[exp], self.device, meta=True)
             correct[exp] = loo_knn_correct(torch.from_numpy(encoder(images[labelled])), y)
             candidate["knn_accuracy"] = correct[exp].float().mean().item()
-        top = candidates[0]["experience"]
-        for candidate in candidates[1:LABEL_CANDIDATES]:
-            candidate["z_over_top_vote"] = round(paired_z(correct[candidate["experience"]], correct[top]), 3)
-        challengers = [c for c in candidates[1:LABEL_CANDIDATES] if c["z_over_top_vote"] >= LABEL_SWITCH_Z]
-        return max(challengers, key=lambda c: c["z_over_top_vote"])["experience"] if challengers else top
+        return label_switch(candidates[:LABEL_CANDIDATES], correct)
 
     def _label_check(self, backbone: nn.Module, images: torch.Tensor, names: list[str], labels: dict[str, str],
                      checkpoints: dict[int, Path], spec: dict[str, Any]) -> dict[str, Any] | None:
@@ -406,6 +402,31 @@ def continue_checkpoint(checkpoint_dir: Path, images: torch.Tensor, device: torc
     step = sept_step(method, preset, manifest["input"], torch.device(device))
     steps = continue_pretraining(step, images, preset.batch_size, epochs, max_steps)
     return method.backbone.eval(), steps
+
+
+def label_switch(candidates: list[dict[str, Any]], correct: dict[int, torch.Tensor]) -> int:
+    """The experience labels route to: the top vote (`candidates[0]`), unless a runner-up gets
+    more labelled images right by McNemar's z >= LABEL_SWITCH_Z (not the shots' luck) *and* by
+    LABEL_SWITCH_GAIN of accuracy or more (a gain worth leaving the data's closest experience
+    for: with hundreds of labels a 1-point difference is significant, and a different domain's
+    encoder that happens to separate them a little better is no better snapshot). `correct`:
+    experience -> (N,) bool, leave-one-out kNN right per labelled image. Sets `z_over_top_vote`
+    on the runners-up.
+
+    Example:
+        >>> label_switch([{"experience": 2}, {"experience": 1}],
+        ...              {2: torch.tensor([False] * 8), 1: torch.tensor([True] * 8)})
+        1
+    """
+    top = candidates[0]["experience"]
+    challengers = []
+    for candidate in candidates[1:]:
+        exp = candidate["experience"]
+        candidate["z_over_top_vote"] = round(paired_z(correct[exp], correct[top]), 3)
+        gain = correct[exp].float().mean().item() - correct[top].float().mean().item()
+        if candidate["z_over_top_vote"] >= LABEL_SWITCH_Z and gain >= LABEL_SWITCH_GAIN:
+            challengers.append(candidate)
+    return max(challengers, key=lambda c: c["z_over_top_vote"])["experience"] if challengers else top
 
 
 def index_freshness(version: int, checkpoints: dict[int, Path], stored: int, indexed: int) -> dict[str, int]:
