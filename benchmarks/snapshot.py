@@ -13,7 +13,7 @@ Per seed (``--seeds``; the daemon's TAILORD_SEED and the target samples change w
    out entirely) and, from a different source of a streamed kind, ``digits-opencv``
    (OpenCV's handwritten digits; its domain is digits). Each: up to ``--classes`` classes,
    ``max(SHOTS)`` labelled shots per class (the snapshot's targets), a disjoint test split
-   of ``--test-per-class`` per class, and labelled leftovers for routing sets.
+   of ``--test-per-class`` per class, and class-balanced routing sets.
 3. **Arms** on the stopped daemon's state dir (``SnapshotEngine.open_offline``): ``latest``
    (the newest experience checkpoint) and ``route`` (no training); ``sept`` (from latest)
    and ``route+sept`` (the engine's default budget and epochs: the same SSL steps);
@@ -87,12 +87,14 @@ TASKS = (
 
 @dataclass
 class TargetSet:
-    """One task's images: labelled shots (class-major order), a test split, labelled leftovers."""
+    """One task's images: labelled shots (class-major order), a test split, labelled routing
+    images per class, and unlabelled extras (latency targets)."""
 
     task: TargetTask
     shots: list[tuple[str, bytes, str]] = field(default_factory=list)  # (filename, encoded, label)
     test: list[tuple[bytes, str]] = field(default_factory=list)
-    rest: list[tuple[bytes, str]] = field(default_factory=list)
+    routing: dict[str, list[bytes]] = field(default_factory=dict)  # class -> images
+    extra: list[bytes] = field(default_factory=list)
 
 
 def say(message: str) -> None:
@@ -100,7 +102,7 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def draw_targets(task: TargetTask, skip: int, args: argparse.Namespace, seed: int, rest_max: int) -> TargetSet:
+def draw_targets(task: TargetTask, skip: int, args: argparse.Namespace, seed: int, extra_max: int) -> TargetSet:
     """Shots, test split and leftovers of `task`, drawn at random (`seed`) from its first `--pool` items
     (after the `skip` streamed ones when the task's source was streamed)."""
     from streamer.sources import open_source
@@ -110,7 +112,7 @@ def draw_targets(task: TargetTask, skip: int, args: argparse.Namespace, seed: in
     classes = sorted({str(item.label) for item in items})[:args.classes]
     by_class: dict[str, list[tuple[str, bytes, str]]] = {c: [] for c in classes}
     tests: Counter[str] = Counter()
-    target = TargetSet(task)
+    target = TargetSet(task, routing={c: [] for c in classes})
     for i in order:
         item, label = items[i], str(items[i].label)
         if label not in by_class:
@@ -120,8 +122,10 @@ def draw_targets(task: TargetTask, skip: int, args: argparse.Namespace, seed: in
         elif tests[label] < args.test_per_class:
             tests[label] += 1
             target.test.append((item.encoded, label))
-        elif len(target.rest) < rest_max:
-            target.rest.append((item.encoded, label))
+        elif len(target.routing[label]) < args.routing_sets * args.routing_per_class:
+            target.routing[label].append(item.encoded)
+        elif len(target.extra) < extra_max:
+            target.extra.append(item.encoded)
     for n in range(max(SHOTS)):  # shot n of every class, then n + 1: any prefix of n x classes is n-shot
         target.shots += [by_class[c][n] for c in classes if n < len(by_class[c])]
     return target
@@ -213,10 +217,8 @@ class SeedRun:
         history = json.loads((self.state_dir / "metrics" / "history.json").read_text())
         self.exp_domain = {int(r["experience"]): r["domain"] for r in history["records"]}
         say(f"seed {self.seed}: daemon done in {daemon_seconds:.0f} s; experiences {self.exp_domain}")
-        rest_max = args.routing_sets * args.routing_set_size
         targets = [draw_targets(task, per_domain, args, self.seed,
-                                max(rest_max, args.latency_targets if task.name == "fashion" else 0))
-                   for task in TASKS]
+                                args.latency_targets if task.name == "fashion" else 0) for task in TASKS]
         self.engine = SnapshotEngine.open_offline(self.state_dir, args.device)
         try:
             scores = {target.task.name: self.score_task(target) for target in targets}
@@ -265,11 +267,13 @@ class SeedRun:
         return result
 
     def routing_sets(self, target: TargetSet) -> None:
-        """Route `--routing-sets` sets of the task's leftovers, without and with their labels."""
-        size = self.args.routing_set_size
+        """Route `--routing-sets` class-balanced sets (`--routing-per-class` images of every class,
+        so labels can be scored leave-one-out), without and with their labels."""
+        per = self.args.routing_per_class
         for i in range(self.args.routing_sets):
-            chunk = target.rest[i * size:(i + 1) * size]
-            if len(chunk) < size:
+            chunk = [(images[i * per + j], label) for label, images in target.routing.items()
+                     for j in range(per) if i * per + j < len(images)]
+            if len(chunk) < per * len(target.routing):
                 break
             files = [(f"r{j}.img", data) for j, (data, _) in enumerate(chunk)]
             labels = {f"r{j}.img": label for j, (_, label) in enumerate(chunk)}
@@ -285,7 +289,7 @@ class SeedRun:
     def latency(self, targets: list[TargetSet]) -> dict[str, Any]:
         """`create` p50/p95 per strategy, and route snapshots of `--latency-targets` real images."""
         fashion = next(t for t in targets if t.task.name == "fashion")
-        files = [(f"l{j}.img", data) for j, (data, _) in enumerate(fashion.rest[:self.args.latency_targets])]
+        files = [(f"l{j}.img", data) for j, data in enumerate(fashion.extra)]
         route_seconds = []
         for i in range(self.args.route_repeats):
             started = time.perf_counter()
@@ -413,7 +417,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-per-class", type=int, default=20, help="test images per class")
     parser.add_argument("--pool", type=int, default=3000, help="target images are drawn from a task's first N items")
     parser.add_argument("--routing-sets", type=int, default=5, help="routing sets per task and seed")
-    parser.add_argument("--routing-set-size", type=int, default=20)
+    parser.add_argument("--routing-per-class", type=int, default=2, help="images of each class per routing set")
     parser.add_argument("--route-repeats", type=int, default=5)
     parser.add_argument("--latency-targets", type=int, default=500)
     parser.add_argument("--latency-vectors", type=int, default=100_000)

@@ -18,26 +18,30 @@ from benchmarks.snapshot import (
 
 
 def _args(**kw) -> argparse.Namespace:
-    return argparse.Namespace(**{"classes": 10, "test_per_class": 3, "pool": 400, **kw})
+    return argparse.Namespace(**{"classes": 10, "test_per_class": 3, "pool": 400, "routing_sets": 2,
+                                 "routing_per_class": 2, **kw})
 
 
 def test_draws_are_disjoint_class_major_and_skip_the_streamed_prefix() -> None:
     task = TargetTask("digits", "builtin:digits", "digits", "same source", after_stream=True)
-    target = draw_targets(task, skip=100, args=_args(), seed=1, rest_max=7)
+    target = draw_targets(task, skip=100, args=_args(), seed=1, extra_max=7)
     names = [f for f, _, _ in target.shots]
-    assert len(target.shots) == max(SHOTS) * 10 and len(target.test) == 30 and len(target.rest) == 7
+    assert len(target.shots) == max(SHOTS) * 10 and len(target.test) == 30 and len(target.extra) == 7
+    assert sorted(target.routing) == [str(d) for d in range(10)]
+    assert all(len(images) == 4 for images in target.routing.values()), "2 sets x 2 per class"
     labels = [label for *_, label in target.shots]
     assert sorted(set(labels[:10])) == [str(d) for d in range(10)], "each 10-prefix holds one shot per class"
-    encoded = [data for _, data, _ in target.shots] + [d for d, _ in target.test] + [d for d, _ in target.rest]
+    routing = [data for images in target.routing.values() for data in images]
+    encoded = [data for _, data, _ in target.shots] + [d for d, _ in target.test] + routing + target.extra
     assert len(set(encoded)) == len(encoded), "shots, test and rest share no image"
     from itertools import islice
 
     from streamer.sources import open_source
     streamed = {item.encoded for item in islice(open_source("builtin:digits").items, 100)}
     assert not streamed & set(encoded), "a target image was in the streamed prefix"
-    again = draw_targets(task, skip=100, args=_args(), seed=1, rest_max=7)
+    again = draw_targets(task, skip=100, args=_args(), seed=1, extra_max=7)
     assert [f for f, _, _ in again.shots] == names
-    assert [f for f, _, _ in draw_targets(task, skip=100, args=_args(), seed=2, rest_max=7).shots] != names
+    assert [f for f, _, _ in draw_targets(task, skip=100, args=_args(), seed=2, extra_max=7).shots] != names
 
 
 def _run(seed: int, bump: float) -> dict:
