@@ -415,8 +415,8 @@ class Indexer:
         """Write a batch to the store; its non-probe samples still stored wait to be embedded."""
         self.store.add(batch.sample_ids, batch.encoded, batch.experience, batch.domains,
                        batch.labels, batch.probes)
-        if self._encoder is None:
-            return  # the first refresh embeds the whole store
+        if self._encoder is None and self._rebuild is None:
+            return  # the first refresh, when it starts, embeds the whole store
         stored = self.store.catalog.get(batch.sample_ids)
         waiting = [sid for sid, probe in zip(batch.sample_ids, batch.probes, strict=True)
                    if sid in stored and not probe]
@@ -446,8 +446,10 @@ class Indexer:
         """Load checkpoint `version`'s encoder and start re-embedding the store with it."""
         encoder = Encoder.load(version, checkpoint_dir, self.device)
         total = len(self.store.sample_ids(probe=False))
-        # Keyset paging also reaches the rows stored meanwhile: nothing is missed.
-        pages = self.store.iter_records(probe=False, batch_size=EMBED_BATCH)
+        # Only the rows stored so far: rows stored meanwhile wait in `_unindexed` (`_store`) and are
+        # embedded with this encoder once it is live. Paging them too made the refresh chase the
+        # stream: when samples arrived faster than its compute share embedded them, it never ended.
+        pages = self.store.iter_records(probe=False, batch_size=EMBED_BATCH, until=self.store.catalog.last_rowid())
         self._rebuild = _Rebuild(encoder, pages, total, time.perf_counter())
 
     def _refresh_chunk(self) -> None:
@@ -477,9 +479,10 @@ class Indexer:
         built = self.index.build(rebuild.encoder.version, matrix[keep], [rebuild.ids[i] for i in keep],
                                  [rebuild.experiences[i] for i in keep])
         self.index.swap(built)  # publishes it: nothing unsaved until the next change
+        stored = self.store.sample_ids(probe=False)  # the rows stored during the refresh are not in it
         with self._cond:
             self._encoder, self._rebuild, self._unsaved = rebuild.encoder, None, False
-            self._unindexed = self.index.missing(self._unindexed)
+            self._unindexed = self.index.missing(stored)[-MAX_UNINDEXED:]
         self.last_refresh_seconds = time.perf_counter() - rebuild.started
         log.info("index_refreshed", encoder_version=rebuild.encoder.version, vectors=built.size,
                  seconds=round(self.last_refresh_seconds, 2))

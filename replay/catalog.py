@@ -149,16 +149,22 @@ class Catalog:
         ]
 
     def page(
-        self, after: int, limit: int, experience: int | None = None, probe: bool | None = None
+        self, after: int, limit: int, experience: int | None = None, probe: bool | None = None,
+        until: int | None = None,
     ) -> tuple[list[SampleRow], int]:
-        """Up to ``limit`` rows with rowid > ``after``; also returns the last rowid (keyset paging)."""
+        """Up to ``limit`` rows with ``after`` < rowid (<= ``until``); also returns the last rowid
+        (keyset paging)."""
         where, args = _filters(experience, probe)
         values = self._query(
-            f"SELECT rowid, {_COLUMNS} FROM samples WHERE rowid > ? AND {where} "
+            f"SELECT rowid, {_COLUMNS} FROM samples WHERE rowid > ? AND rowid <= ? AND {where} "
             "ORDER BY rowid LIMIT ?",
-            [after, *args, limit],
+            [after, until if until is not None else 2**63 - 1, *args, limit],
         )
         return [_row(v[1:]) for v in values], (values[-1][0] if values else after)
+
+    def last_rowid(self) -> int:
+        """The newest row's rowid (0 when empty): `page(until=...)` stops at the rows stored so far."""
+        return int(self._query("SELECT COALESCE(MAX(rowid), 0) FROM samples")[0][0])
 
     def ids(self, experience: int | None = None, probe: bool | None = None) -> list[str]:
         where, args = _filters(experience, probe)

@@ -272,13 +272,15 @@ class SampleStore:
         return self.catalog.ids(experience, probe)
 
     def iter_records(
-        self, experience: int | None = None, probe: bool | None = None, batch_size: int = 256
+        self, experience: int | None = None, probe: bool | None = None, batch_size: int = 256,
+        until: int | None = None,
     ) -> Iterator[tuple[list[SampleRow], list[bytes]]]:
-        """Batches of (rows, encoded bytes) in insertion order, e.g. to re-embed everything."""
+        """Batches of (rows, encoded bytes) in insertion order, e.g. to re-embed everything;
+        with ``until`` (a `catalog.last_rowid()`), only the rows stored up to then."""
         after = 0
         while True:
             with self._lock:
-                rows, after = self.catalog.page(after, batch_size, experience, probe)
+                rows, after = self.catalog.page(after, batch_size, experience, probe, until)
                 if not rows:
                     return
                 payloads = self._read_rows(rows)

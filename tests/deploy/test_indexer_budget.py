@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+import deploy.indexer
 from deploy.index_budget import ComputeBudget
 from deploy.metrics import Metrics
 from tests.snapshot_testkit import open_indexer, submit_colour, write_experience_checkpoint
@@ -105,3 +106,32 @@ def test_the_queue_keeps_the_newest_and_the_refresh_takes_the_rest(budgeted, mon
     assert indexer.upkeep().unindexed == 1  # 5 kept of 12, then one chunk of 4 embedded
     assert indexer.index.missing(red) == red[:8]  # the newest went first
     assert indexer.flush(30) and indexer.index.missing(red) == red[:7]  # the other 7 wait for a refresh
+
+
+def test_a_refresh_ends_while_samples_arrive_faster_than_it_embeds(budgeted, tmp_path, monkeypatch):
+    """A refresh re-embeds the rows stored when it started; rows stored meanwhile follow with the
+    new encoder. Paging them too, it chased the stream and never swapped in while the stream
+    outpaced it (a daemon of 1,000-image experiences had no index after 16 of them)."""
+    from tests.snapshot_testkit import colour_png
+
+    indexer, budget = budgeted
+    red = submit_colour(indexer, 1, "red", 12)
+    budget.trained(1000.0)
+    settle(indexer, lambda: indexer.index_size() == 12)
+    arrived: list[str] = []
+    decode = deploy.indexer.decode_images
+
+    def decode_while_the_stream_outpaces(payloads, size, limits):
+        if indexer._rebuild is not None and len(arrived) < 400:  # 8 new rows per page of 4
+            ids = [f"blue-{len(arrived) + i}" for i in range(8)]
+            indexer.store.add(ids, [colour_png("blue", 5000 + len(arrived) + i) for i in range(8)], 2, ["blue"] * 8)
+            arrived.extend(ids)
+        return decode(payloads, size, limits)
+
+    monkeypatch.setattr("deploy.indexer.decode_images", decode_while_the_stream_outpaces)
+    indexer.new_encoder(2, write_experience_checkpoint(tmp_path, 2, seed=2))
+    settle(indexer, lambda: indexer.index.current_version == 2)
+    assert len(arrived) <= 8 * 4, "the refresh read rows stored after it started"
+    monkeypatch.setattr("deploy.indexer.decode_images", decode)
+    assert indexer.flush(30)
+    assert indexer.index.missing(red + arrived) == [] and indexer.index.current_version == 2
