@@ -27,7 +27,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: the repository root holds the `benchmarks` package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.soak import TOKEN, admin, keep_producing  # noqa: E402  one producer and client for both
+from benchmarks.soak import admin, daemon_env, keep_producing  # noqa: E402  one producer and client for both
 
 TARGETS = {"create_seconds_max": 60.0, "throughput_kept_min": 0.70}
 
@@ -98,11 +98,7 @@ def main() -> None:
         write_targets(tmp_path / "targets" / "fashion", args.targets)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TAILORD_")}
-        env.update({"TAILORD_BOOTSTRAP_SERVERS": broker.bootstrap, "TAILORD_TOPIC": "live",
-                    "TAILORD_STATE_DIR": str(tmp_path / "state"), "TAILORD_HTTP_PORT": str(port),
-                    "TAILORD_ADMIN_TOKEN": TOKEN, "TAILORD_TARGETS_DIR": str(tmp_path / "targets"),
-                    "TAILORD_EXPERIENCE_IMAGES": str(args.experience_images), "TAILORD_LOG_FORMAT": "json"})
+        env = daemon_env(broker.bootstrap, "live", tmp_path, port, TAILORD_EXPERIENCE_IMAGES=str(args.experience_images))
         stop = threading.Event()
         threading.Thread(target=keep_producing, args=(broker.bootstrap, "live", stop, 2000), daemon=True).start()
         with open(tmp_path / "daemon.log", "wb") as log:

@@ -58,6 +58,17 @@ def keep_producing(bootstrap: str, topic: str, stop: threading.Event, per_pass: 
         rounds += 1
 
 
+def daemon_env(bootstrap: str, topic: str, folder: Path, port: int, **settings: str) -> dict[str, str]:
+    """The daemon's environment: this broker and topic, state and targets under `folder`, the HTTP
+    port with the admin token, JSON logs, then `settings` (TAILORD_* names); no other TAILORD_*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TAILORD_")}
+    env.update({"TAILORD_BOOTSTRAP_SERVERS": bootstrap, "TAILORD_TOPIC": topic,
+                "TAILORD_STATE_DIR": str(folder / "state"), "TAILORD_HTTP_PORT": str(port),
+                "TAILORD_ADMIN_TOKEN": TOKEN, "TAILORD_TARGETS_DIR": str(folder / "targets"),
+                "TAILORD_LOG_FORMAT": "json", **settings})
+    return env
+
+
 def write_targets(folder: Path, count: int) -> None:
     from streamer.sources import open_source
 
@@ -85,13 +96,10 @@ def main() -> None:
         write_targets(tmp_path / "targets" / "fashion", 40)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TAILORD_")}
-        env.update({"TAILORD_BOOTSTRAP_SERVERS": broker.bootstrap, "TAILORD_TOPIC": "soak",
-                    "TAILORD_STATE_DIR": str(tmp_path / "state"), "TAILORD_HTTP_PORT": str(port),
-                    "TAILORD_ADMIN_TOKEN": TOKEN, "TAILORD_TARGETS_DIR": str(tmp_path / "targets"),
-                    "TAILORD_EXPERIENCE_IMAGES": "1500", "TAILORD_STORE_MAX_BYTES": str(args.store_max_bytes),
-                    "TAILORD_REPLAY_MAX_IMAGES": str(args.replay_max_images), "TAILORD_KEEP_EXPERIENCES": "5",
-                    "TAILORD_CHECKPOINT_INTERVAL_S": "60", "TAILORD_LOG_FORMAT": "json"})
+        env = daemon_env(broker.bootstrap, "soak", tmp_path, port,
+                         TAILORD_EXPERIENCE_IMAGES="1500", TAILORD_STORE_MAX_BYTES=str(args.store_max_bytes),
+                         TAILORD_REPLAY_MAX_IMAGES=str(args.replay_max_images), TAILORD_KEEP_EXPERIENCES="5",
+                         TAILORD_CHECKPOINT_INTERVAL_S="60")
         stop = threading.Event()
         producer = threading.Thread(target=keep_producing, args=(broker.bootstrap, "soak", stop, args.per_pass),
                                     daemon=True)
