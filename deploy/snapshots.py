@@ -235,7 +235,7 @@ class SnapshotEngine:
             rows: list[SampleRow] = []
             if "sept" in strategy:
                 rows, encoded = self._read(retrieved[:sept_capacity(source)])
-                backbone, steps = self._sept(source, encoded, epochs)
+                backbone, steps = self._sept(source, encoded, epochs, images)
             else:
                 backbone, steps = backbone_from_checkpoint(source, "cpu", meta=True)[0], 0
             manifest = {
@@ -380,12 +380,16 @@ class SnapshotEngine:
                 continue
         raise Unavailable("the sample store kept evicting the retrieved samples; retry")
 
-    def _sept(self, checkpoint_dir: Path, encoded: list[bytes], epochs: int) -> tuple[nn.Module, int]:
-        """Continue the checkpoint's SSL method on the retrieved samples; (backbone, steps done)."""
-        images, _ = decode_images(encoded, self.decode_size, self.limits)
-        if len(images) < 2:
-            raise Conflict(f"only {len(images)} stored sample(s) retrieved: too few to train on")
-        return continue_checkpoint(checkpoint_dir, images, self.device, epochs)
+    def _sept(self, checkpoint_dir: Path, encoded: list[bytes], epochs: int,
+              targets: torch.Tensor) -> tuple[nn.Module, int]:
+        """Continue the checkpoint's SSL method on the target images and the retrieved samples;
+        (backbone, steps done). The targets themselves train too: on the held-out benchmark, SSL
+        on the targets alone beat SSL on the retrieved samples alone (docs/snapshots.md)."""
+        retrieved, _ = decode_images(encoded, self.decode_size, self.limits)
+        if len(retrieved) < 2:
+            raise Conflict(f"only {len(retrieved)} stored sample(s) retrieved: too few to train on")
+        images = torch.cat([targets, retrieved])  # (T + R, 3, S, S) uint8
+        return continue_checkpoint(checkpoint_dir, images, self.device, epochs, SEPT_MAX_STEPS)
 
 
 def continue_checkpoint(checkpoint_dir: Path, images: torch.Tensor, device: torch.device | str,
