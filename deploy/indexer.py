@@ -193,6 +193,7 @@ class _Rebuild:
     encoder: Encoder
     pages: Iterator[tuple[list[SampleRow], list[bytes]]]  # the store's non-probe records, keyset-paged
     total: int  # non-probe samples stored when it started (progress only)
+    until: int  # the store's last rowid when it started: the rows it re-embeds
     started: float
     done: int = 0
     vectors: list[np.ndarray] = field(default_factory=list)  # (n_i, D) each
@@ -449,8 +450,9 @@ class Indexer:
         # Only the rows stored so far: rows stored meanwhile wait in `_unindexed` (`_store`) and are
         # embedded with this encoder once it is live. Paging them too made the refresh chase the
         # stream: when samples arrived faster than its compute share embedded them, it never ended.
-        pages = self.store.iter_records(probe=False, batch_size=EMBED_BATCH, until=self.store.catalog.last_rowid())
-        self._rebuild = _Rebuild(encoder, pages, total, time.perf_counter())
+        until = self.store.catalog.last_rowid()
+        pages = self.store.iter_records(probe=False, batch_size=EMBED_BATCH, until=until)
+        self._rebuild = _Rebuild(encoder, pages, total, until, time.perf_counter())
 
     def _refresh_chunk(self) -> None:
         """Re-embed the next page of the store; swap the new index in after the last page."""
@@ -479,10 +481,10 @@ class Indexer:
         built = self.index.build(rebuild.encoder.version, matrix[keep], [rebuild.ids[i] for i in keep],
                                  [rebuild.experiences[i] for i in keep])
         self.index.swap(built)  # publishes it: nothing unsaved until the next change
-        stored = self.store.sample_ids(probe=False)  # the rows stored during the refresh are not in it
+        later = self.store.sample_ids(probe=False, after=rebuild.until)  # stored during the refresh: not in it
         with self._cond:
             self._encoder, self._rebuild, self._unsaved = rebuild.encoder, None, False
-            self._unindexed = self.index.missing(stored)[-MAX_UNINDEXED:]
+            self._unindexed = self.index.missing(later)[-MAX_UNINDEXED:]
         self.last_refresh_seconds = time.perf_counter() - rebuild.started
         log.info("index_refreshed", encoder_version=rebuild.encoder.version, vectors=built.size,
                  seconds=round(self.last_refresh_seconds, 2))

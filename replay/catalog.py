@@ -166,12 +166,13 @@ class Catalog:
         """The newest row's rowid (0 when empty): `page(until=...)` stops at the rows stored so far."""
         return int(self._query("SELECT COALESCE(MAX(rowid), 0) FROM samples")[0][0])
 
-    def ids(self, experience: int | None = None, probe: bool | None = None) -> list[str]:
+    def ids(self, experience: int | None = None, probe: bool | None = None, after: int = 0) -> list[str]:
+        """Sample ids in insertion order; with ``after`` (a `last_rowid()`), those stored since."""
         where, args = _filters(experience, probe)
         return [
             v[0]
             for v in self._query(
-                f"SELECT sample_id FROM samples WHERE {where} ORDER BY rowid", args
+                f"SELECT sample_id FROM samples WHERE rowid > ? AND {where} ORDER BY rowid", [after, *args]
             )
         ]
 

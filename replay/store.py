@@ -268,8 +268,8 @@ class SampleStore:
                 raise KeyError(f"{len(missing)} unknown sample ids, e.g. {missing[0]!r}")
             return self._read_rows([rows[sid] for sid in sample_ids])
 
-    def sample_ids(self, experience: int | None = None, probe: bool | None = None) -> list[str]:
-        return self.catalog.ids(experience, probe)
+    def sample_ids(self, experience: int | None = None, probe: bool | None = None, after: int = 0) -> list[str]:
+        return self.catalog.ids(experience, probe, after)
 
     def iter_records(
         self, experience: int | None = None, probe: bool | None = None, batch_size: int = 256,
