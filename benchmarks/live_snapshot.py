@@ -27,20 +27,9 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: the repository root holds the `benchmarks` package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.soak import admin, daemon_env, keep_producing  # noqa: E402  one producer and client for both
+from benchmarks.soak import admin, daemon_env, keep_producing, write_targets  # noqa: E402  one producer and client for both
 
 TARGETS = {"create_seconds_max": 60.0, "throughput_kept_min": 0.70}
-
-
-def write_targets(folder: Path, count: int) -> None:
-    """`count` Fashion-MNIST training images (never streamed: the stream is the test split)."""
-    from itertools import islice
-
-    from streamer.sources import open_source
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for item in islice(open_source("builtin:fashion-train").items, count):
-        (folder / f"{item.key}.{item.fmt_ext}").write_bytes(item.encoded)
 
 
 def trained(url: str) -> tuple[float, int]:
@@ -95,7 +84,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
         tmp_path = Path(tmp)
-        write_targets(tmp_path / "targets" / "fashion", args.targets)
+        # Fashion-MNIST's training split: never streamed (the stream is the test split)
+        write_targets(tmp_path / "targets" / "fashion", args.targets, "builtin:fashion-train")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         env = daemon_env(broker.bootstrap, "live", tmp_path, port, TAILORD_EXPERIENCE_IMAGES=str(args.experience_images))

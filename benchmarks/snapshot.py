@@ -107,7 +107,8 @@ def draw_targets(task: TargetTask, skip: int, args: argparse.Namespace, seed: in
     (after the `skip` streamed ones when the task's source was streamed)."""
     from streamer.sources import open_source
 
-    items = list(islice(open_source(task.source).items, skip if task.after_stream else 0, None))[:args.pool]
+    start = skip if task.after_stream else 0
+    items = list(islice(open_source(task.source).items, start, start + args.pool))
     order = np.random.default_rng(seed).permutation(len(items))
     classes = sorted({str(item.label) for item in items})[:args.classes]
     by_class: dict[str, list[tuple[str, bytes, str]]] = {c: [] for c in classes}
@@ -159,12 +160,15 @@ def run_daemon(state_dir: Path, per_domain: int, args: argparse.Namespace, seed:
 
 
 def decode_all(encoded: list[bytes], size: int) -> torch.Tensor:
-    """(N,3,size,size) uint8 with the daemon's decoder."""
-    from streamer.decode import decode_image
+    """(N,3,size,size) uint8 with the daemon's decoder (`deploy.indexer.decode_images`); every image
+    must decode, or shots and labels would no longer line up."""
+    from deploy.indexer import decode_images
     from streamer.limits import DecodeLimits
 
-    limits = DecodeLimits()
-    return torch.stack([decode_image(data, limits, size) for data in encoded])
+    images, kept = decode_images(encoded, size, DecodeLimits())
+    if len(kept) != len(encoded):
+        raise SystemExit(f"{len(encoded) - len(kept)} target image(s) did not decode")
+    return images
 
 
 def few_shot_scores(backbone: nn.Module, input_spec: dict, target: TargetSet, size: int) -> dict[str, dict]:

@@ -69,13 +69,14 @@ def daemon_env(bootstrap: str, topic: str, folder: Path, port: int, **settings: 
     return env
 
 
-def write_targets(folder: Path, count: int) -> None:
+def write_targets(folder: Path, count: int, source: str = "builtin:fashion") -> None:
+    """The first `count` images of `source`, as files in `folder` (a snapshot's target_path)."""
+    from itertools import islice
+
     from streamer.sources import open_source
 
     folder.mkdir(parents=True, exist_ok=True)
-    for i, item in enumerate(open_source("builtin:fashion").items):
-        if i >= count:
-            return
+    for item in islice(open_source(source).items, count):
         (folder / f"{item.key}.{item.fmt_ext}").write_bytes(item.encoded)
 
 
