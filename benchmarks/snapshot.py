@@ -18,7 +18,7 @@ Per seed (``--seeds``; the daemon's TAILORD_SEED and the target samples change w
    (the newest experience checkpoint) and ``route`` (no training); ``sept`` (from latest)
    and ``route+sept`` (the engine's default budget and epochs: the same SSL steps);
    ``target-only``: the latest checkpoint's SSL continued on the target images alone for
-   the same steps as ``sept`` (``deploy.snapshots.continue_checkpoint``), what a user does
+   the same steps as ``sept`` (``deploy.sept_child.continue_checkpoint``), what a user does
    without tailord. Each backbone is scored by weighted kNN (k <= 20, T = 0.07) and a linear
    probe fit on 5 and on 20 shots per class, tested on the test split.
 4. **Routing**: the chosen experience's domain equals the target's, unlabelled (the vote)
@@ -194,7 +194,7 @@ def few_shot_scores(backbone: nn.Module, input_spec: dict, target: TargetSet, si
 
 def target_only(checkpoint: Path, target: TargetSet, size: int, steps: int, device: str) -> nn.Module:
     """The latest checkpoint's SSL continued on the target images alone, for `steps` steps."""
-    from deploy.snapshots import continue_checkpoint
+    from deploy.sept_child import continue_checkpoint
 
     images = decode_all([data for _, data, _ in target.shots], size)
     backbone, done = continue_checkpoint(checkpoint, images, device, epochs=max(steps, 1), max_steps=steps)

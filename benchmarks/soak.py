@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 TOKEN = "soak-token"
@@ -45,16 +46,21 @@ def admin(url: str, path: str, body: bytes | None = None) -> dict:
         return json.loads(resp.read())
 
 
-def keep_producing(bootstrap: str, topic: str, stop: threading.Event, per_pass: int) -> None:
-    """Publish the built-in domains over and over, each pass with fresh sample ids."""
+def keep_producing(bootstrap: str, topic: str, stop: threading.Event, per_pass: int,
+                   ahead: Callable[[int], bool] | None = None) -> None:
+    """Publish the built-in domains over and over, each pass with fresh sample ids; with `ahead`
+    (images published so far -> True when far enough ahead of the daemon), wait while it holds."""
     from streamer.produce import produce
 
-    rounds = 0
+    rounds, published = 0, 0
     while not stop.is_set():
         for source in ("digits", "fashion", "textures", "photos"):
+            while ahead is not None and ahead(published) and not stop.is_set():
+                time.sleep(1)
             if stop.is_set():
                 return
-            produce(f"builtin:{source}", topic, bootstrap, f"{source}-r{rounds}", per_pass, batch=8, progress=False)
+            published += produce(f"builtin:{source}", topic, bootstrap, f"{source}-r{rounds}", per_pass, batch=8,
+                                 progress=False)
         rounds += 1
 
 

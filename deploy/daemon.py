@@ -282,7 +282,8 @@ def start_indexer(settings: Settings, world: World, metrics: Metrics, learner: L
     metrics.watch_index(indexer.upkeep)
     indexer.start()
     snapshots = SnapshotEngine(settings.state_dir, indexer.store, indexer.index, learner.device,
-                               learner.preset.resolution, metrics, settings.targets_dir, limits)
+                               learner.preset.resolution, metrics, settings.targets_dir, limits,
+                               sept_child=(settings.snapshot_threads, settings.snapshot_niceness))
     return indexer, snapshots
 
 

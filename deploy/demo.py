@@ -296,8 +296,8 @@ def print_summary(state_dir: Path, daemon: Daemon, plan: Plan, snapshot: dict[st
     share = next((c.get("vote_share") for c in snapshot.get("candidates", []) if c.get("experience") == chosen), None)
     votes = f", {share:.0%} of the routing votes" if share is not None else ""
     say(f"snapshot:     {snapshot['strategy']} chose experience {chosen} ({domains.get(chosen, '?')}{votes}) for "
-        f"{plan.target_images} unseen {TARGET_DOMAIN} images; SEPT trained on {snapshot['retrieved_count']} "
-        "retrieved samples")
+        f"{plan.target_images} unseen {TARGET_DOMAIN} images; SEPT trained on them and "
+        f"{snapshot['retrieved_count']} retrieved samples")
     say(f"              {snapshot['path']}")
     say(f"checkpoints:  {state_dir / 'checkpoints'}")
     say(f"report:       {report}")

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     lr: float | None = Field(None, gt=0, description="learning rate; unset: preset")
     seed: int = Field(0, description="seed for augmentation, probes and buffers")
     torch_threads: int | None = Field(None, ge=1, le=256, description="CPU threads for torch; unset: torch's default")
+    snapshot_threads: int = Field(1, ge=1, le=256, description="torch threads of the child process that trains a snapshot's SEPT beside the daemon (training keeps its own); raise it when the machine has cores to spare")
+    snapshot_niceness: int = Field(10, ge=0, le=19, description="how much lower than training's the CPU priority of that child process is (Linux nice; 0: the same)")
     compile: bool = Field(False, description="torch.compile the model (faster steps, slow start)")
 
     # experiences

@@ -164,7 +164,7 @@ def request_snapshot(target: str | Path, labels: str | Path | None, out: str | P
             "strategy": manifest["strategy"], "chosen_experience": manifest["chosen_experience"],
             "chosen_experience_info": manifest.get("chosen_experience_info"),
             "candidates": manifest["candidates"], "retrieved_count": manifest["retrieved_count"],
-            "retrieved_by_experience": manifest.get("retrieved_by_experience", {}),
+            "target_count": manifest["target_count"], "retrieved_by_experience": manifest.get("retrieved_by_experience", {}),
             "label_check": manifest.get("label_check"),
             "sept_steps": manifest["sept_steps"], "encoder_version": manifest["encoder_version"]}
 
@@ -181,7 +181,8 @@ def summary_line(result: dict[str, Any]) -> str:
     line = f"snapshot {result['name']}: {named}, {why}"
     if result["retrieved_count"]:
         per = ", ".join(f"exp {exp}: {n}" for exp, n in sorted(result["retrieved_by_experience"].items()))
-        line += f"; SEPT {result['sept_steps']} steps on {result['retrieved_count']} retrieved samples ({per})"
+        line += (f"; SEPT {result['sept_steps']} steps on your {result['target_count']} images and "
+                 f"{result['retrieved_count']} retrieved samples ({per})")
     check = result.get("label_check")
     if check:
         line += (f"; on your labelled images kNN {check['snapshot_knn']:.2f} vs latest checkpoint "

@@ -41,10 +41,10 @@ from deploy.indexer import (
     decode_images,
     experience_checkpoints,
     lock_state,
-    read_checkpoint,
 )
 from deploy.learner import trained_preset
 from deploy.metrics import Metrics
+from deploy.sept_child import continue_checkpoint, continue_in_child
 from deploy.snapshot_errors import (
     BadRequest,
     Conflict,
@@ -53,13 +53,11 @@ from deploy.snapshot_errors import (
 )
 from deploy.snapshot_files import SnapshotShelf, check_name, default_name
 from learners.augment import EvalTransform
-from learners.backbones import build_backbone
 from learners.device import pick_device
 from learners.evaluation import embed, encode_labels
-from learners.methods import build_method
 from learners.presets import PRESETS
 from learners.protocol import loo_knn_accuracy, loo_knn_correct, paired_z
-from learners.sept import SEPT_EPOCHS, SEPT_MAX_STEPS, continue_pretraining, sept_step
+from learners.sept import SEPT_EPOCHS, SEPT_MAX_STEPS
 from learners.snapshot import backbone_spec, save_backbone
 from replay.catalog import SampleRow
 from replay.index import CURRENT_FILE, VectorIndex
@@ -123,17 +121,21 @@ class SnapshotEngine:
             (`deploy.snapshot_request`).
         limits: decode limits for target images.
         max_bytes: ceiling of decoded pixels per snapshot (SNAPSHOT_MAX_BYTES).
+        sept_child: (torch threads, niceness) to train SEPT in a child process with
+            (`deploy.sept_child`; the daemon's, so a snapshot cannot slow training); None: in this process.
 
     Routing is `replay.routing.route_targets`, SEPT's training `learners.sept`; the snapshot
     folders are `shelf` (`deploy.snapshot_files.SnapshotShelf`: `describe` and `file_path`
-    are its). SEPT runs on HTTP threads beside training: it draws its crops and batch order
-    from its own generators (`learners.sept`) and builds its model on the meta device, so it
-    never reads, advances or reseeds the global RNGs that drive the daemon's augmentation.
+    are its). Routing and retrieval run on HTTP threads beside training, and so does SEPT
+    without `sept_child`: it draws its crops and batch order from its own generators
+    (`learners.sept`) and builds its model on the meta device, so it never reads, advances
+    or reseeds the global RNGs that drive the daemon's augmentation.
     """
 
     def __init__(self, state_dir: Path, store: SampleStore, index: VectorIndex, device: torch.device | str,
                  decode_size: int, metrics: Metrics | None = None, targets_dir: Path | None = None,
-                 limits: DecodeLimits | None = None, max_bytes: int = SNAPSHOT_MAX_BYTES) -> None:
+                 limits: DecodeLimits | None = None, max_bytes: int = SNAPSHOT_MAX_BYTES,
+                 sept_child: tuple[int, int] | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.checkpoint_root = self.state_dir / "checkpoints"
         self.shelf = SnapshotShelf.in_state_dir(self.state_dir).prepare()
@@ -145,6 +147,7 @@ class SnapshotEngine:
         self.targets_dir = Path(targets_dir) if targets_dir is not None else None
         self.limits = limits or DecodeLimits()
         self.max_bytes = max_bytes
+        self.sept_child = sept_child
         self._lock = threading.Lock()
         self._encoder: Encoder | None = None
         self._lock_fd: int | None = None  # held when opened offline
@@ -389,23 +392,10 @@ class SnapshotEngine:
         if len(retrieved) < 2:
             raise Conflict(f"only {len(retrieved)} stored sample(s) retrieved: too few to train on")
         images = torch.cat([targets, retrieved])  # (T + R, 3, S, S) uint8
-        return continue_checkpoint(checkpoint_dir, images, self.device, epochs, SEPT_MAX_STEPS)
-
-
-def continue_checkpoint(checkpoint_dir: Path, images: torch.Tensor, device: torch.device | str,
-                        epochs: int = SEPT_EPOCHS, max_steps: int = SEPT_MAX_STEPS) -> tuple[nn.Module, int]:
-    """SEPT's training: the checkpoint's SSL method continued on `images` (N, 3, S, S) uint8 at
-    the daemon's effective lr and batch size; (backbone, steps done). Also what a user would do
-    without retrieval: train on the target images alone (benchmarks/snapshot.py, `target-only`)."""
-    state, manifest = read_checkpoint(checkpoint_dir)
-    spec = manifest["backbone"]
-    with torch.device("meta"):  # no weight init: it would draw from the global RNG; the checkpoint fills it
-        method = build_method(manifest["method"], build_backbone(spec["name"], spec.get("kwargs", {})))
-    method.load_state_dict(state, assign=True)
-    preset = trained_preset(manifest)  # the daemon's effective lr and batch size
-    step = sept_step(method, preset, manifest["input"], torch.device(device))
-    steps = continue_pretraining(step, images, preset.batch_size, epochs, max_steps)
-    return method.backbone.eval(), steps
+        if self.sept_child is None:
+            return continue_checkpoint(checkpoint_dir, images, self.device, epochs, SEPT_MAX_STEPS)
+        threads, niceness = self.sept_child
+        return continue_in_child(checkpoint_dir, images, self.device, epochs, SEPT_MAX_STEPS, threads, niceness)
 
 
 def label_switch(candidates: list[dict[str, Any]], correct: dict[int, torch.Tensor]) -> int:

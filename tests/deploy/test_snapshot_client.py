@@ -158,13 +158,14 @@ def test_endpoint_defaults_come_from_the_settings(monkeypatch):
 def test_summary_line_says_what_was_chosen_why_what_was_retrieved_and_whether_it_helped():
     result = {"name": "snap-1", "path": "/out", "chosen_experience": 2,
               "chosen_experience_info": {"name": "fashion"}, "sept_steps": 12, "retrieved_count": 300,
+              "target_count": 40,
               "candidates": [{"experience": 2, "vote_share": 0.7, "knn_accuracy": 0.85},
                              {"experience": 1, "vote_share": 0.3, "knn_accuracy": 0.6}],
               "retrieved_by_experience": {"2": 250, "1": 50},
               "label_check": {"snapshot_knn": 0.9, "latest_knn": 0.8}}
     assert summary_line(result) == (
         "snapshot snap-1: experience 2 (fashion), 70% of the routing votes, labelled kNN 0.85; SEPT 12 steps "
-        "on 300 retrieved samples (exp 1: 50, exp 2: 250); on your labelled images kNN 0.90 vs latest "
+        "on your 40 images and 300 retrieved samples (exp 1: 50, exp 2: 250); on your labelled images kNN 0.90 vs latest "
         "checkpoint 0.80 -> /out")
     plain = {**result, "chosen_experience_info": None, "retrieved_count": 0, "label_check": None,
              "candidates": [{"experience": 2, "vote_share": 0.7}]}
