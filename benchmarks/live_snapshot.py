@@ -6,12 +6,12 @@ producer) with the default settings. Once the index serves (encoder version >= 1
 round measures the trained images/s over `--window` seconds with no request, then sends
 `POST /admin/snapshots` (`route+sept`, `--targets` unseen fashion images from the training
 split, default budget), measures images/s from the request to its answer, and then over
-`--window` seconds with no request again. The producer keeps at most LEAD images ahead of
-training (it runs in this process, on the same cores). Issue #14's
+`--window` seconds with no request again. The producer waits while the daemon lags more
+than LEAD records behind (it runs in this process, on the same cores). Issue #14's
 targets: a `route+sept` snapshot in < 60 s on 2 CPU cores while training keeps >= 70 % of
 its images/s.
 
-Run: ``python benchmarks/live_snapshot.py`` (~5 min on 2 cores). The last line printed is JSON.
+Run: ``python benchmarks/live_snapshot.py`` (~12 min on 2 cores, 3 rounds). The last line printed is JSON.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ if __package__ in (None, ""):  # run as a script: the repository root holds the 
 from benchmarks.soak import admin, daemon_env, keep_producing, write_targets  # noqa: E402  one producer and client for both
 
 TARGETS = {"create_seconds_max": 60.0, "throughput_kept_min": 0.70}
-LEAD = 3000  # images the producer keeps published ahead of training
-PER_PASS = 500  # images per produce() call (the lead is checked between calls)
+LEAD = 500  # records (8-image tar batches) the daemon may lag behind before the producer waits
+PER_PASS = 2000  # images per produce() call and domain (the lead is checked between calls)
 
 
 def trained(url: str) -> tuple[float, int]:
@@ -71,15 +71,15 @@ def one_round(url: str, target_path: Path, window: float) -> dict:
 
 
 def ahead_of(url: str, lead: int) -> Callable[[int], bool]:
-    """For the producer: True while it has published `lead` images more than the daemon trained.
+    """For the producer: True while the daemon's consumer lag exceeds `lead` records.
     Unthrottled, this benchmark's producer took more than one of the two cores (127 % CPU in
     `top`) from the daemon and SEPT alike; a real producer runs on another machine."""
-    def ahead(published: int) -> bool:
+    def ahead(_published: int) -> bool:
         try:
-            done = trained(url)[1]
-        except OSError:  # the daemon is not serving yet
-            done = 0
-        return published - done > lead
+            lag = admin(url, "/admin/status").get("lag") or {}
+        except OSError:  # the daemon is not serving yet: a first lead, then wait for it
+            return _published > lead
+        return sum(v for v in lag.values() if v is not None) > lead
     return ahead
 
 
@@ -103,7 +103,11 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=30, help="seconds of training measured before each request")
     parser.add_argument("--targets", type=int, default=200, help="target images per request")
     parser.add_argument("--experience-images", type=int, default=1000)
+    parser.add_argument("--set", action="append", default=[], metavar="TAILORD_NAME=VALUE",
+                        help="a daemon setting (repeatable), e.g. TAILORD_SNAPSHOT_NICENESS=0")
     args = parser.parse_args()
+    if any("=" not in item or not item.startswith("TAILORD_") for item in args.set):
+        parser.error("--set takes TAILORD_NAME=VALUE")
 
     from streamer.broker import EmbeddedBroker, free_port
 
@@ -113,7 +117,9 @@ def main() -> None:
         write_targets(tmp_path / "targets" / "fashion", args.targets, "builtin:fashion-train")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        env = daemon_env(broker.bootstrap, "live", tmp_path, port, TAILORD_EXPERIENCE_IMAGES=str(args.experience_images))
+        settings = dict(item.split("=", 1) for item in args.set)
+        env = daemon_env(broker.bootstrap, "live", tmp_path, port,
+                         **{"TAILORD_EXPERIENCE_IMAGES": str(args.experience_images), **settings})
         stop = threading.Event()
         threading.Thread(target=keep_producing, args=(broker.bootstrap, "live", stop, PER_PASS,
                                                       ahead_of(url, LEAD)), daemon=True).start()

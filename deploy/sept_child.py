@@ -1,17 +1,18 @@
 """SEPT's training (a checkpoint's SSL method continued on some images), in this process or
-in a child process that cannot slow the daemon's training loop.
+in a child process beside the daemon's training loop.
 
-Why a child: run on a thread of the daemon, a `route+sept` snapshot cost training 40 % of its
-images/s on 2 cores (docs/snapshots.md, "Snapshots while the daemon trains"), and the same
-with that thread at nice +10 and one torch thread, while the snapshot took 10x longer: the
-two training loops' Python parts take turns on one GIL, and a descheduled low-priority thread
-that holds it stalls the loop. A child process has its own interpreter, so its niceness and
-torch threads are its own; it costs an interpreter start (~3 s) per snapshot.
+Why a child: on a thread of the daemon SEPT shares the loop's interpreter (its Python runs
+under the same GIL), its torch thread count cannot be set apart from the loop's, and nice
+values set on it stay on that thread. A child has its own interpreter, threads and priority,
+and a crash in it fails one snapshot, not the daemon. Measured on 2 cores
+(docs/snapshots.md, "Snapshots while the daemon trains"): training kept 0.79-0.84 of its
+images/s with the child (1 thread) against 0.73-0.81 on a daemon thread, and the snapshot
+took as long (39-61 s); the child costs an interpreter start (~3 s) per snapshot.
 
 Usage::
 
     backbone, steps = continue_checkpoint(checkpoint_dir, images, "cpu")          # in process
-    backbone, steps = continue_in_child(checkpoint_dir, images, "cpu", threads=1, niceness=10)
+    backbone, steps = continue_in_child(checkpoint_dir, images, "cpu", threads=1, niceness=0)
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def continue_checkpoint(checkpoint_dir: Path, images: torch.Tensor, device: torc
 
 def continue_in_child(checkpoint_dir: Path, images: torch.Tensor, device: torch.device | str,
                       epochs: int = SEPT_EPOCHS, max_steps: int = SEPT_MAX_STEPS, threads: int = 1,
-                      niceness: int = 10) -> tuple[nn.Module, int]:
+                      niceness: int = 0) -> tuple[nn.Module, int]:
     """`continue_checkpoint` in a child process with `threads` torch threads at nice +`niceness`;
     the same result (same seeds). Unavailable when the child fails."""
     with tempfile.TemporaryDirectory(prefix="tailord-sept-") as work:
