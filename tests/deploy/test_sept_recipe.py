@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-import deploy.snapshots as snapshots
+import deploy.sept_child as sept_child
 from deploy.learner import build_learner, trained_preset
 from deploy.settings import Settings
 from deploy.snapshots import SnapshotEngine
@@ -34,15 +34,15 @@ def state(tmp_path_factory):
 
 def test_sept_trains_with_the_checkpoints_recipe(state, monkeypatch):
     recipe = {"lr": 0.0123, "batch_size": 3}
-    read = snapshots.read_checkpoint
-    monkeypatch.setattr(snapshots, "read_checkpoint", lambda path: (lambda s, m: (s, {**m, "training": recipe}))(
+    read = sept_child.read_checkpoint
+    monkeypatch.setattr(sept_child, "read_checkpoint", lambda path: (lambda s, m: (s, {**m, "training": recipe}))(
         *read(path)))
     seen = {}
-    step = snapshots.sept_step
-    monkeypatch.setattr(snapshots, "sept_step", lambda method, preset, *a, **k: (
+    step = sept_child.sept_step
+    monkeypatch.setattr(sept_child, "sept_step", lambda method, preset, *a, **k: (
         seen.setdefault("lr", preset.lr), step(method, preset, *a, **k))[1])
-    train = snapshots.continue_pretraining
-    monkeypatch.setattr(snapshots, "continue_pretraining", lambda step, images, batch_size, *a, **k: (
+    train = sept_child.continue_pretraining
+    monkeypatch.setattr(sept_child, "continue_pretraining", lambda step, images, batch_size, *a, **k: (
         seen.setdefault("batch_size", batch_size), train(step, images, batch_size, *a, **k))[1])
     engine = SnapshotEngine.open_offline(state, "cpu")
     try:
