@@ -17,8 +17,10 @@ Usage::
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,10 +38,12 @@ from learners.backbones import build_backbone
 from learners.methods import build_method
 from learners.sept import SEPT_EPOCHS, SEPT_MAX_STEPS, continue_pretraining, sept_step
 from learners.snapshot import backbone_from_spec
+from safefiles.publish import STAGING_PREFIX
 
 IMAGES_FILE = "images.safetensors"  # the child's input: (N, 3, S, S) uint8
 BACKBONE_FILE = "backbone.safetensors"  # its output: the trained backbone's state_dict
 RESULT_FILE = "result.json"  # its output: {"steps": n}
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 def continue_checkpoint(checkpoint_dir: Path, images: torch.Tensor, device: torch.device | str,
@@ -60,10 +64,14 @@ def continue_checkpoint(checkpoint_dir: Path, images: torch.Tensor, device: torc
 
 def continue_in_child(checkpoint_dir: Path, images: torch.Tensor, device: torch.device | str,
                       epochs: int = SEPT_EPOCHS, max_steps: int = SEPT_MAX_STEPS, threads: int = 1,
-                      niceness: int = 0) -> tuple[nn.Module, int]:
+                      niceness: int = 0, work_parent: Path | None = None) -> tuple[nn.Module, int]:
     """`continue_checkpoint` in a child process with `threads` torch threads at nice +`niceness`;
-    the same result (same seeds). Unavailable when the child fails."""
-    with tempfile.TemporaryDirectory(prefix="tailord-sept-") as work:
+    the same result (same seeds). Unavailable when the child fails.
+
+    The images go to the child through a folder under `work_parent` (the daemon: its private
+    snapshots folder, whose `.tmp-*` leftovers a restart removes; None: the system's temp dir).
+    """
+    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}sept-", dir=work_parent) as work:
         save_file({"images": images.contiguous().cpu()}, str(Path(work) / IMAGES_FILE))
         command = [sys.executable, "-m", "deploy.sept_child", str(checkpoint_dir), work, str(device),
                    str(epochs), str(max_steps), str(threads), str(niceness)]
@@ -80,6 +88,7 @@ def continue_in_child(checkpoint_dir: Path, images: torch.Tensor, device: torch.
 def main(argv: list[str]) -> None:
     """The child: `python -m deploy.sept_child CHECKPOINT WORKDIR DEVICE EPOCHS MAX_STEPS THREADS NICENESS`."""
     checkpoint_dir, work, device, epochs, max_steps, threads, niceness = argv
+    die_with_parent()
     os.nice(int(niceness))
     torch.set_num_threads(int(threads))
     images = load_file(str(Path(work) / IMAGES_FILE))["images"]
@@ -87,6 +96,18 @@ def main(argv: list[str]) -> None:
     state = {key: value.detach().cpu().contiguous() for key, value in backbone.state_dict().items()}
     save_file(state, str(Path(work) / BACKBONE_FILE))
     (Path(work) / RESULT_FILE).write_text(json.dumps({"steps": steps}))
+
+
+def die_with_parent() -> None:
+    """Linux: be sent SIGTERM when the daemon thread that started this child ends (a daemon that
+    exits mid-snapshot leaves no SEPT running); elsewhere nothing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent is already gone
+        sys.exit(1)
 
 
 if __name__ == "__main__":

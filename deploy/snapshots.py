@@ -395,7 +395,8 @@ class SnapshotEngine:
         if self.sept_child is None:
             return continue_checkpoint(checkpoint_dir, images, self.device, epochs, SEPT_MAX_STEPS)
         threads, niceness = self.sept_child
-        return continue_in_child(checkpoint_dir, images, self.device, epochs, SEPT_MAX_STEPS, threads, niceness)
+        return continue_in_child(checkpoint_dir, images, self.device, epochs, SEPT_MAX_STEPS, threads, niceness,
+                                 work_parent=self.shelf.root)
 
 
 def label_switch(candidates: list[dict[str, Any]], correct: dict[int, torch.Tensor]) -> int:
