@@ -2,8 +2,8 @@
 in a child process beside the daemon's training loop.
 
 Why a child: on a thread of the daemon SEPT shares the loop's interpreter (its Python runs
-under the same GIL), its torch thread count cannot be set apart from the loop's, and nice
-values set on it stay on that thread. A child has its own interpreter, threads and priority,
+under the same GIL), a torch thread count set on it also applies to threads started
+meanwhile, and a nice value set on it stays on that thread for good. A child has its own interpreter, threads and priority,
 and a crash in it fails one snapshot, not the daemon. Measured on 2 cores
 (docs/snapshots.md, "Snapshots while the daemon trains"): training kept 0.79-0.84 of its
 images/s with the child (1 thread) against 0.73-0.81 on a daemon thread, and the snapshot
