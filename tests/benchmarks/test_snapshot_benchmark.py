@@ -66,6 +66,8 @@ def test_targets_need_the_gap_and_more_than_the_seed_std(bump: float, passed: bo
     checks = check_targets(scores["means"], routing, None, {"flat": {"p50_ms": 300.0}})
     assert checks["route_sept_ge_latest_plus_3_knn"]["passed"] is passed
     assert checks["route_sept_ge_target_only_plus_1_linear"]["passed"] is True
+    paired = checks["route_sept_ge_target_only_plus_1_knn"]["paired"]  # seed by seed: bump + seed
+    assert paired["per_seed"] == [pytest.approx(bump + s) for s in range(3)] and paired["std"] == pytest.approx(1.0)
     assert checks["routing_unlabelled_different_source"]["passed"] is True
     assert routing["labelled"]["different source"]["accuracy"] == 0.0
     assert checks["routing_labelled_different_source"]["passed"] is False
