@@ -30,7 +30,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: the repository root holds the `benchmarks` package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.soak import admin, daemon_env, keep_producing, write_targets  # noqa: E402  one producer and client for both
+from benchmarks.soak import admin, daemon_env, daemon_setting, keep_producing, write_targets  # noqa: E402  one producer and client for both
 
 TARGETS = {"create_seconds_max": 60.0, "throughput_kept_min": 0.70}
 LEAD = 500  # records (8-image tar batches) the daemon may lag behind before the producer waits
@@ -74,11 +74,11 @@ def ahead_of(url: str, lead: int) -> Callable[[int], bool]:
     """For the producer: True while the daemon's consumer lag exceeds `lead` records.
     Unthrottled, this benchmark's producer took more than one of the two cores (127 % CPU in
     `top`) from the daemon and SEPT alike; a real producer runs on another machine."""
-    def ahead(_published: int) -> bool:
+    def ahead(published: int) -> bool:
         try:
             lag = admin(url, "/admin/status").get("lag") or {}
         except OSError:  # the daemon is not serving yet: a first lead, then wait for it
-            return _published > lead
+            return published > lead
         return sum(v for v in lag.values() if v is not None) > lead
     return ahead
 
@@ -103,11 +103,9 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=30, help="seconds of training measured before each request")
     parser.add_argument("--targets", type=int, default=200, help="target images per request")
     parser.add_argument("--experience-images", type=int, default=1000)
-    parser.add_argument("--set", action="append", default=[], metavar="TAILORD_NAME=VALUE",
+    parser.add_argument("--set", action="append", default=[], type=daemon_setting, metavar="TAILORD_NAME=VALUE",
                         help="a daemon setting (repeatable), e.g. TAILORD_SNAPSHOT_NICENESS=0")
     args = parser.parse_args()
-    if any("=" not in item or not item.startswith("TAILORD_") for item in args.set):
-        parser.error("--set takes TAILORD_NAME=VALUE")
 
     from streamer.broker import EmbeddedBroker, free_port
 
@@ -117,9 +115,8 @@ def main() -> None:
         write_targets(tmp_path / "targets" / "fashion", args.targets, "builtin:fashion-train")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        settings = dict(item.split("=", 1) for item in args.set)
         env = daemon_env(broker.bootstrap, "live", tmp_path, port,
-                         **{"TAILORD_EXPERIENCE_IMAGES": str(args.experience_images), **settings})
+                         **{"TAILORD_EXPERIENCE_IMAGES": str(args.experience_images), **dict(args.set)})
         stop = threading.Event()
         threading.Thread(target=keep_producing, args=(broker.bootstrap, "live", stop, PER_PASS,
                                                       ahead_of(url, LEAD)), daemon=True).start()

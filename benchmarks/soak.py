@@ -64,6 +64,14 @@ def keep_producing(bootstrap: str, topic: str, stop: threading.Event, per_pass: 
         rounds += 1
 
 
+def daemon_setting(text: str) -> tuple[str, str]:
+    """An argparse type for ``--set TAILORD_NAME=VALUE`` (a daemon setting for the run)."""
+    name, equals, value = text.partition("=")
+    if not equals or not name.startswith("TAILORD_"):
+        raise argparse.ArgumentTypeError(f"--set takes TAILORD_NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def daemon_env(bootstrap: str, topic: str, folder: Path, port: int, **settings: str) -> dict[str, str]:
     """The daemon's environment: this broker and topic, state and targets under `folder`, the HTTP
     port with the admin token, JSON logs, then `settings` (TAILORD_* names); no other TAILORD_*."""

@@ -26,6 +26,10 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the daemon sets it (deploy/__init__.py): the bare step too
 import torch  # noqa: E402 - after the OpenMP policy
 
+if __package__ in (None, ""):  # run as a script: the repository root holds the `benchmarks` package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.soak import daemon_setting  # noqa: E402  the --set parser live_snapshot uses too
+
 
 def bare_images_per_second(preset_name: str, method: str, batch_size: int, steps: int, device: str) -> float:
     """Images/s of the train step alone (the daemon's batch: stream + replay images)."""
@@ -177,7 +181,7 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=1, help="DDP ranks for the daemon run (torchrun)")
     parser.add_argument("--jpeg-decode", choices=["auto", "cpu", "gpu"], default="auto",
                         help="TAILORD_JPEG_DECODE: gpu = batched nvJPEG (auto picks it on CUDA)")
-    parser.add_argument("--set", action="append", default=[], metavar="TAILORD_X=VALUE",
+    parser.add_argument("--set", action="append", default=[], type=daemon_setting, metavar="TAILORD_X=VALUE",
                         help="a daemon setting for the run (repeatable), e.g. TAILORD_EVALUATION_SHARE=0.2")
     parser.add_argument("--daemon-log", help="write the daemon's JSON log here (to see what the time went to)")
     args = parser.parse_args()
@@ -187,7 +191,7 @@ def main() -> None:
     before = bare_images_per_second(args.preset, args.method, args.batch_size, args.bare_steps, args.device)
     daemon = daemon_run(args.images_per_domain, args.preset, args.method, args.batch_size, args.device,
                         args.experience_images, args.photos, args.decode_workers, args.nproc, args.jpeg_decode,
-                        args.daemon_log, dict(item.split("=", 1) for item in args.set))
+                        args.daemon_log, dict(args.set))
     after = bare_images_per_second(args.preset, args.method, args.batch_size, args.bare_steps, args.device)
     bare = (before + after) / 2
     print(json.dumps({
