@@ -10,7 +10,8 @@ and how far the budgeted index's retrieval and routing fall from a full re-embed
 2. Off: `--experiences` experiences of `--experience-images` stream images (domains in turn,
    same augmentation) trained with the `cpu` preset's learner, no indexer work: images/s.
 3. On: the same experiences from the same initial weights, each batch submitted to the indexer
-   as the daemon does (`ComputeBudget(--share)`), a checkpoint and `new_encoder` after each.
+   as the daemon does (`ComputeBudget(--share)`, the step and the indexer's chunks in turns on
+   the cores: `deploy/compute_turns.py`), a checkpoint and `new_encoder` after each.
    After each experience (no step runs then, so the indexer's allowance does not grow):
    - truth: every stored sample re-embedded with the newest checkpoint, searched exactly;
    - recall@50 per target image of the live index (queries embedded with its encoder) and of
@@ -117,12 +118,17 @@ def prefill(indexer, pool: dict[str, list[np.ndarray]], total: int, rng: np.rand
         say(f"prefilled {name} (experience {experience})")
 
 
-def train_experience(learner, encoded: list[bytes], on_batch) -> tuple[float, float]:
-    """Train one experience on `encoded` (decoded up front); returns (step seconds, wall seconds)."""
+def train_experience(learner, encoded: list[bytes], on_batch, turns=None) -> tuple[float, float]:
+    """Train one experience on `encoded` (decoded up front), each step in `turns` with the
+    indexer as in the daemon (none: no waiting); returns (step seconds, wall seconds)."""
+    from deploy.compute_turns import ComputeTurns
+
+    turns = turns or ComputeTurns(enabled=False)
     images = decoded(encoded, learner.preset.resolution)
     step_seconds, started = 0.0, time.perf_counter()
     for first in range(0, len(images) - BATCH + 1, BATCH):
-        result = learner.step(images[first:first + BATCH], None)
+        with turns:
+            result = learner.step(images[first:first + BATCH], None)
         step_seconds += result.seconds
         on_batch(first, result.seconds)
     return step_seconds, time.perf_counter() - started
@@ -203,7 +209,7 @@ def run_on(indexer, start: Path, experiences: list, held: dict[str, torch.Tensor
             indexer.budget.trained(seconds)
             n = min(BATCH, len(ids) - first)
             indexer.submit(ids[first:first + n], pngs[first:first + n], experience, [domain] * n)
-        wall += train_experience(learner, pngs, on_batch)[1]
+        wall += train_experience(learner, pngs, on_batch, indexer.budget.turns)[1]
         path = save_checkpoint(learner, indexer.state_dir, experience)
         indexer.new_encoder(experience, path)
         upkeep = indexer.upkeep()
@@ -228,6 +234,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    from deploy.compute_turns import ComputeTurns
     from deploy.index_budget import ComputeBudget
     from deploy.indexer import Indexer
     from replay.index_options import IndexOptions
@@ -244,7 +251,7 @@ def main() -> None:
         held = {name: decoded([augmented_png(p, rng) for p in pixels], probe.preset.resolution)
                 for name, pixels in held_pixels.items()}
         indexer = Indexer(state_dir, 8 << 30, IndexOptions(), probe.backbone.feature_dim, "cpu",
-                          probe.preset.resolution, budget=ComputeBudget(args.share))
+                          probe.preset.resolution, budget=ComputeBudget(args.share, turns=ComputeTurns()))
         indexer.start()
         started = time.perf_counter()
         prefill(indexer, pool, args.store, rng)

@@ -32,6 +32,7 @@ import torch
 from deploy.batches import Prepared, Shared, batch_records, replay_count, standin, stream_batch_size
 from deploy.boundaries import DRIFT_FILE, Boundaries, experience_record, label
 from deploy.checkpoints import Checkpoint, clean_temporaries, load_latest, write_checkpoint
+from deploy.compute_turns import ComputeTurns
 from deploy.errors import UsageError
 from deploy.evaluate import FrozenModel, keep_untrained
 from deploy.evaluator import KIND, MAX_PENDING, Evaluation, EvaluationJob, Evaluator, requeue
@@ -125,7 +126,8 @@ def run_rank(settings: Settings, world: World) -> int:
     # ---- sample store + FAISS index (a background thread), and the snapshot engine on top of them (rank 0)
     limits = DecodeLimits(max_record_bytes=settings.max_record_bytes, max_pixels=settings.max_pixels)
     decode_batch = jpeg_decoder(settings, limits, learner)
-    indexer, snapshots = start_indexer(settings, world, metrics, learner, limits)
+    turns = ComputeTurns(enabled=learner.device.type == "cpu")  # on a CPU the step and the indexer take turns
+    indexer, snapshots = start_indexer(settings, world, metrics, learner, limits, turns)
     evaluator = start_evaluator(settings, world, metrics, learner, state)
 
     # ---- stream: this rank's partitions, seeked to the checkpoint's offsets, decoded off the training thread
@@ -143,7 +145,7 @@ def run_rank(settings: Settings, world: World) -> int:
     checkpointer = Checkpointer(settings, world, metrics, learner, buffer, boundaries, state, service, prefetcher,
                                 indexer)
     daemon = Daemon(settings, world, metrics, stop, learner, buffer, boundaries, state, checkpointer, prefetcher,
-                    service, indexer, evaluator, open_audit(settings, world), (server, dlq, source, broker))
+                    service, indexer, evaluator, turns, open_audit(settings, world), (server, dlq, source, broker))
     state.start()
     metrics.experience.set(state.progress.experience)
     service.publish_evaluation(state.history)
@@ -265,9 +267,10 @@ def jpeg_decoder(settings: Settings, limits: DecodeLimits, learner: Learner) -> 
     return JpegBatchDecoder(limits, learner.preset.resolution, learner.device)
 
 
-def start_indexer(settings: Settings, world: World, metrics: Metrics, learner: Learner,
-                  limits: DecodeLimits) -> tuple[Indexer | None, SnapshotEngine | None]:
-    """Rank 0: the sample store + index thread, and the snapshot engine; (None, None) on the other ranks."""
+def start_indexer(settings: Settings, world: World, metrics: Metrics, learner: Learner, limits: DecodeLimits,
+                  turns: ComputeTurns) -> tuple[Indexer | None, SnapshotEngine | None]:
+    """Rank 0: the sample store + index thread (embedding in `turns` with the step), and the
+    snapshot engine; (None, None) on the other ranks."""
     if not world.is_main:
         return None, None
 
@@ -278,7 +281,7 @@ def start_indexer(settings: Settings, world: World, metrics: Metrics, learner: L
 
     indexer = Indexer(settings.state_dir, settings.store_max_bytes, settings.index_options(),
                       learner.backbone.feature_dim, learner.device, learner.preset.resolution, publish_index,
-                      limits=limits, seed=settings.seed, budget=ComputeBudget(settings.indexer_share))
+                      limits=limits, seed=settings.seed, budget=ComputeBudget(settings.indexer_share, turns=turns))
     metrics.watch_index(indexer.upkeep)
     indexer.start()
     snapshots = SnapshotEngine(settings.state_dir, indexer.store, indexer.index, learner.device,
@@ -439,6 +442,7 @@ class Daemon:
     service: DaemonService
     indexer: Indexer | None
     evaluator: Evaluator | None
+    turns: ComputeTurns  # the step takes its turn on the cores with the indexer's embedding
     audit: IO[str] | None
     closing: tuple[HttpServer | None, DeadLetterQueue, KafkaSource, EmbeddedBroker | None]  # for shut_down
 
@@ -579,7 +583,8 @@ def train_step(d: Daemon, batch: Batch, agreed: Agreement) -> None:
     images = batch.prepared.images if train else standin(state.recent, learner.preset.resolution)  # (B,3,S,S) u8
     if len(images) + (len(batch.replay) if batch.replay is not None else 0) < 2:
         images = images.repeat(2, 1, 1, 1)  # BatchNorm needs two samples; a lone straggler
-    result = learner.step(images, batch.replay, weight=agreed.weight(d.world.rank, d.world.size))
+    with d.turns:
+        result = learner.step(images, batch.replay, weight=agreed.weight(d.world.rank, d.world.size))
     for budget in upkeep_budgets(d):
         budget.trained(result.seconds)  # the indexer's and the evaluator's compute shares are of this
     state.count_step(result, agreed.stepped)

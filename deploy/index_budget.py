@@ -21,6 +21,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from deploy.compute_turns import ComputeTurns
+
 KINDS = ("embed", "refresh")  # new samples into the live index; re-embedding the store for a new encoder
 POLL_S = 0.05  # how often a thread out of budget looks again (the indexer's, the evaluator's)
 
@@ -34,14 +36,17 @@ class ComputeBudget:
             starts while just under it).
         kinds: what the seconds are counted by (the experience-end evaluator has its own budget,
             of kind "evaluate").
+        turns: the cores' turns the training step also takes (deploy/compute_turns.py); the
+            budgeted work runs inside one; default: none (no waiting).
     """
 
     def __init__(self, share: float | None = 0.10, *, burst_s: float = 0.0,
-                 kinds: tuple[str, ...] = KINDS) -> None:
+                 kinds: tuple[str, ...] = KINDS, turns: ComputeTurns | None = None) -> None:
         if share is not None and not 0 < share <= 1:
             raise ValueError(f"share must be in (0, 1], not {share}")
         self.share = share
         self.burst_s = burst_s
+        self.turns = turns or ComputeTurns(enabled=False)
         self._lock = threading.Lock()
         self._training = 0.0
         self._charged = 0.0

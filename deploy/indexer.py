@@ -432,10 +432,12 @@ class Indexer:
             del self._unindexed[-EMBED_BATCH:]
         rows = self.store.catalog.get(sample_ids)
         sample_ids = [sid for sid in sample_ids if sid in rows]  # the store may have evicted some
-        started = time.perf_counter()
-        images, kept = decode_images(self.store.read(sample_ids), self.decode_size, self.limits)
-        vectors = self._encoder(images) if kept else None
-        self.budget.spent("embed", time.perf_counter() - started)
+        encoded = self.store.read(sample_ids)
+        with self.budget.turns:
+            started = time.perf_counter()
+            images, kept = decode_images(encoded, self.decode_size, self.limits)
+            vectors = self._encoder(images) if kept else None
+            self.budget.spent("embed", time.perf_counter() - started)
         if vectors is None:
             return
         ids = [sample_ids[i] for i in kept]
@@ -465,14 +467,16 @@ class Indexer:
         except Exception:
             self._rebuild = None  # e.g. a corrupt record: logged by `_run`; the next checkpoint redoes it
             raise
-        started = time.perf_counter()
-        images, kept = decode_images(payloads, self.decode_size, self.limits)
-        if kept:
-            rebuild.vectors.append(rebuild.encoder(images))
+        with self.budget.turns:
+            started = time.perf_counter()
+            images, kept = decode_images(payloads, self.decode_size, self.limits)
+            vectors = rebuild.encoder(images) if kept else None
+            self.budget.spent("refresh", time.perf_counter() - started)
+        if vectors is not None:
+            rebuild.vectors.append(vectors)
             rebuild.ids += [rows[i].sample_id for i in kept]
             rebuild.experiences += [rows[i].experience for i in kept]
         rebuild.done += len(rows)
-        self.budget.spent("refresh", time.perf_counter() - started)
 
     def _finish_rebuild(self, rebuild: _Rebuild) -> None:
         """Build the re-embedded vectors into an index, swap it in, and make its encoder live."""
