@@ -11,7 +11,7 @@
 2. Stationary streams: one domain, shuffled (seed s: ``STATIONARY[s % 3]``, up to
    ``--stationary-images``), same settings: drift cuts there are false boundaries,
    reported per 10,000 stream images.
-3. Routing (seed 0): held-out images of each domain (items the stream never used) in
+3. Routing (the first seed): held-out images of each domain (items the stream never used) in
    ``--routing-sets`` unlabelled sets of ``--routing-set-size``, routed offline on the
    stopped daemon's state (``SnapshotEngine``, strategy ``route``); correct when the chosen
    experience's majority domain (from the sample ids, which the daemon never reads as a
@@ -171,14 +171,14 @@ def routing(state_dir: Path, held_out: dict[str, list], sets: int, size: int) ->
 
 
 def switch_run(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    """One seed's switch stream with the detector; routing on seed 0 (and the header run to compare)."""
+    """One seed's switch stream with the detector; routing on the first seed (and the header run to compare)."""
     items = domain_items(seed)
     taken: Counter = Counter()
     segments = []
     for domain, count in switch_plan(seed, args.per_domain, args.stretch):
         segments.append((domain, items[domain][taken[domain]:taken[domain] + count]))
         taken[domain] += count
-    with_routing = seed == 0 and args.routing_sets > 0
+    with_routing = seed == args.first_seed and args.routing_sets > 0
     state = tmp / f"switch-{seed}"
     say(f"seed {seed}: {[(d, len(i)) for d, i in segments]} header-less, TAILORD_BOUNDARY=drift")
     starts, stopped, records = run_daemon(segments, state, "drift", False, seed, IDLE_EXIT_S if with_routing else 3)
@@ -190,9 +190,9 @@ def switch_run(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
         held_out = {d: items[d][taken[d]:] for d in DOMAINS}
         result["routing_drift"] = routing(state, held_out, args.routing_sets, args.routing_set_size)
         if args.header_run:
-            say("seed 0 again with domain headers, TAILORD_BOUNDARY=header (routing comparison)")
-            run_daemon(segments, tmp / "switch-0-header", "header", True, seed, IDLE_EXIT_S)
-            result["routing_header"] = routing(tmp / "switch-0-header", held_out, args.routing_sets,
+            say(f"seed {seed} again with domain headers, TAILORD_BOUNDARY=header (routing comparison)")
+            run_daemon(segments, tmp / f"switch-{seed}-header", "header", True, seed, IDLE_EXIT_S)
+            result["routing_header"] = routing(tmp / f"switch-{seed}-header", held_out, args.routing_sets,
                                                args.routing_set_size)
     return result
 
@@ -239,6 +239,8 @@ def summarize(switches: list[dict], stationary: list[dict], off: dict | None) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds first-seed .. first-seed+seeds-1 (routing on the first): fresh seeds for settings chosen on others")
     parser.add_argument("--per-domain", type=int, default=700, help="images per domain in the ordered part")
     parser.add_argument("--stretch", type=int, default=500, help="images per interleaved stretch (A B A)")
     parser.add_argument("--stationary-images", type=int, default=2500)
@@ -252,13 +254,14 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         switches, stationary = [], []
-        for seed in range(args.seeds):
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        for seed in seeds:
             switches.append(switch_run(seed, args, Path(tmp)))
             say(json.dumps(switches[-1]))  # partial results survive a later failure
-        for seed in range(args.seeds):
+        for seed in seeds:
             stationary.append(stationary_run(seed, args, Path(tmp)))
             say(json.dumps(stationary[-1]))
-        off = stationary_run(0, args, Path(tmp), boundary="count") if args.off_run else None
+        off = stationary_run(args.first_seed, args, Path(tmp), boundary="count") if args.off_run else None
     print(json.dumps({"summary": summarize(switches, stationary, off), "switch_runs": switches,
                       "stationary_runs": stationary, "off_run": off,
                       "config": {**vars(args), "wall_seconds": round(time.perf_counter() - started, 1),

@@ -29,6 +29,8 @@ log = structlog.get_logger()
 
 DRIFT_FILE = "drift.safetensors"  # the detector's state inside a checkpoint
 NO_HEADER = "default"  # Sample.domain of a record without a domain header
+REFERENCE_WINDOWS = 2  # the drift reference holds this many windows of embeddings
+CHECKS_PER_WINDOW = 8  # drift tests per window's worth of new embeddings (every 32 stream images at the defaults)
 
 
 class Boundaries:
@@ -40,9 +42,10 @@ class Boundaries:
         self.sample = settings.drift_sample
         self.metrics = metrics
         self.detector = DriftDetector(
-            window=settings.drift_window, reference=4 * settings.drift_window, threshold=settings.drift_threshold,
-            patience=settings.drift_patience, min_images=settings.drift_min_images,
-            cooldown_images=settings.drift_cooldown_images, seed=settings.seed) if "drift" in self.modes else None
+            window=settings.drift_window, reference=REFERENCE_WINDOWS * settings.drift_window,
+            threshold=settings.drift_threshold, patience=settings.drift_patience,
+            min_images=settings.drift_min_images, cooldown_images=settings.drift_cooldown_images,
+            check_every=settings.drift_window // CHECKS_PER_WINDOW, seed=settings.seed) if "drift" in self.modes else None
         self.pending: float | None = None  # z-score of a drift boundary this rank found, for its next tick
         self.seconds = 0.0  # spent embedding samples and testing (the detector's cost), this process
 

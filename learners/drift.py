@@ -2,8 +2,9 @@
 
 The stream's recent samples (a window of ``window`` embeddings) are compared with the
 samples just before them in the current experience (a reference of up to ``reference``
-embeddings) by a kernel two-sample statistic: the (biased) squared MMD with a Gaussian
-kernel whose bandwidth is the mean pairwise squared distance. A permutation null (the same
+embeddings) by a kernel two-sample statistic: the (biased) squared MMD with a sum of
+Gaussian kernels whose bandwidths are 1/8 to 2 times the mean pairwise squared distance
+(several scales: one wide kernel hardly told two kinds of natural-image crops apart). A permutation null (the same
 pooled samples, relabelled ``permutations`` times) turns it into a z-score, which is
 the statistic reported: how many null standard deviations the observed MMD lies above
 the null mean. A boundary is due when the z-score exceeds ``threshold`` on ``patience``
@@ -12,11 +13,13 @@ at least ``cooldown_images`` back. The reference slides (first in, first out), s
 slow drift is absorbed into it and never cuts; only a change faster than the window
 and reference span is significant. While the z-score is above the threshold the
 reference stops sliding, so a shift held back by the min length or the cool-down is
-still cut once they allow it.
+still cut once they allow it. At a drift boundary the change point is located inside the
+window (`change_point`), and only the part after it becomes the new reference: a window
+that straddled the change would otherwise start the next experience with a mixed reference.
 
 Usage::
 
-    detector = DriftDetector(window=32, reference=128, threshold=6.0, patience=3)
+    detector = DriftDetector(window=64, reference=128, threshold=6.0, patience=3)
     for images, sample in stream:              # sample: (n, 3, S, S) of `images`; embed: (n, ...) -> (n, D)
         z = detector.update(embed(sample), images=len(images), inputs=sample, embed=embed)
         if z is not None:                      # a drift boundary: end the experience
@@ -33,14 +36,15 @@ import torch
 from torch import Tensor
 
 REASONS = ("header", "count", "drift")
+BANDWIDTH_SCALES = (0.125, 0.25, 0.5, 1.0, 2.0)  # of the mean pairwise squared distance
 
 
 class DriftDetector:
     """Sliding two-window kernel MMD test with a permutation z-score, patience, min length and cool-down."""
 
-    def __init__(self, window: int = 32, reference: int = 128, threshold: float = 6.0, patience: int = 3,
+    def __init__(self, window: int = 64, reference: int = 128, threshold: float = 6.0, patience: int = 3,
                  permutations: int = 100, min_images: int = 256, cooldown_images: int = 256,
-                 check_every: int = 4, seed: int = 0) -> None:
+                 check_every: int = 8, seed: int = 0) -> None:
         if window < 2 or reference < window or patience < 1 or permutations < 10:
             raise ValueError("need window >= 2, reference >= window, patience >= 1, permutations >= 10")
         self.window, self.reference, self.threshold, self.patience = window, reference, threshold, patience
@@ -88,23 +92,41 @@ class DriftDetector:
         return self.statistic if due else None
 
     def ready(self) -> bool:
-        """A full window and a reference at least as large: enough to test."""
+        """A full window and a reference of at least a quarter window (after a drift boundary the
+        reference starts as the window's post-change part): enough to test."""
         return (self.recent is not None and len(self.recent) >= self.window
-                and self.past is not None and len(self.past) >= self.window)
+                and self.past is not None and len(self.past) >= max(2, self.window // 4))
 
     def boundary(self, reason: str) -> None:
-        """An experience ended for `reason`: drift keeps the window (the new distribution) as the
-        new reference, a header change forgets everything, a count cut keeps everything."""
+        """An experience ended for `reason`: drift keeps the window's part after the change point
+        (the new distribution) as the new reference, a header change forgets everything, a count
+        cut keeps everything."""
         if reason not in REASONS:
             raise ValueError(f"reason must be one of {REASONS}")
         self.images_in_experience = 0
         self.streak = 0
         if reason == "drift":
             self.images_since_drift = 0
-            self.past, self.recent = self.recent, None
-            self.past_inputs, self.recent_inputs = self.recent_inputs, None
+            start = self.change_point() if self.recent is not None and self.past is not None and len(self.past) else 0
+            self.past = self.recent[start:] if self.recent is not None else None
+            self.past_inputs = self.recent_inputs[start:] if self.recent_inputs is not None else None
+            self.recent = self.recent_inputs = None
         elif reason == "header":
             self.past = self.recent = self.past_inputs = self.recent_inputs = None
+
+    def change_point(self) -> int:
+        """Where in the window the new distribution starts: the split that best separates
+        embeddings more like the reference (before) from those more like the window's newest
+        quarter (after, assumed new). How alike is measured against the midpoint of the
+        reference's own and the newest quarter's own scores. The newest quarter counts as new."""
+        x, y = self.recent, self.past  # (m, D), (n, D)
+        m, tail = len(x), max(1, len(x) // 4)
+        kernel = self._kernel(torch.cat([x, y])).fill_diagonal_(0)  # (m+n, m+n), no self-similarity
+        like_old = kernel[:, m:].mean(1) - kernel[:, m - tail:m].mean(1)  # (m+n,) reference minus newest
+        midpoint = (like_old[m:].mean() + like_old[m - tail:m].mean()) / 2
+        score = like_old[:m] - midpoint  # (m,) > 0: an embedding of the old distribution
+        before = torch.cat([torch.zeros(1), score.cumsum(0)])  # (m+1,) score of the first t
+        return min(int(torch.argmax(2 * before - score.sum())), m - tail)
 
     def test(self) -> float:
         """z-score of MMD²(recent, past) against its permutation null (0 when the null is degenerate).
@@ -121,11 +143,7 @@ class DriftDetector:
 
     def _z_score(self) -> float:
         x, y = self.recent, self.past  # (m, D), (n, D)
-        pooled = torch.cat([x, y])  # (m+n, D)
-        distances = torch.cdist(pooled, pooled).pow(2)  # (m+n, m+n) squared distances
-        pairs = len(pooled) * (len(pooled) - 1)
-        bandwidth = (distances.sum() / pairs).clamp_min(1e-12)  # mean pairwise squared distance
-        kernel = torch.exp(-distances / bandwidth)  # Gaussian kernel
+        kernel = self._kernel(torch.cat([x, y]))  # (m+n, m+n)
         m, n = len(x), len(y)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.checks)
         self.checks += 1
@@ -138,6 +156,14 @@ class DriftDetector:
         if not math.isfinite(float(spread)) or float(spread) <= 1e-12:
             return 0.0
         return float((mmd[0] - null.mean()) / spread)
+
+    @staticmethod
+    def _kernel(pooled: Tensor) -> Tensor:
+        """(N, D) -> (N, N): the sum of Gaussian kernels at `BANDWIDTH_SCALES` x the mean pairwise
+        squared distance."""
+        distances = torch.cdist(pooled, pooled).pow(2)  # (N, N) squared distances
+        bandwidth = (distances.sum() / (len(pooled) * (len(pooled) - 1))).clamp_min(1e-12)
+        return sum(torch.exp(-distances / (bandwidth * scale)) for scale in BANDWIDTH_SCALES)
 
     def _push(self, features: Tensor, inputs: Tensor | None) -> None:
         """Append to the window; what leaves it joins the reference, whose oldest leave it."""

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from learners.drift import DriftDetector
 
 DIM = 64
-PER_STEP = 4  # embeddings per step
+PER_STEP = 8  # embeddings per step (TAILORD_DRIFT_SAMPLE 0.25 of 32 stream images)
 IMAGES = 32  # stream images per step
 
 
@@ -110,3 +110,47 @@ def test_confirmation_re_embeds_so_an_encoder_change_is_no_shift():
 
     assert run(confirm=False) >= 1
     assert run(confirm=True) == 0
+
+
+def filled(before: int, after: int, shift: float = 4.0, seed: int = 5) -> DriftDetector:
+    """A detector whose reference is cluster 0 and whose window holds `before` more of it, then
+    `after` of the shifted cluster (window = before + after)."""
+    detector, generator = DriftDetector(window=before + after, reference=128), torch.Generator().manual_seed(seed)
+    detector.past = F.normalize(torch.randn(128, DIM, generator=generator), dim=1)
+    old, new = torch.randn(before, DIM, generator=generator), torch.randn(after, DIM, generator=generator)
+    new[:, 0] += shift
+    detector.recent = F.normalize(torch.cat([old, new]), dim=1)
+    return detector
+
+
+def test_change_point_finds_where_the_window_turns_new():
+    for before in (8, 24, 40):
+        assert abs(filled(before, 64 - before).change_point() - before) <= 2
+
+
+def test_a_drift_boundary_keeps_only_the_post_change_part_as_reference():
+    detector = filled(24, 40)
+    detector.boundary("drift")
+    assert abs(len(detector.past) - 40) <= 2
+    assert detector.past[:, 0].min() > 0.2  # every kept embedding is of the shifted cluster (x0 ~ 4/sqrt(DIM+16))
+    assert detector.recent is None
+
+
+def test_several_kernel_scales_score_near_duplicates_higher_than_one_wide_kernel():
+    """A window of 8 tight clumps (near-duplicate images) against a spread reference: the
+    structure is at a scale below the mean pairwise distance, where the narrower kernels look."""
+    import learners.drift as drift
+
+    def z(scales: tuple[float, ...]) -> float:
+        generator = torch.Generator().manual_seed(11)
+        detector = DriftDetector(window=64, reference=128)
+        detector.past = F.normalize(torch.randn(128, DIM, generator=generator), dim=1)
+        centres = torch.randn(8, DIM, generator=generator).repeat_interleave(8, 0)  # (64, DIM)
+        detector.recent = F.normalize(centres + 0.3 * torch.randn(64, DIM, generator=generator), dim=1)
+        original, drift.BANDWIDTH_SCALES = drift.BANDWIDTH_SCALES, scales
+        try:
+            return detector.test()
+        finally:
+            drift.BANDWIDTH_SCALES = original
+
+    assert z(drift.BANDWIDTH_SCALES) > z((1.0,)) + 3
