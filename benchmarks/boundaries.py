@@ -11,8 +11,8 @@
 2. Stationary streams: one domain, shuffled (seed s: ``STATIONARY[s % 3]``, up to
    ``--stationary-images``), same settings: drift cuts there are false boundaries,
    reported per 10,000 stream images.
-3. Routing (the first seed): held-out images of each domain (items the stream never used) in
-   ``--routing-sets`` unlabelled sets of ``--routing-set-size``, routed offline on the
+3. Routing (the first seed): held-out images of each domain (the last items of its shuffled
+   list, kept out of the stream) in ``--routing-sets`` unlabelled sets of ``--routing-set-size``, routed offline on the
    stopped daemon's state (``SnapshotEngine``, strategy ``route``); correct when the chosen
    experience's majority domain (from the sample ids, which the daemon never reads as a
    domain) is the set's domain. The same stream with headers and ``TAILORD_BOUNDARY=header``
@@ -24,9 +24,12 @@
 Threshold, patience and window were set on synthetic streams (tests/learners/test_drift.py) and not
 changed after; a pilot daemon run (textures, digits, fashion: their first 400 items, before
 the benchmark's first run) showed the detector was ready too late with 4 embeddings per step,
-which made the sample a share of each step. Numbers: docs/operations.md, "Experience boundaries".
-The last line printed is one JSON object. Run: ``nice -n 10 python -m benchmarks.boundaries``
-(31 min on 2 cores shared with other jobs at 19-76 images/s; not yet timed on an idle box).
+which made the sample a share of each step. The kernel scales, the change point and the
+reference of 2 windows were chosen on offline replays of seeds 0-2; ``--first-seed 3`` runs
+seeds they were not chosen on. ``--set TAILORD_X=V`` changes a daemon setting for every run.
+Numbers: docs/operations.md, "Experience boundaries".
+The last line printed is one JSON object. Run: ``python -m benchmarks.boundaries``
+(8 min on an idle 2-core box for 3 seeds; 31 min on 2 cores shared with other jobs).
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a script: the repository root holds the `benchmarks` package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.soak import daemon_setting  # noqa: E402  the --set parser of the other daemon benchmarks
 
 DOMAINS = ("digits", "fashion", "textures", "photos")
 STATIONARY = ("fashion", "textures", "photos")
@@ -96,8 +103,9 @@ def publish(bootstrap: str, topic: str, segments: list[tuple[str, list]], header
 
 
 def run_daemon(segments: list[tuple[str, list]], state_dir: Path, boundary: str, header: bool, seed: int,
-               idle_exit_s: float) -> tuple[list[int], dict, list[dict]]:
-    """Publish `segments`, run `tailord run` until idle; (segment starts, stopped event, history records)."""
+               idle_exit_s: float, settings: dict[str, str]) -> tuple[list[int], dict, list[dict]]:
+    """Publish `segments`, run `tailord run` until idle with `settings` (TAILORD_* from --set) over
+    the defaults; (segment starts, stopped event, history records)."""
     from streamer.broker import EmbeddedBroker
 
     with EmbeddedBroker() as broker:
@@ -106,7 +114,7 @@ def run_daemon(segments: list[tuple[str, list]], state_dir: Path, boundary: str,
         env.update({"TAILORD_BOOTSTRAP_SERVERS": broker.bootstrap, "TAILORD_TOPIC": "boundaries",
                     "TAILORD_STATE_DIR": str(state_dir), "TAILORD_HTTP_PORT": "0", "TAILORD_PRESET": "cpu",
                     "TAILORD_DEVICE": "cpu", "TAILORD_BOUNDARY": boundary, "TAILORD_SEED": str(seed),
-                    "TAILORD_EXIT_WHEN_IDLE_S": str(idle_exit_s), "TAILORD_LOG_FORMAT": "json"})
+                    "TAILORD_EXIT_WHEN_IDLE_S": str(idle_exit_s), "TAILORD_LOG_FORMAT": "json", **settings})
         proc = subprocess.run([sys.executable, "-m", "deploy.cli", "run"], env=env, capture_output=True, text=True,
                               timeout=3600)
     events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
@@ -173,25 +181,28 @@ def routing(state_dir: Path, held_out: dict[str, list], sets: int, size: int) ->
 def switch_run(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """One seed's switch stream with the detector; routing on the first seed (and the header run to compare)."""
     items = domain_items(seed)
+    with_routing = seed == args.first_seed and args.routing_sets > 0
+    reserve = args.routing_sets * args.routing_set_size if with_routing else 0
+    held_out = {d: items[d][len(items[d]) - reserve:] for d in DOMAINS}  # never streamed (photos has 1,616 items)
     taken: Counter = Counter()
     segments = []
     for domain, count in switch_plan(seed, args.per_domain, args.stretch):
-        segments.append((domain, items[domain][taken[domain]:taken[domain] + count]))
-        taken[domain] += count
-    with_routing = seed == args.first_seed and args.routing_sets > 0
+        end = min(taken[domain] + count, len(items[domain]) - reserve)
+        segments.append((domain, items[domain][taken[domain]:end]))
+        taken[domain] = end
     state = tmp / f"switch-{seed}"
     say(f"seed {seed}: {[(d, len(i)) for d, i in segments]} header-less, TAILORD_BOUNDARY=drift")
-    starts, stopped, records = run_daemon(segments, state, "drift", False, seed, IDLE_EXIT_S if with_routing else 3)
+    starts, stopped, records = run_daemon(segments, state, "drift", False, seed, IDLE_EXIT_S if with_routing else 3,
+                                          dict(args.set))
     total = sum(len(i) for _, i in segments)
     result: dict[str, Any] = {"seed": seed, "order": [d for d, _ in segments], "images": total,
                               "switches": score_switches(starts, total, cuts(records)),
                               "count_cuts": len(cuts(records, "count")), **cost(stopped)}
     if with_routing:
-        held_out = {d: items[d][taken[d]:] for d in DOMAINS}
         result["routing_drift"] = routing(state, held_out, args.routing_sets, args.routing_set_size)
         if args.header_run:
             say(f"seed {seed} again with domain headers, TAILORD_BOUNDARY=header (routing comparison)")
-            run_daemon(segments, tmp / f"switch-{seed}-header", "header", True, seed, IDLE_EXIT_S)
+            run_daemon(segments, tmp / f"switch-{seed}-header", "header", True, seed, IDLE_EXIT_S, dict(args.set))
             result["routing_header"] = routing(tmp / f"switch-{seed}-header", held_out, args.routing_sets,
                                                args.routing_set_size)
     return result
@@ -211,7 +222,7 @@ def stationary_run(seed: int, args: argparse.Namespace, tmp: Path, boundary: str
     items = domain_items(seed)[domain][:args.stationary_images]
     say(f"stationary seed {seed}: {len(items)} {domain} images, TAILORD_BOUNDARY={boundary}")
     _, stopped, records = run_daemon([(domain, items)], tmp / f"stationary-{seed}-{boundary}", boundary, False,
-                                     seed, 3)
+                                     seed, 3, dict(args.set))
     return {"seed": seed, "domain": domain, "images": len(items), "false_boundaries": len(cuts(records)),
             "count_cuts": len(cuts(records, "count")), **cost(stopped)}
 
@@ -248,6 +259,8 @@ def main() -> None:
     parser.add_argument("--routing-set-size", type=int, default=20)
     parser.add_argument("--no-header-run", dest="header_run", action="store_false",
                         help="skip the header run that routing is compared with")
+    parser.add_argument("--set", action="append", default=[], type=daemon_setting, metavar="TAILORD_X=VALUE",
+                        help="a daemon setting for every run (e.g. TAILORD_DRIFT_SAMPLE=0.125); repeatable")
     parser.add_argument("--no-off-run", dest="off_run", action="store_false",
                         help="skip the detector-off throughput run")
     args = parser.parse_args()

@@ -30,7 +30,7 @@ log = structlog.get_logger()
 DRIFT_FILE = "drift.safetensors"  # the detector's state inside a checkpoint
 NO_HEADER = "default"  # Sample.domain of a record without a domain header
 REFERENCE_WINDOWS = 2  # the drift reference holds this many windows of embeddings
-CHECKS_PER_WINDOW = 8  # drift tests per window's worth of new embeddings (every 32 stream images at the defaults)
+CHECKS_PER_WINDOW = 8  # drift tests per window's worth of new embeddings (every 4: 32 stream images at the defaults)
 
 
 class Boundaries:

@@ -1,5 +1,5 @@
-"""Turns on the CPU's cores: the training step and the indexer's embedding chunks run one at a
-time (docs/design.md, "deploy — turns on the cores").
+"""Turns on the CPU's cores: the training step (with the drift detector's sample embedding) and
+the indexer's embedding chunks run one at a time (docs/design.md, "deploy — index upkeep").
 
 On a CPU every thread that issues torch ops runs them on the same cores through its own
 intra-op team. When the indexer embeds while the step trains, both slow down: on 2 cores a

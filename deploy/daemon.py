@@ -596,7 +596,8 @@ def train_step(d: Daemon, batch: Batch, agreed: Agreement) -> None:
             d.metrics.replay_buffer_images.set(len(d.buffer))
         state.recent.append(images)
         if d.world.is_main:
-            d.boundaries.observe(learner, images, agreed.images)  # the drift detector's sample
+            with d.turns:  # its embedding, like the step's, never beside the indexer's
+                d.boundaries.observe(learner, images, agreed.images)  # the drift detector's sample
     state.advance(agreed.images)
 
 

@@ -19,7 +19,7 @@ that straddled the change would otherwise start the next experience with a mixed
 
 Usage::
 
-    detector = DriftDetector(window=64, reference=128, threshold=6.0, patience=3)
+    detector = DriftDetector(window=32, reference=64, threshold=6.0, patience=3)
     for images, sample in stream:              # sample: (n, 3, S, S) of `images`; embed: (n, ...) -> (n, D)
         z = detector.update(embed(sample), images=len(images), inputs=sample, embed=embed)
         if z is not None:                      # a drift boundary: end the experience
@@ -42,9 +42,9 @@ BANDWIDTH_SCALES = (0.125, 0.25, 0.5, 1.0, 2.0)  # of the mean pairwise squared 
 class DriftDetector:
     """Sliding two-window kernel MMD test with a permutation z-score, patience, min length and cool-down."""
 
-    def __init__(self, window: int = 64, reference: int = 128, threshold: float = 6.0, patience: int = 3,
+    def __init__(self, window: int = 32, reference: int = 64, threshold: float = 6.0, patience: int = 3,
                  permutations: int = 100, min_images: int = 256, cooldown_images: int = 256,
-                 check_every: int = 8, seed: int = 0) -> None:
+                 check_every: int = 4, seed: int = 0) -> None:
         if window < 2 or reference < window or patience < 1 or permutations < 10:
             raise ValueError("need window >= 2, reference >= window, patience >= 1, permutations >= 10")
         self.window, self.reference, self.threshold, self.patience = window, reference, threshold, patience

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from learners.drift import DriftDetector
 
 DIM = 64
-PER_STEP = 8  # embeddings per step (TAILORD_DRIFT_SAMPLE 0.25 of 32 stream images)
+PER_STEP = 4  # embeddings per step (TAILORD_DRIFT_SAMPLE 0.125 of 32 stream images)
 IMAGES = 32  # stream images per step
 
 
