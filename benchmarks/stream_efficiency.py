@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the daemon sets it (deploy/__init__.py): the bare step too
@@ -153,7 +154,31 @@ def daemon_run(images_per_domain: int, preset: str, method: str, batch_size: int
                                       - stopped[-1]["step_seconds"], 3),
                 "gpu_utilization_mean_percent": gpu.mean,
                 "stream_images_trained": stopped[-1]["images_total"], "checkpoints": len(checkpoints),
-                "checkpoint_seconds": round(sum(e["seconds"] for e in checkpoints), 3)}
+                "checkpoint_seconds": round(sum(e["seconds"] for e in checkpoints), 3),
+                "index": index_freshness(events)}
+
+
+def index_freshness(events: list[dict]) -> dict:
+    """How fresh the live index was while the daemon trained, from its log: each refresh's delay
+    after its experience checkpoint, and at the last step (the idle exit's start) how many
+    experience checkpoints the live index lagged and since when (docs/design.md, "Freshness
+    guarantee"; refreshes after the last step ran with the budget lifted)."""
+    def at(event: dict) -> datetime:
+        return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+
+    written = {int(e["checkpoint"].removeprefix("exp-")): at(e) for e in events
+               if e.get("event") == "checkpoint" and e.get("kind") == "experience"}
+    refreshed = {e["encoder_version"]: at(e) for e in events if e.get("event") == "index_refreshed"}
+    idle = [e for e in events if e.get("event") == "idle_exit"]
+    if not idle:
+        return {}
+    last_step = at(idle[-1]) - timedelta(seconds=idle[-1]["idle_seconds"])
+    live = max((v for v, t in refreshed.items() if t <= last_step), default=0)
+    newer = sorted(t for v, t in written.items() if v > live and t <= last_step)
+    return {"refresh_seconds_after_checkpoint": {str(v): round((t - written[v]).total_seconds(), 1)
+                                                 for v, t in sorted(refreshed.items()) if v in written},
+            "versions_behind_at_last_step": len(newer),
+            "stale_seconds_at_last_step": round((last_step - newer[0]).total_seconds(), 1) if newer else 0.0}
 
 
 def json_events(text: str) -> list[dict]:
