@@ -211,6 +211,7 @@ def run_on(indexer, start: Path, experiences: list, held: dict[str, torch.Tensor
             indexer.submit(ids[first:first + n], pngs[first:first + n], experience, [domain] * n)
         wall += train_experience(learner, pngs, on_batch, indexer.budget.turns)[1]
         path = save_checkpoint(learner, indexer.state_dir, experience)
+        assert indexer.wait_stored(60)  # the experience's last batches, behind a chunk waiting for its turn
         indexer.new_encoder(experience, path)
         upkeep = indexer.upkeep()
         record = {"experience": experience, "domain": domain, "versions_behind": upkeep.versions_behind,

@@ -255,6 +255,7 @@ class Indexer:
         self._refresh_turn = False  # alternates refresh and new-sample chunks
         self._urgent = 0  # flushes waiting: the budget does not bind
         self._busy = True  # until the thread has restored its encoder and scheduled any refresh
+        self._storing = 0  # batches taken from `_pending` and being written to the store
         self._stopping = False
         self._unsaved = False  # live index changed since it was last published
         self._cond = threading.Condition()
@@ -319,6 +320,13 @@ class Indexer:
             finally:
                 self._urgent -= 1
 
+    def wait_stored(self, timeout: float | None = None) -> bool:
+        """Wait until every batch submitted so far is in the store; the budget still binds, so it
+        may not be embedded yet (a store write waits at most for the chunk under way, and that for
+        its turn on the cores); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not (self._pending or self._storing) or self._stopping, timeout)
+
     def stop(self, timeout: float = 60.0) -> None:
         """Store what is queued, give up a running refresh, save the index, close the store."""
         with self._cond:
@@ -354,7 +362,8 @@ class Indexer:
         with self._cond:
             while not self._stopping:
                 if self._pending:
-                    return self._task(partial(self._store, self._pending.popleft()))
+                    self._storing += 1
+                    return self._task(partial(self._store_counted, self._pending.popleft()))
                 if self._refresh is not None and self._rebuild is None:
                     request, self._refresh = self._refresh, None
                     return self._task(partial(self._start_rebuild, *request))
@@ -411,6 +420,15 @@ class Indexer:
         self._unsaved |= self.index.remove(sample_ids) > 0
         if self._rebuild is not None:
             self._rebuild.evicted.update(sample_ids)
+
+    def _store_counted(self, batch: _Batch) -> None:
+        """`_store` as the thread's task, counted for `wait_stored`."""
+        try:
+            self._store(batch)
+        finally:
+            with self._cond:
+                self._storing -= 1
+                self._cond.notify_all()
 
     def _store(self, batch: _Batch) -> None:
         """Write a batch to the store; its non-probe samples still stored wait to be embedded."""

@@ -60,10 +60,28 @@ def test_the_indexer_embeds_only_while_the_step_does_not_hold_the_cores(tmp_path
         assert indexer.flush(30) and indexer.encoder_version == 1
         with turns:  # a training step that lasts
             submit_colour(indexer, 1, "red", 8)
+            assert indexer.wait_stored(10)  # storing needs no turn
+            assert indexer.store.stats()["count"] == 8
             time.sleep(1.0)
             assert indexer.index_size() == 0
-            assert indexer.store.stats()["count"] == 8  # storing needs no turn
         assert indexer.flush(30)
         assert indexer.index_size() == 8
+    finally:
+        indexer.stop()
+
+
+def test_wait_stored_waits_for_the_write_under_way(tmp_path, monkeypatch):
+    indexer = open_indexer(tmp_path, budget=ComputeBudget(None, turns=ComputeTurns()))
+    try:
+        add = indexer.store.add
+
+        def slow_add(*args, **kwargs):  # a store write on a slow disk
+            time.sleep(0.5)
+            return add(*args, **kwargs)
+
+        monkeypatch.setattr(indexer.store, "add", slow_add)
+        submit_colour(indexer, 1, "red", 4)
+        assert indexer.wait_stored(10)
+        assert indexer.store.stats()["count"] == 4
     finally:
         indexer.stop()
