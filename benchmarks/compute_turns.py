@@ -38,25 +38,18 @@ CHUNK = 256  # deploy.indexer.EMBED_BATCH
 
 def run_arm(arm: str, seconds: float, share: float, method_name: str) -> dict:
     """One arm in this process: train for `seconds` with (or without) the indexer thread."""
+    from benchmarks.stream_efficiency import daemon_step
     from deploy.compute_turns import ComputeTurns
     from deploy.index_budget import POLL_S, ComputeBudget
-    from learners.augment import BatchAugment, EvalTransform
-    from learners.backbones import build_backbone
+    from learners.augment import EvalTransform
     from learners.evaluation import embed
-    from learners.methods import build_method
     from learners.presets import PRESETS
-    from learners.train_step import TrainStep, build_optimizer
 
-    torch.manual_seed(0)
     preset = PRESETS["cpu"]
-    model = build_method(method_name, build_backbone(preset.backbone, preset.backbone_kwargs))
-    step = TrainStep(model, BatchAugment(preset.resolution), build_optimizer(model, preset), torch.device("cpu"),
-                     amp=False, channels_last=True)
-    side, half = preset.resolution, preset.batch_size // 2
-    stream = torch.randint(0, 256, (half, 3, side, side), dtype=torch.uint8)  # (B/2,3,S,S)
-    replay = torch.randint(0, 256, (preset.batch_size - half, 3, side, side), dtype=torch.uint8)
+    step, stream, replay = daemon_step(preset.name, method_name, preset.batch_size, "cpu")
+    side = preset.resolution
     stored = torch.randint(0, 256, (CHUNK, 3, side, side), dtype=torch.uint8)  # one indexer chunk
-    frozen, transform = copy.deepcopy(model.backbone), EvalTransform(side)
+    frozen, transform = copy.deepcopy(step.method.backbone), EvalTransform(side)
     turns = ComputeTurns(enabled=arm == "turns")
     budget = ComputeBudget(share, turns=turns)
     embedded, stop = [0], threading.Event()

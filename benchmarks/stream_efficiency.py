@@ -32,8 +32,9 @@ if __package__ in (None, ""):  # run as a script: the repository root holds the 
 from benchmarks.soak import daemon_setting  # noqa: E402  the --set parser live_snapshot uses too
 
 
-def bare_images_per_second(preset_name: str, method: str, batch_size: int, steps: int, device: str) -> float:
-    """Images/s of the train step alone (the daemon's batch: stream + replay images)."""
+def daemon_step(preset_name: str, method: str, batch_size: int, device: str) -> tuple:
+    """The daemon's train step for the preset's model (seed 0) and a batch of random images as the
+    daemon feeds it: (TrainStep, stream half (B/2,3,S,S) uint8, replay half (B-B/2,3,S,S) uint8)."""
     from learners.augment import BatchAugment
     from learners.backbones import build_backbone
     from learners.device import pick_device
@@ -50,6 +51,12 @@ def bare_images_per_second(preset_name: str, method: str, batch_size: int, steps
     half = batch_size // 2
     images = torch.randint(0, 256, (half, 3, preset.resolution, preset.resolution), dtype=torch.uint8)
     replay = torch.randint(0, 256, (batch_size - half, 3, preset.resolution, preset.resolution), dtype=torch.uint8)
+    return step, images, replay
+
+
+def bare_images_per_second(preset_name: str, method: str, batch_size: int, steps: int, device: str) -> float:
+    """Images/s of the train step alone (the daemon's batch: stream + replay images)."""
+    step, images, replay = daemon_step(preset_name, method, batch_size, device)
     for _ in range(3):
         step(images, replay)
     started = time.perf_counter()
