@@ -25,11 +25,12 @@ Threshold, patience and window were set on synthetic streams (tests/learners/tes
 changed after; a pilot daemon run (textures, digits, fashion: their first 400 items, before
 the benchmark's first run) showed the detector was ready too late with 4 embeddings per step,
 which made the sample a share of each step. The kernel scales, the change point and the
-reference of 2 windows were chosen on offline replays of seeds 0-2; ``--first-seed 3`` runs
-seeds they were not chosen on. ``--set TAILORD_X=V`` changes a daemon setting for every run.
+reference of 2 windows were chosen on offline replays of seeds 0-2, the sample, window and
+side (3/4, 192, 8 px) on replays of the daemon's own steps of seeds 0-2 and 5; ``--first-seed 6``
+runs seeds nothing was chosen on. ``--set TAILORD_X=V`` changes a daemon setting for every run.
 Numbers: docs/operations.md, "Experience boundaries".
 The last line printed is one JSON object. Run: ``python -m benchmarks.boundaries``
-(8 min on an idle 2-core box for 3 seeds; 31 min on 2 cores shared with other jobs).
+(7 min on an idle 2-core box for 3 seeds, 16 min for 9; 31 min on 2 cores shared with other jobs).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script: the repository root holds the `benchmarks` package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.soak import daemon_setting  # noqa: E402  the --set parser of the other daemon benchmarks
+from benchmarks.soak import daemon_env, daemon_setting  # noqa: E402  the other daemon benchmarks' environment and --set parser
 
 DOMAINS = ("digits", "fashion", "textures", "photos")
 STATIONARY = ("fashion", "textures", "photos")
@@ -110,11 +111,10 @@ def run_daemon(segments: list[tuple[str, list]], state_dir: Path, boundary: str,
 
     with EmbeddedBroker() as broker:
         starts = publish(broker.bootstrap, "boundaries", segments, header)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TAILORD_")}
-        env.update({"TAILORD_BOOTSTRAP_SERVERS": broker.bootstrap, "TAILORD_TOPIC": "boundaries",
-                    "TAILORD_STATE_DIR": str(state_dir), "TAILORD_HTTP_PORT": "0", "TAILORD_PRESET": "cpu",
-                    "TAILORD_DEVICE": "cpu", "TAILORD_BOUNDARY": boundary, "TAILORD_SEED": str(seed),
-                    "TAILORD_EXIT_WHEN_IDLE_S": str(idle_exit_s), "TAILORD_LOG_FORMAT": "json", **settings})
+        env = daemon_env(broker.bootstrap, "boundaries", state_dir.parent, 0, **{
+            "TAILORD_STATE_DIR": str(state_dir), "TAILORD_PRESET": "cpu", "TAILORD_DEVICE": "cpu",
+            "TAILORD_BOUNDARY": boundary, "TAILORD_SEED": str(seed), "TAILORD_EXIT_WHEN_IDLE_S": str(idle_exit_s),
+            **settings})
         proc = subprocess.run([sys.executable, "-m", "deploy.cli", "run"], env=env, capture_output=True, text=True,
                               timeout=3600)
     events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]

@@ -2,8 +2,10 @@
 
 `TAILORD_BOUNDARY` names the signals (docs/operations.md, "Experience boundaries");
 `TAILORD_EXPERIENCE_IMAGES` is always the upper bound. The drift detector
-(`learners.drift.DriftDetector`) runs on rank 0: after each step it embeds a few of the
-step's stream images (the `TAILORD_DRIFT_SAMPLE` share, evenly spaced) with the current encoder in eval mode; when it
+(`learners.drift.DriftDetector`) runs on rank 0: after each step it embeds a share of the
+step's stream images (`TAILORD_DRIFT_SAMPLE`, evenly spaced), shrunk to `TAILORD_DRIFT_RESOLUTION`
+(a quarter of the preset's side by default: the test's power comes from the number of
+embeddings, and small ones cost little), with the current encoder in eval mode; when it
 finds a shift, the z-score rides rank 0's next `Tick`, so every rank ends the experience at
 the same iteration, before that iteration's batch (which belongs to the new experience).
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import structlog
 import torch
+import torchvision.transforms.v2.functional as TF
 from safetensors.torch import load_file, save_file
 
 from deploy.learner import Learner
@@ -22,6 +25,7 @@ from deploy.metrics import Metrics
 from deploy.progress import Progress
 from deploy.settings import Settings
 from deploy.world import Agreement
+from learners.augment import EvalTransform
 from learners.drift import DriftDetector
 from learners.evaluation import embed
 
@@ -40,6 +44,8 @@ class Boundaries:
         self.modes = settings.boundaries
         self.limit = settings.experience_images
         self.sample = settings.drift_sample
+        self.resolution = settings.drift_resolution  # None: a quarter of the preset's side
+        self.view: EvalTransform | None = None  # the detector's eval transform, made for the first learner seen
         self.metrics = metrics
         self.detector = DriftDetector(
             window=settings.drift_window, reference=REFERENCE_WINDOWS * settings.drift_window,
@@ -71,12 +77,13 @@ class Boundaries:
         """Feed the detector a TAILORD_DRIFT_SAMPLE share of this step's stream images (B,3,S,S) uint8."""
         if self.detector is None or self.pending is not None or not len(images):
             return
-        def encode(sample: torch.Tensor) -> torch.Tensor:  # (k,3,S,S) uint8 -> (k,D) unit norm
-            return embed(learner.backbone, sample, learner.eval_transform, device=learner.device)
+        view = self.detector_view(learner)
+        def encode(sample: torch.Tensor) -> torch.Tensor:  # (k,3,s,s) uint8 -> (k,D) unit norm
+            return embed(learner.backbone, sample, view, device=learner.device)
 
         started = time.perf_counter()
         pick = torch.linspace(0, len(images) - 1, max(1, round(self.sample * len(images)))).long()
-        sample = images[pick].cpu()  # (k,3,S,S) uint8, kept by the detector for the confirmation
+        sample = TF.resize(images[pick], [view.resolution] * 2, antialias=True).cpu()  # (k,3,s,s) uint8, kept
         checks = self.detector.checks
         self.pending = self.detector.update(encode(sample), stream_images, inputs=sample, embed=encode)
         if self.detector.checks != checks:
@@ -84,6 +91,14 @@ class Boundaries:
             log.debug("drift_check", statistic=round(self.detector.statistic, 3), streak=self.detector.streak,
                       images_in_experience=self.detector.images_in_experience)
         self.seconds += time.perf_counter() - started
+
+    def detector_view(self, learner: Learner) -> EvalTransform:
+        """The learner's evaluation view (its normalization) at the detector's side in px."""
+        if self.view is None:
+            side = self.resolution or max(8, learner.preset.resolution // 4)
+            mean, std = learner.eval_transform.mean.flatten().tolist(), learner.eval_transform.std.flatten().tolist()
+            self.view = EvalTransform(side, mean, std).to(learner.device)
+        return self.view
 
     def ended(self, reason: str, statistic: float | None, progress: Progress) -> None:
         """An experience ended for `reason`: count it, log it, and tell the detector."""

@@ -84,8 +84,9 @@ class Settings(BaseSettings):
     drift_patience: int = Field(3, ge=1, le=100, description="drift: consecutive shifted checks before a boundary")
     drift_min_images: int = Field(256, ge=0, description="drift: no drift boundary in an experience shorter than this (trained images)")
     drift_cooldown_images: int = Field(256, ge=0, description="drift: trained images after a drift boundary before the next one")
-    drift_window: int = Field(32, ge=8, le=4096, description="drift: embeddings in the recent window (the reference holds 2x as many; a check every window/8 embeddings)")
-    drift_sample: float = Field(0.125, gt=0, le=1, description="drift: share of each step's stream images embedded for the detector (its cost: ~2-3 % of a cpu-preset step at 0.125, ~5 % at 0.25)")
+    drift_window: int = Field(192, ge=8, le=4096, description="drift: embeddings in the recent window (the reference holds 2x as many; a check every window/8 embeddings)")
+    drift_sample: float = Field(0.75, gt=0, le=1, description="drift: share of each step's stream images embedded for the detector")
+    drift_resolution: int | None = Field(None, ge=8, le=1024, description="drift: side in px the detector's sample is shrunk to before it is embedded (unset: a quarter of the preset's resolution, at least 8; a sixteenth of the forward's cost per image)")
     probe_fraction: float = Field(0.2, ge=0, le=0.5, description="hash fraction of records kept out for evaluation (0.2: >= 30 probes per class of a 10-class domain at the default experience size)")
     probe_max_images: int = Field(500, ge=0, description="probe images kept per experience")
 

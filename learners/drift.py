@@ -11,9 +11,11 @@ the null mean. A boundary is due when the z-score exceeds ``threshold`` on ``pat
 consecutive checks, the experience holds ``min_images`` and the last drift boundary is
 at least ``cooldown_images`` back. The reference slides (first in, first out), so a
 slow drift is absorbed into it and never cuts; only a change faster than the window
-and reference span is significant. While the z-score is above the threshold the
-reference stops sliding, so a shift held back by the min length or the cool-down is
-still cut once they allow it. At a drift boundary the change point is located inside the
+and reference span is significant. Once ``patience`` checks in a row were above the
+threshold the reference stops sliding, so a shift held back by the min length or the
+cool-down is still cut once they allow it (stopping it from the first high check froze
+a reference of the stream's first few dozen images while early training made every check
+high, and a confirmation then cut a stationary stream). At a drift boundary the change point is located inside the
 window (`change_point`), and only the part after it becomes the new reference: a window
 that straddled the change would otherwise start the next experience with a mixed reference.
 
@@ -36,7 +38,7 @@ import torch
 from torch import Tensor
 
 REASONS = ("header", "count", "drift")
-BANDWIDTH_SCALES = (0.125, 0.25, 0.5, 1.0, 2.0)  # of the mean pairwise squared distance
+BANDWIDTH_SCALES = (0.125, 0.25, 0.5, 1.0, 2.0)  # of the mean pairwise squared distance; each half the next
 
 
 class DriftDetector:
@@ -59,7 +61,8 @@ class DriftDetector:
         self.images_in_experience = 0
         self.images_since_drift = cooldown_images  # no drift boundary yet: not cooling down
         self.since_check = 0  # embeddings added since the last check
-        self.checks = 0  # checks run so far (seeds the permutations: a restart draws the same)
+        self.checks = 0  # tests run so far
+        self._bank: tuple[int, int, Tensor] | None = None  # (m, n, (P+1, m+n) weights) of the last sizes tested
 
     def update(self, features: Tensor, images: int, inputs: Tensor | None = None,
                embed: Callable[[Tensor], Tensor] | None = None) -> float | None:
@@ -144,33 +147,46 @@ class DriftDetector:
     def _z_score(self) -> float:
         x, y = self.recent, self.past  # (m, D), (n, D)
         kernel = self._kernel(torch.cat([x, y]))  # (m+n, m+n)
-        m, n = len(x), len(y)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.checks)
         self.checks += 1
-        order = torch.rand(self.permutations, m + n, generator=generator).argsort(1)  # (P, m+n) permutations
-        labels = torch.cat([torch.arange(m + n).unsqueeze(0), order]) < m  # (P+1, m+n): row 0 observed
-        weights = torch.where(labels, 1.0 / m, -1.0 / n)  # MMD² = wᵀ K w
-        mmd = ((weights @ kernel) * weights).sum(1)  # (P+1,)
+        weights = self._permutation_weights(len(x), len(y))  # (P+1, m+n), MMD² = wᵀ K w
+        mmd = ((weights @ kernel) * weights).sum(1)  # (P+1,): row 0 observed, then the null
         null = mmd[1:]
         spread = null.std()
         if not math.isfinite(float(spread)) or float(spread) <= 1e-12:
             return 0.0
         return float((mmd[0] - null.mean()) / spread)
 
+    def _permutation_weights(self, m: int, n: int) -> Tensor:
+        """(P+1, m+n): +1/m on the window's rows, -1/n on the reference's; row 0 as observed, then
+        `permutations` random relabellings. Drawn once per (m, n) from the seed and reused while the
+        sizes stay (drawing them was half of a test's time); each test stays a valid permutation test."""
+        if self._bank is None or self._bank[:2] != (m, n):
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + m * 4099 + n)
+            order = torch.rand(self.permutations, m + n, generator=generator).argsort(1)  # (P, m+n)
+            labels = torch.cat([torch.arange(m + n).unsqueeze(0), order]) < m  # (P+1, m+n)
+            self._bank = (m, n, torch.where(labels, 1.0 / m, -1.0 / n))
+        return self._bank[2]
+
     @staticmethod
     def _kernel(pooled: Tensor) -> Tensor:
         """(N, D) -> (N, N): the sum of Gaussian kernels at `BANDWIDTH_SCALES` x the mean pairwise
-        squared distance."""
-        distances = torch.cdist(pooled, pooled).pow(2)  # (N, N) squared distances
+        squared distance. The scales halve, so each kernel is the square of the next wider one
+        (one exp instead of five), computed in place (N² floats are the test's memory traffic)."""
+        norms = pooled.pow(2).sum(1)  # (N,)
+        distances = torch.addmm(norms.unsqueeze(1) + norms, pooled, pooled.T, alpha=-2).clamp_min_(0)  # (N, N) squared
         bandwidth = (distances.sum() / (len(pooled) * (len(pooled) - 1))).clamp_min(1e-12)
-        return sum(torch.exp(-distances / (bandwidth * scale)) for scale in BANDWIDTH_SCALES)
+        kernel = distances.mul_(-1.0 / (float(bandwidth) * BANDWIDTH_SCALES[-1])).exp_()  # the widest scale
+        total = kernel.clone()
+        for _ in BANDWIDTH_SCALES[:-1]:
+            total.add_(kernel.mul_(kernel))  # exp(-d / (b s)) squared = exp(-d / (b s / 2))
+        return total
 
     def _push(self, features: Tensor, inputs: Tensor | None) -> None:
         """Append to the window; what leaves it joins the reference, whose oldest leave it."""
         recent, recent_inputs = _cat(self.recent, features), _cat(self.recent_inputs, inputs)
         overflow = len(recent) - self.window
         if overflow > 0:
-            if self.streak == 0:  # while a shift is pending the reference holds the old distribution
+            if self.streak < self.patience:  # a due shift held back: the reference keeps the old distribution
                 self.past = _cat(self.past, recent[:overflow])[-self.reference:]
                 if recent_inputs is not None:
                     self.past_inputs = _cat(self.past_inputs, recent_inputs[:overflow])[-self.reference:]

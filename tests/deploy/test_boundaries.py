@@ -1,10 +1,13 @@
 """The daemon's boundary decision (deploy/boundaries.py) and header-less producing."""
 
+import torch
+
 from deploy.boundaries import Boundaries, experience_record, label
+from deploy.learner import build_learner
 from deploy.metrics import Metrics
 from deploy.progress import Progress
-from deploy.settings import load_settings
-from deploy.world import Tick, agree
+from deploy.settings import Settings, load_settings
+from deploy.world import Tick, World, agree
 from streamer.produce import record_value, sample_headers
 from streamer.sources import Item
 
@@ -48,3 +51,24 @@ def test_no_domain_headers():
     assert sample_headers(item, "digits", False, with_domain=False) == {"sample-id": "digits/7", "label": "3"}
     _, headers = record_value([(item, {})], None, as_tar=True)
     assert "domain" not in headers
+
+
+def test_the_detector_embeds_a_shrunk_share_of_the_step():
+    settings = Settings(preset="cpu", device="cpu", seed=0, torch_threads=1, boundary="drift")
+    learner = build_learner(settings, World())
+    boundaries = Boundaries(settings, Metrics())
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    boundaries.observe(learner, images, stream_images=64)
+    kept = boundaries.detector.recent_inputs
+    assert kept.shape == (48, 3, 8, 8) and kept.dtype == torch.uint8  # 3/4 of the step at a quarter of the side
+    assert boundaries.detector.recent.shape == (48, learner.backbone.feature_dim)
+    assert boundaries.detector.images_in_experience == 64
+
+
+def test_the_detector_side_can_be_set():
+    settings = Settings(preset="cpu", device="cpu", seed=0, torch_threads=1, boundary="drift",
+                        drift_resolution=32, drift_sample=0.25)
+    learner = build_learner(settings, World())
+    boundaries = Boundaries(settings, Metrics())
+    boundaries.observe(learner, torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), stream_images=64)
+    assert boundaries.detector.recent_inputs.shape == (16, 3, 32, 32)

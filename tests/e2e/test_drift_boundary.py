@@ -26,10 +26,11 @@ def test_headerless_switch_cuts_a_drift_boundary(broker, tmp_path):
     for source in ("builtin:digits", "builtin:fashion"):
         produce(source, topic, broker.bootstrap, limit=PER_DOMAIN, batch=BATCH, progress=False, no_domain=True)
     state = tmp_path / "state"
-    # a denser sample and a smaller window than the defaults: the detector is ready after ~130
-    # trained images, so two short domains suffice (the defaults' delays: benchmarks/boundaries.py)
+    # every image and a smaller window than the defaults (at the default 8 px): the detector is
+    # ready after ~60 trained images, so two short domains suffice (a window of 16 of a 1/4
+    # sample was too few 8 px embeddings; the defaults' delays: benchmarks/boundaries.py)
     daemon = DaemonProcess(state, broker.bootstrap, topic, boundary="drift", experience_images=100_000,
-                           batch_size=32, checkpoint_interval_s=3600, drift_sample=0.25, drift_window=16).start()
+                           batch_size=32, checkpoint_interval_s=3600, drift_sample=1.0, drift_window=48).start()
     try:
         history = state / "metrics" / "history.json"
         daemon.wait_for(lambda: history.is_file() and json.loads(history.read_text())["records"], 60,

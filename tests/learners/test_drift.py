@@ -154,3 +154,28 @@ def test_several_kernel_scales_score_near_duplicates_higher_than_one_wide_kernel
             drift.BANDWIDTH_SCALES = original
 
     assert z(drift.BANDWIDTH_SCALES) > z((1.0,)) + 3
+
+
+def test_the_reference_slides_until_a_shift_is_due_then_holds():
+    detector = DriftDetector(window=8, reference=16, threshold=1e9, patience=3, check_every=1, min_images=10**9)
+    generator = torch.Generator().manual_seed(0)
+    stream(detector, 10, shift_at=None)
+    detector.threshold = -1e9  # every check now counts as shifted
+    kept = []
+    for _ in range(4):
+        detector.update(features(generator), IMAGES)
+        kept.append(detector.past.clone())
+    assert detector.streak == 4
+    assert not torch.equal(kept[0], kept[1])  # streak 1 and 2: still sliding (no early freeze)
+    assert torch.equal(kept[2], kept[3])  # streak >= patience, held back by min_images: frozen
+
+
+def test_the_permutations_are_drawn_once_per_size_and_keep_the_group_sizes():
+    detector = DriftDetector(permutations=50, seed=3)
+    weights = detector._permutation_weights(8, 24)
+    assert weights.shape == (51, 32)
+    assert ((weights > 0).sum(1) == 8).all()  # every relabelling keeps 8 in the window
+    assert weights[0, :8].gt(0).all() and weights[0, 8:].lt(0).all()  # row 0: as observed
+    assert detector._permutation_weights(8, 24) is weights
+    assert not torch.equal(detector._permutation_weights(8, 25)[:, :32], weights)
+    assert torch.equal(DriftDetector(permutations=50, seed=3)._permutation_weights(8, 24), weights)  # a restart draws the same
