@@ -11,7 +11,7 @@
 2. Stationary streams: one domain, shuffled (seed s: ``STATIONARY[s % 3]``, up to
    ``--stationary-images``), same settings: drift cuts there are false boundaries,
    reported per 10,000 stream images.
-3. Routing (the first seed): held-out images of each domain (the last items of its shuffled
+3. Routing (the first ``--routing-seeds`` seeds, 1 by default): held-out images of each domain (the last items of its shuffled
    list, kept out of the stream) in ``--routing-sets`` unlabelled sets of ``--routing-set-size``, routed offline on the
    stopped daemon's state (``SnapshotEngine``, strategy ``route``); correct when the chosen
    experience's majority domain (from the sample ids, which the daemon never reads as a
@@ -183,7 +183,7 @@ def routing(state_dir: Path, held_out: dict[str, list], sets: int, size: int) ->
 def switch_run(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """One seed's switch stream with the detector; routing on the first seed (and the header run to compare)."""
     items = domain_items(seed)
-    with_routing = seed == args.first_seed and args.routing_sets > 0
+    with_routing = seed < args.first_seed + args.routing_seeds and args.routing_sets > 0
     reserve = args.routing_sets * args.routing_set_size if with_routing else 0
     held_out = {d: items[d][len(items[d]) - reserve:] for d in DOMAINS}  # never streamed (photos has 1,616 items)
     taken: Counter = Counter()
@@ -248,6 +248,8 @@ def summarize(switches: list[dict], stationary: list[dict], rates: dict[str, lis
     images = sum(r["images"] for r in stationary)
     on, off = (statistics.median(rates[b]) if rates[b] else None for b in ("drift", "count"))
     shares = [r["detector_share"] for r in switches + stationary if r["detector_share"] is not None]
+    routed = {kind: [r[f"routing_{kind}"]["correct_share"] for r in switches if f"routing_{kind}" in r]
+              for kind in ("drift", "header")}
     return {"switches": len(flat), "missed": sum(s["delay_images"] is None for s in flat),
             "over_500": sum(d > MAX_DELAY for d in delays),
             "delay_images_median": sorted(delays)[len(delays) // 2] if delays else None,
@@ -256,6 +258,8 @@ def summarize(switches: list[dict], stationary: list[dict], rates: dict[str, lis
             "false_boundaries": false, "stationary_images": images,
             "false_per_10k": round(false * 10_000 / images, 2) if images else None,
             "detector_share_of_train_seconds": round(sum(shares) / len(shares), 4) if shares else None,
+            "routing_correct_share": {kind: round(statistics.mean(v), 3) if v else None for kind, v in routed.items()},
+            "routing_correct_share_per_seed": routed,
             "images_per_second_on_off_median": [on, off], "images_per_second_on": rates["drift"],
             "images_per_second_off": rates["count"],
             "throughput_cost_on_off": round(1 - on / off, 4) if off and on else None}
@@ -271,6 +275,7 @@ def main() -> None:
     parser.add_argument("--stationary-images", type=int, default=2500)
     parser.add_argument("--routing-sets", type=int, default=5, help="unlabelled target sets per domain (0: none)")
     parser.add_argument("--routing-set-size", type=int, default=20)
+    parser.add_argument("--routing-seeds", type=int, default=1, help="route on the first this many seeds")
     parser.add_argument("--no-header-run", dest="header_run", action="store_false",
                         help="skip the header run that routing is compared with")
     parser.add_argument("--set", action="append", default=[], type=daemon_setting, metavar="TAILORD_X=VALUE",
