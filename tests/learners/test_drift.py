@@ -179,3 +179,13 @@ def test_the_permutations_are_drawn_once_per_size_and_keep_the_group_sizes():
     assert detector._permutation_weights(8, 24) is weights
     assert not torch.equal(detector._permutation_weights(8, 25)[:, :32], weights)
     assert torch.equal(DriftDetector(permutations=50, seed=3)._permutation_weights(8, 24), weights)  # a restart draws the same
+
+
+def test_the_kernel_is_the_sum_of_gaussians_at_every_scale():
+    from learners.drift import BANDWIDTH_SCALES
+
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(0))
+    distances = torch.cdist(x, x).pow(2)
+    bandwidth = distances.sum() / (50 * 49)
+    expected = sum(torch.exp(-distances / (bandwidth * scale)) for scale in BANDWIDTH_SCALES)
+    assert torch.allclose(DriftDetector._kernel(x), expected, atol=1e-5)
