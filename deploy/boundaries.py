@@ -78,6 +78,7 @@ class Boundaries:
         if self.detector is None or self.pending is not None or not len(images):
             return
         view = self.detector_view(learner)
+        self.keep_side(view.resolution)
         def encode(sample: torch.Tensor) -> torch.Tensor:  # (k,3,s,s) uint8 -> (k,D) unit norm
             return embed(learner.backbone, sample, view, device=learner.device)
 
@@ -99,6 +100,14 @@ class Boundaries:
             mean, std = learner.eval_transform.mean.flatten().tolist(), learner.eval_transform.std.flatten().tolist()
             self.view = EvalTransform(side, mean, std).to(learner.device)
         return self.view
+
+    def keep_side(self, side: int) -> None:
+        """Bring the kept images to `side` px when a checkpoint kept them at another (written before
+        TAILORD_DRIFT_RESOLUTION existed, or with another value): new samples join them by rows."""
+        for key in ("recent_inputs", "past_inputs"):
+            kept = getattr(self.detector, key)
+            if kept is not None and kept.shape[-1] != side:
+                setattr(self.detector, key, TF.resize(kept, [side, side], antialias=True))
 
     def ended(self, reason: str, statistic: float | None, progress: Progress) -> None:
         """An experience ended for `reason`: count it, log it, and tell the detector."""

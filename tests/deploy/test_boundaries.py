@@ -72,3 +72,16 @@ def test_the_detector_side_can_be_set():
     boundaries = Boundaries(settings, Metrics())
     boundaries.observe(learner, torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), stream_images=64)
     assert boundaries.detector.recent_inputs.shape == (16, 3, 32, 32)
+
+
+def test_a_checkpoint_kept_at_another_side_resumes():
+    settings = Settings(preset="cpu", device="cpu", seed=0, torch_threads=1, boundary="drift")
+    learner = build_learner(settings, World())
+    boundaries = Boundaries(settings, Metrics())
+    boundaries.detector.recent_inputs = torch.zeros(10, 3, 32, 32, dtype=torch.uint8)  # an older release's state
+    boundaries.detector.recent = torch.zeros(10, learner.backbone.feature_dim)
+    boundaries.detector.past_inputs = torch.zeros(20, 3, 32, 32, dtype=torch.uint8)
+    boundaries.detector.past = torch.zeros(20, learner.backbone.feature_dim)
+    boundaries.observe(learner, torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), stream_images=64)
+    assert boundaries.detector.recent_inputs.shape == (58, 3, 8, 8)
+    assert boundaries.detector.past_inputs.shape[-1] == 8
