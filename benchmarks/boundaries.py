@@ -181,7 +181,7 @@ def routing(state_dir: Path, held_out: dict[str, list], sets: int, size: int) ->
 
 
 def switch_run(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    """One seed's switch stream with the detector; routing on the first seed (and the header run to compare)."""
+    """One seed's switch stream with the detector; routing on the first --routing-seeds (and the header run to compare)."""
     items = domain_items(seed)
     with_routing = seed < args.first_seed + args.routing_seeds and args.routing_sets > 0
     reserve = args.routing_sets * args.routing_set_size if with_routing else 0
