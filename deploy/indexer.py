@@ -99,7 +99,7 @@ def backbone_from_checkpoint(checkpoint_dir: Path, device: torch.device | str, *
     """The backbone of a checkpoint (the `backbone.*` weights) in eval mode on `device`, and the manifest.
 
     `meta`: built without weight init, so no draw from the global RNG (`backbone_from_spec`); the
-    snapshot engine's HTTP threads load checkpoints this way beside training.
+    snapshot engine's HTTP threads and the indexer's thread load checkpoints this way beside training.
     """
     state, manifest = read_checkpoint(checkpoint_dir)
     weights = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
@@ -400,7 +400,7 @@ class Indexer:
         version = self.index.current_version
         if version is not None and version in checkpoints:
             try:
-                self._encoder = Encoder.load(version, checkpoints[version], self.device)
+                self._encoder = Encoder.load(version, checkpoints[version], self.device, meta=True)
             except (OSError, ValueError, KeyError) as exc:
                 log.warning("index_encoder_unreadable", version=version, error=str(exc))
         with self._cond:
@@ -465,7 +465,7 @@ class Indexer:
 
     def _start_rebuild(self, version: int, checkpoint_dir: Path) -> None:
         """Load checkpoint `version`'s encoder and start re-embedding the store with it."""
-        encoder = Encoder.load(version, checkpoint_dir, self.device)
+        encoder = Encoder.load(version, checkpoint_dir, self.device, meta=True)
         total = len(self.store.sample_ids(probe=False))
         # Only the rows stored so far: rows stored meanwhile wait in `_unindexed` (`_store`) and are
         # embedded with this encoder once it is live. Paging them too made the refresh chase the

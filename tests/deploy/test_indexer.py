@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from deploy.indexer import Encoder, decode_images, experience_checkpoints
 from replay.store import SampleStore
@@ -121,3 +122,19 @@ def test_torn_checkpoint_is_refused(tmp_path):
         fh.write(b"\x00\x01\x02\x03")
     with pytest.raises(ValueError, match="sha256"):
         Encoder.load(1, path, "cpu")
+
+
+def test_loading_an_encoder_draws_nothing_from_the_global_rng(tmp_path):
+    # The indexer's thread loads checkpoints beside training (and beside tests that seed torch's
+    # RNG to build a model): building the backbone must not draw random init weights.
+    path = write_experience_checkpoint(tmp_path, 1, seed=1)
+    indexer = open_indexer(tmp_path)
+    try:
+        torch.manual_seed(123)
+        indexer.new_encoder(1, path)
+        assert indexer.flush(60)
+        drawn = torch.rand(3)
+    finally:
+        indexer.stop()
+    torch.manual_seed(123)
+    assert torch.equal(drawn, torch.rand(3))
