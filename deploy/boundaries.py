@@ -78,7 +78,6 @@ class Boundaries:
         if self.detector is None or self.pending is not None or not len(images):
             return
         view = self.detector_view(learner)
-        self.keep_side(view.resolution)
         def encode(sample: torch.Tensor) -> torch.Tensor:  # (k,3,s,s) uint8 -> (k,D) unit norm
             return embed(learner.backbone, sample, view, device=learner.device)
 
@@ -94,11 +93,13 @@ class Boundaries:
         self.seconds += time.perf_counter() - started
 
     def detector_view(self, learner: Learner) -> EvalTransform:
-        """The learner's evaluation view (its normalization) at the detector's side in px."""
+        """The learner's evaluation view (its normalization) at the detector's side in px, made on the
+        first step (after any resume), when the kept images are brought to that side too."""
         if self.view is None:
             side = self.resolution or max(8, learner.preset.resolution // 4)
             mean, std = learner.eval_transform.mean.flatten().tolist(), learner.eval_transform.std.flatten().tolist()
             self.view = EvalTransform(side, mean, std).to(learner.device)
+            self.keep_side(side)
         return self.view
 
     def keep_side(self, side: int) -> None:

@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     drift_cooldown_images: int = Field(256, ge=0, description="drift: trained images after a drift boundary before the next one")
     drift_window: int = Field(192, ge=8, le=4096, description="drift: embeddings in the recent window (the reference holds 2x as many; a check every window/8 embeddings)")
     drift_sample: float = Field(0.75, gt=0, le=1, description="drift: share of each step's stream images embedded for the detector")
-    drift_resolution: int | None = Field(None, ge=8, le=1024, description="drift: side in px the detector's sample is shrunk to before it is embedded (unset: a quarter of the preset's resolution, at least 8; a sixteenth of the forward's cost per image)")
+    drift_resolution: int | None = Field(None, ge=8, le=1024, description="drift: side in px the detector's sample is shrunk to before it is embedded (unset: a quarter of the preset's resolution, at least 8; an 8 px image costs ~1/12 of a 32 px one's forward)")
     probe_fraction: float = Field(0.2, ge=0, le=0.5, description="hash fraction of records kept out for evaluation (0.2: >= 30 probes per class of a 10-class domain at the default experience size)")
     probe_max_images: int = Field(500, ge=0, description="probe images kept per experience")
 

@@ -1,5 +1,6 @@
 """The daemon's boundary decision (deploy/boundaries.py) and header-less producing."""
 
+import pytest
 import torch
 
 from deploy.boundaries import Boundaries, experience_record, label
@@ -53,10 +54,17 @@ def test_no_domain_headers():
     assert "domain" not in headers
 
 
-def test_the_detector_embeds_a_shrunk_share_of_the_step():
-    settings = Settings(preset="cpu", device="cpu", seed=0, torch_threads=1, boundary="drift")
-    learner = build_learner(settings, World())
-    boundaries = Boundaries(settings, Metrics())
+@pytest.fixture(scope="module")
+def learner():
+    return build_learner(Settings(preset="cpu", device="cpu", seed=0, torch_threads=1), World())
+
+
+def drift_boundaries(**settings) -> Boundaries:
+    return Boundaries(Settings(preset="cpu", device="cpu", boundary="drift", **settings), Metrics())
+
+
+def test_the_detector_embeds_a_shrunk_share_of_the_step(learner):
+    boundaries = drift_boundaries()
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     boundaries.observe(learner, images, stream_images=64)
     kept = boundaries.detector.recent_inputs
@@ -65,19 +73,14 @@ def test_the_detector_embeds_a_shrunk_share_of_the_step():
     assert boundaries.detector.images_in_experience == 64
 
 
-def test_the_detector_side_can_be_set():
-    settings = Settings(preset="cpu", device="cpu", seed=0, torch_threads=1, boundary="drift",
-                        drift_resolution=32, drift_sample=0.25)
-    learner = build_learner(settings, World())
-    boundaries = Boundaries(settings, Metrics())
+def test_the_detector_side_can_be_set(learner):
+    boundaries = drift_boundaries(drift_resolution=32, drift_sample=0.25)
     boundaries.observe(learner, torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), stream_images=64)
     assert boundaries.detector.recent_inputs.shape == (16, 3, 32, 32)
 
 
-def test_a_checkpoint_kept_at_another_side_resumes():
-    settings = Settings(preset="cpu", device="cpu", seed=0, torch_threads=1, boundary="drift")
-    learner = build_learner(settings, World())
-    boundaries = Boundaries(settings, Metrics())
+def test_a_checkpoint_kept_at_another_side_resumes(learner):
+    boundaries = drift_boundaries()
     boundaries.detector.recent_inputs = torch.zeros(10, 3, 32, 32, dtype=torch.uint8)  # an older release's state
     boundaries.detector.recent = torch.zeros(10, learner.backbone.feature_dim)
     boundaries.detector.past_inputs = torch.zeros(20, 3, 32, 32, dtype=torch.uint8)

@@ -4,7 +4,7 @@ stream, honours min length and cool-down, and survives a state_dict round trip."
 import torch
 import torch.nn.functional as F
 
-from learners.drift import DriftDetector
+from learners.drift import BANDWIDTH_SCALES, DriftDetector
 
 DIM = 64
 PER_STEP = 4  # embeddings per step (TAILORD_DRIFT_SAMPLE 0.125 of 32 stream images)
@@ -182,8 +182,6 @@ def test_the_permutations_are_drawn_once_per_size_and_keep_the_group_sizes():
 
 
 def test_the_kernel_is_the_sum_of_gaussians_at_every_scale():
-    from learners.drift import BANDWIDTH_SCALES
-
     x = torch.randn(50, 16, generator=torch.Generator().manual_seed(0))
     distances = torch.cdist(x, x).pow(2)
     bandwidth = distances.sum() / (50 * 49)
