@@ -110,15 +110,16 @@ class Boundaries:
             if kept is not None and kept.shape[-1] != side:
                 setattr(self.detector, key, TF.resize(kept, [side, side], antialias=True))
 
-    def ended(self, reason: str, statistic: float | None, progress: Progress) -> None:
-        """An experience ended for `reason`: count it, log it, and tell the detector."""
+    def ended(self, reason: str, statistic: float | None, progress: Progress) -> int:
+        """An experience ended for `reason`: count it, log it, and tell the detector. Returns how many
+        of its last trained images came after a drift's change point (they belong to the next one)."""
+        handed_on = self.detector.boundary(reason) if self.detector is not None else 0
         self.metrics.experience_boundaries.labels(reason).inc()
         log.info("experience_boundary", reason=reason, experience=progress.experience,
                  images_in_experience=progress.images_in_experience, drift_statistic=statistic,
-                 drift_threshold=self.detector.threshold if self.detector else None)
-        if self.detector is not None:
-            self.detector.boundary(reason)
+                 drift_threshold=self.detector.threshold if self.detector else None, images_after_change=handed_on)
         self.pending = None  # a new experience starts: a shift found in the old one is moot
+        return handed_on
 
     def save(self, path: Path) -> None:
         """Write the detector's state (a checkpoint writer for `DRIFT_FILE`)."""

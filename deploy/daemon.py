@@ -560,7 +560,7 @@ def keep_part(d: Daemon, part: Shared) -> None:
     and index, trained ids to the audit log; its offsets forward."""
     progress = d.state.progress
     for sample in part.held_out:
-        d.state.probes.add(sample.sample_id, sample.image, sample.label, sample.domain)
+        d.state.probes.add(sample.sample_id, sample.image, sample.label, sample.domain, progress.images_in_experience)
     submit(d.indexer, part.held_out, progress.experience, probe=True)
     submit(d.indexer, part.train, progress.experience, probe=False)
     if d.audit is not None and part.train:
@@ -635,13 +635,20 @@ def end_experience(d: Daemon, reason: str, statistic: float | None, next_domain:
     in the catalog, its row of R queued for the evaluator; open the next one; checkpoint; re-embed the store."""
     progress = d.state.progress
     ended = progress.experience
-    d.boundaries.ended(reason, statistic, progress)
-    record = {"domain": label(progress), **experience_record(progress, reason, statistic)}
+    handed_on = d.boundaries.ended(reason, statistic, progress)
+    record = {"domain": label(progress), **experience_record(progress, reason, statistic),
+              "images_after_change": handed_on}
     if d.learner.regularizer is not None:
         update_regularizer(d.learner, d.state.recent, d.world)  # every rank: the ranks average them
+    # after a drift's change point, the samples and probes are the next experience's
+    tail = d.state.probes.split(progress.images_in_experience - handed_on, ended + 1) if handed_on else None
     if d.world.is_main:
         submit_evaluation(d, ended, record)
+        if handed_on and d.indexer is not None:
+            d.indexer.hand_over(ended, ended + 1, handed_on)
     d.state.start_experience(next_domain, d.settings.probe_max_images)
+    if tail is not None:
+        d.state.probes = tail
     if d.checkpointer.save("experience") and d.indexer is not None:
         # re-embed the store with the new encoder, swap the index
         d.indexer.new_encoder(ended, d.checkpointer.root / checkpoint_name("experience", ended, progress.steps))

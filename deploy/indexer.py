@@ -186,6 +186,15 @@ class _Batch:
     probes: list[bool]
 
 
+@dataclass(frozen=True)
+class _Handover:
+    """An experience's tail filed under the next one (a drift boundary's samples after its change point)."""
+
+    experience: int
+    to: int
+    trained: int  # the experience's last non-probe samples to move (the probes among them go too)
+
+
 @dataclass
 class _Rebuild:
     """A re-embedding of the store with a new encoder, done chunk by chunk within the budget."""
@@ -247,7 +256,7 @@ class Indexer:
             raise
         self.last_refresh_seconds: float | None = None
         self._encoder: Encoder | None = None
-        self._pending: deque[_Batch] = deque()
+        self._pending: deque[_Batch | _Handover] = deque()  # store writes, in the order submitted
         self._refresh: tuple[int, Path] | None = None  # the newest checkpoint not being embedded yet
         self._rebuild: _Rebuild | None = None
         self._unindexed: list[str] = []  # stored, not yet in the live index; newest last
@@ -297,6 +306,15 @@ class Indexer:
             while len(self._pending) >= MAX_PENDING and not self._stopping:
                 self._cond.wait()
             self._pending.append(batch)
+            self._cond.notify_all()
+
+    def hand_over(self, experience: int, to: int, trained: int) -> None:
+        """File the last `trained` samples of `experience` (and the probes among them) under `to`, in
+        the store's catalog and the index, after every batch submitted before (a drift boundary:
+        they came after the change point). Queued like a batch, so a refresh requested after it
+        re-embeds them under `to`."""
+        with self._cond:
+            self._pending.append(_Handover(experience, to, trained))
             self._cond.notify_all()
 
     def new_encoder(self, version: int, checkpoint_dir: Path) -> None:
@@ -430,8 +448,11 @@ class Indexer:
                 self._storing -= 1
                 self._cond.notify_all()
 
-    def _store(self, batch: _Batch) -> None:
+    def _store(self, batch: _Batch | _Handover) -> None:
         """Write a batch to the store; its non-probe samples still stored wait to be embedded."""
+        if isinstance(batch, _Handover):
+            self._hand_over(batch)
+            return
         self.store.add(batch.sample_ids, batch.encoded, batch.experience, batch.domains,
                        batch.labels, batch.probes)
         if self._encoder is None and self._rebuild is None:
@@ -442,6 +463,17 @@ class Indexer:
         with self._cond:
             self._unindexed += waiting
             del self._unindexed[:-MAX_UNINDEXED]  # the oldest wait for the next refresh
+
+    def _hand_over(self, handover: _Handover) -> None:
+        """Move the samples in the store's catalog, the live index and a refresh under way."""
+        moved = self.store.hand_over(handover.experience, handover.to, handover.trained)
+        self._unsaved |= self.index.hand_over(moved, handover.to) > 0
+        rebuild, filed = self._rebuild, set(moved)
+        if rebuild is not None:  # pages it read before keep the old experience otherwise
+            rebuild.experiences = [handover.to if sid in filed else exp
+                                   for sid, exp in zip(rebuild.ids, rebuild.experiences, strict=True)]
+        log.info("experience_handover", experience=handover.experience, to=handover.to,
+                 trained=handover.trained, samples=len(moved))
 
     def _embed_chunk(self) -> None:
         """Embed the newest `EMBED_BATCH` waiting samples still stored into the live index."""

@@ -35,14 +35,28 @@ class ProbeSet:
     labels: list[str | None] = field(default_factory=list)
     domains: list[str] = field(default_factory=list)
     images: list[torch.Tensor] = field(default_factory=list)  # each (3,S,S) uint8
+    positions: list[int] = field(default_factory=list)  # the experience's trained images when each was added
 
-    def add(self, sample_id: str, image: torch.Tensor, label: str | None, domain: str) -> None:
+    def add(self, sample_id: str, image: torch.Tensor, label: str | None, domain: str, position: int = 0) -> None:
         if len(self.sample_ids) >= self.max_images or sample_id in self._ids():
             return
         self.sample_ids.append(sample_id)
         self.images.append(image)
         self.labels.append(label)
         self.domains.append(domain)
+        self.positions.append(position)
+
+    def split(self, since: int, experience: int) -> ProbeSet:
+        """Remove the probes added once `since` images of the experience were trained, and return
+        them as the first probes of `experience` (a drift boundary's tail, after its change point)."""
+        tail = ProbeSet(experience, self.max_images)
+        keep = [i for i, position in enumerate(self.positions) if position < since]
+        for i, position in enumerate(self.positions):
+            if position >= since:
+                tail.add(self.sample_ids[i], self.images[i], self.labels[i], self.domains[i])
+        for name in ("sample_ids", "images", "labels", "domains", "positions"):
+            setattr(self, name, [getattr(self, name)[i] for i in keep])
+        return tail
 
     def _ids(self) -> set[str]:
         return set(self.sample_ids)
@@ -62,7 +76,7 @@ class ProbeSet:
     def encode(self) -> tuple[bytes, bytes]:
         """The `.safetensors` bytes (the images) and the `.json` sidecar bytes (everything else)."""
         meta = {"experience": self.experience, "max_images": self.max_images, "sample_ids": self.sample_ids,
-                "labels": self.labels, "domains": self.domains}
+                "labels": self.labels, "domains": self.domains, "positions": self.positions}
         return save({"images": self.stacked().contiguous()}), json.dumps(meta).encode()
 
     def save(self, path: Path) -> None:
@@ -76,7 +90,8 @@ class ProbeSet:
         meta = json.loads(path.with_suffix(".json").read_text())
         images = load_file(str(path))["images"]
         return cls(meta["experience"], meta["max_images"], meta["sample_ids"], meta["labels"], meta["domains"],
-                   list(images.unbind(0)) if images.numel() else [])
+                   list(images.unbind(0)) if images.numel() else [],
+                   meta.get("positions", [0] * len(meta["sample_ids"])))  # older sets: all at the start
 
 
 def write_probe_set(probes: ProbeSet, folder: Path) -> None:

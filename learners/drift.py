@@ -18,6 +18,10 @@ a reference of the stream's first few dozen images while early training made eve
 high, and a confirmation then cut a stationary stream). At a drift boundary the change point is located inside the
 window (`change_point`), and only the part after it becomes the new reference: a window
 that straddled the change would otherwise start the next experience with a mixed reference.
+Every embedding carries its stream position (stream images fed before it), so a drift
+boundary also says how many of the ended experience's last images came after the change
+point (`boundary`'s return): the caller can hand them to the next experience, since a cut
+comes a few hundred images after the change it found.
 
 Usage::
 
@@ -25,7 +29,7 @@ Usage::
     for images, sample in stream:              # sample: (n, 3, S, S) of `images`; embed: (n, ...) -> (n, D)
         z = detector.update(embed(sample), images=len(images), inputs=sample, embed=embed)
         if z is not None:                      # a drift boundary: end the experience
-            detector.boundary("drift")
+            handed_on = detector.boundary("drift")   # stream images after the change point
     torch.save(detector.state_dict(), path)    # tensors only (safetensors-compatible)
 """
 
@@ -38,6 +42,7 @@ import torch
 from torch import Tensor
 
 REASONS = ("header", "count", "drift")
+KEPT = ("recent", "past", "recent_inputs", "past_inputs", "recent_positions", "past_positions")  # aligned by row
 BANDWIDTH_SCALES = (0.125, 0.25, 0.5, 1.0, 2.0)  # of the mean pairwise squared distance; each half the next
 
 
@@ -56,6 +61,9 @@ class DriftDetector:
         self.past: Tensor | None = None  # (<= reference, D) the experience's embeddings before `recent`
         self.recent_inputs: Tensor | None = None  # (<= window, ...) what `recent` was embedded from, if given
         self.past_inputs: Tensor | None = None  # (<= reference, ...) likewise for `past`
+        self.recent_positions: Tensor | None = None  # (<= window,) int64 stream images fed before each of `recent`
+        self.past_positions: Tensor | None = None  # (<= reference,) likewise for `past`
+        self.images_seen = 0  # stream images fed so far (all experiences)
         self.statistic = 0.0  # z-score of the last check
         self.streak = 0  # consecutive checks above the threshold
         self.images_in_experience = 0
@@ -73,11 +81,13 @@ class DriftDetector:
         again by `embed` (the encoder as it is now, when the stored embeddings came from older
         versions of a model in training) and tested once more; no boundary if z falls back.
         """
+        features = features.detach().float().cpu()
+        positions = self.images_seen + torch.arange(len(features)) * images // max(len(features), 1)  # (n,) evenly spread
         self.images_in_experience += images
         self.images_since_drift += images
-        features = features.detach().float().cpu()
+        self.images_seen += images
         if len(features):
-            self._push(features, inputs)
+            self._push({"recent": features, "recent_inputs": inputs, "recent_positions": positions})
             self.since_check += len(features)
         if self.since_check < self.check_every or not self.ready():
             return None
@@ -100,36 +110,49 @@ class DriftDetector:
         return (self.recent is not None and len(self.recent) >= self.window
                 and self.past is not None and len(self.past) >= max(2, self.window // 4))
 
-    def boundary(self, reason: str) -> None:
+    def boundary(self, reason: str) -> int:
         """An experience ended for `reason`: drift keeps the window's part after the change point
         (the new distribution) as the new reference, a header change forgets everything, a count
-        cut keeps everything."""
+        cut keeps everything. Returns how many of the ended experience's last stream images came
+        after the change point (0 unless drift: the cut itself is the change; at most the
+        experience's images, as the reference may reach into the one before a count cut)."""
         if reason not in REASONS:
             raise ValueError(f"reason must be one of {REASONS}")
-        self.images_in_experience = 0
-        self.streak = 0
+        ended, self.images_in_experience, self.streak = self.images_in_experience, 0, 0
+        handed_on = 0
         if reason == "drift":
             self.images_since_drift = 0
-            start = self.change_point() if self.recent is not None and self.past is not None and len(self.past) else 0
+            start = 0
+            if self.recent is not None and self.past is not None and len(self.past):
+                change = self.change_point()  # in the reference, then window
+                position = int(torch.cat([self.past_positions, self.recent_positions])[change])
+                handed_on = min(self.images_seen - position, ended)
+                start = max(0, change - len(self.past))
             self.past = self.recent[start:] if self.recent is not None else None
             self.past_inputs = self.recent_inputs[start:] if self.recent_inputs is not None else None
-            self.recent = self.recent_inputs = None
+            self.past_positions = self.recent_positions[start:] if self.recent_positions is not None else None
+            self.recent = self.recent_inputs = self.recent_positions = None
         elif reason == "header":
             self.past = self.recent = self.past_inputs = self.recent_inputs = None
+            self.past_positions = self.recent_positions = None
+        return handed_on
 
     def change_point(self) -> int:
-        """Where in the window the new distribution starts: the split that best separates
-        embeddings more like the reference (before) from those more like the window's newest
-        quarter (after, assumed new). How alike is measured against the midpoint of the
-        reference's own and the newest quarter's own scores. The newest quarter counts as new."""
-        x, y = self.recent, self.past  # (m, D), (n, D)
-        m, tail = len(x), max(1, len(x) // 4)
-        kernel = self._kernel(torch.cat([x, y])).fill_diagonal_(0)  # (m+n, m+n), no self-similarity
-        like_old = kernel[:, m:].mean(1) - kernel[:, m - tail:m].mean(1)  # (m+n,) reference minus newest
-        midpoint = (like_old[m:].mean() + like_old[m - tail:m].mean()) / 2
-        score = like_old[:m] - midpoint  # (m,) > 0: an embedding of the old distribution
-        before = torch.cat([torch.zeros(1), score.cumsum(0)])  # (m+1,) score of the first t
-        return min(int(torch.argmax(2 * before - score.sum())), m - tail)
+        """Where the new distribution starts among the kept embeddings in stream order (reference,
+        then window; an index into both): the split that best separates embeddings more like the
+        reference (before) from those more like the window's newest quarter (after, assumed new).
+        How alike is measured against the midpoint of the reference's own and the newest quarter's
+        own scores. The newest quarter counts as new. The reference is searched too: a shift cut
+        late (its first checks below the threshold) has slid into the reference's newest part."""
+        y, x = self.past, self.recent  # (n, D) older, (m, D) newer
+        n, total = len(y), len(y) + len(x)
+        tail = max(1, len(x) // 4)
+        kernel = self._kernel(torch.cat([y, x])).fill_diagonal_(0)  # (n+m, n+m), no self-similarity
+        like_old = kernel[:, :n].mean(1) - kernel[:, total - tail:].mean(1)  # (n+m,) reference minus newest
+        midpoint = (like_old[:n].mean() + like_old[total - tail:].mean()) / 2
+        score = like_old - midpoint  # (n+m,) > 0: an embedding of the old distribution
+        before = torch.cat([torch.zeros(1), score.cumsum(0)])  # (n+m+1,) score of the first t
+        return min(int(torch.argmax(2 * before - score.sum())), total - tail)
 
     def test(self) -> float:
         """z-score of MMD²(recent, past) against its permutation null (0 when the null is degenerate).
@@ -181,36 +204,42 @@ class DriftDetector:
             total.add_(kernel.mul_(kernel))  # exp(-d / (b s)) squared = exp(-d / (b s / 2))
         return total
 
-    def _push(self, features: Tensor, inputs: Tensor | None) -> None:
-        """Append to the window; what leaves it joins the reference, whose oldest leave it."""
-        recent, recent_inputs = _cat(self.recent, features), _cat(self.recent_inputs, inputs)
-        overflow = len(recent) - self.window
-        if overflow > 0:
-            if self.streak < self.patience:  # a due shift held back: the reference keeps the old distribution
-                self.past = _cat(self.past, recent[:overflow])[-self.reference:]
-                if recent_inputs is not None:
-                    self.past_inputs = _cat(self.past_inputs, recent_inputs[:overflow])[-self.reference:]
-            recent = recent[overflow:]
-            recent_inputs = recent_inputs[overflow:] if recent_inputs is not None else None
-        self.recent, self.recent_inputs = recent, recent_inputs
+    def _push(self, rows: dict[str, Tensor | None]) -> None:
+        """Append aligned rows (`recent`, `recent_inputs`, `recent_positions`) to the window; what
+        leaves it joins the reference (`past...`), whose oldest leave it."""
+        overflow = (len(self.recent) if self.recent is not None else 0) + len(rows["recent"]) - self.window
+        for key, new in rows.items():
+            recent, older = _cat(getattr(self, key), new), key.replace("recent", "past")
+            if overflow > 0 and recent is not None:
+                if self.streak < self.patience:  # a due shift held back: the reference keeps the old distribution
+                    setattr(self, older, _cat(getattr(self, older), recent[:overflow])[-self.reference:])
+                recent = recent[overflow:]
+            setattr(self, key, recent)
 
     def state_dict(self) -> dict[str, Tensor]:
         """Everything needed to continue after a restart, as tensors (a safetensors file)."""
-        counters = [self.streak, self.images_in_experience, self.images_since_drift, self.since_check, self.checks]
+        counters = [self.streak, self.images_in_experience, self.images_since_drift, self.since_check, self.checks,
+                    self.images_seen]
         state = {"counters": torch.tensor(counters, dtype=torch.int64),
                  "statistic": torch.tensor([self.statistic], dtype=torch.float64)}
-        for key in ("recent", "past", "recent_inputs", "past_inputs"):
+        for key in KEPT:
             if getattr(self, key) is not None:
                 state[key] = getattr(self, key).contiguous()
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restore `state_dict()`'s output (the configuration comes from the constructor)."""
+        """Restore `state_dict()`'s output (the configuration comes from the constructor). A state
+        written before positions were kept gets them all at its last image: nothing is handed on."""
+        counters = [int(v) for v in state["counters"].tolist()]
         (self.streak, self.images_in_experience, self.images_since_drift, self.since_check,
-         self.checks) = (int(v) for v in state["counters"].tolist())
+         self.checks) = counters[:5]
+        self.images_seen = counters[5] if len(counters) > 5 else 0
         self.statistic = float(state["statistic"][0])
-        for key in ("recent", "past", "recent_inputs", "past_inputs"):
+        for key in KEPT:
             setattr(self, key, state.get(key))
+        for key in ("recent", "past"):
+            if getattr(self, key) is not None and getattr(self, f"{key}_positions") is None:
+                setattr(self, f"{key}_positions", torch.full((len(getattr(self, key)),), self.images_seen))
 
 
 def _cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:

@@ -204,6 +204,25 @@ class Catalog:
                 [(shard, offset, sid) for sid, shard, offset in positions],
             )
 
+    def hand_over(self, experience: int, to: int, trained: int) -> list[str]:
+        """Move an experience's tail to experience ``to``: its last ``trained`` non-probe rows and the
+        probe rows stored among them (a drift boundary's samples after the change point), in one
+        transaction. Returns the ids moved, in insertion order."""
+        if trained <= 0:
+            return []
+        with self._transaction() as db:
+            first = db.execute(
+                "SELECT rowid FROM samples WHERE experience = ? AND probe = 0 ORDER BY rowid DESC LIMIT 1 OFFSET ?",
+                (experience, trained - 1),
+            ).fetchone() or db.execute("SELECT MIN(rowid) FROM samples WHERE experience = ?", (experience,)).fetchone()
+            if first[0] is None:
+                return []
+            where = "experience = ? AND rowid >= ?"
+            moved = [v[0] for v in db.execute(f"SELECT sample_id FROM samples WHERE {where} ORDER BY rowid",
+                                              (experience, first[0]))]
+            db.execute(f"UPDATE samples SET experience = ? WHERE {where}", (to, experience, first[0]))
+        return moved
+
     def experiences(self) -> dict[int, int]:
         """Sample count per experience."""
         return dict(self._query("SELECT experience, COUNT(*) FROM samples GROUP BY experience"))

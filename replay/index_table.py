@@ -285,6 +285,12 @@ class Table:
             self._gpu_shards = None
         return len(labels)
 
+    def hand_over(self, sample_ids: list[str], experience: int) -> int:
+        """File indexed samples under another experience (a drift boundary's tail). Returns how many."""
+        labels = np.array([self.label_of[s] for s in sample_ids if s in self.label_of], dtype=np.int64)
+        self.exps[labels] = experience
+        return len(labels)
+
     def live_vectors(self) -> tuple[np.ndarray, list[str], np.ndarray]:
         """(vectors, sample ids, experiences) still indexed; flat and HNSW tables only."""
         vectors, labels = [], []

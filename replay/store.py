@@ -85,9 +85,11 @@ class SampleStore:
         self._rng = np.random.default_rng(seed)
         self._lock = threading.RLock()
         self._active = self._recover()
-        self._usage = {  # experience -> [records, record bytes incl. headers]
-            exp: [n, b + HEADER.size * n] for exp, (n, b) in self.catalog.experience_bytes().items()
-        }
+        self._usage = self._counted_usage()
+
+    def _counted_usage(self) -> dict[int, list[int]]:
+        """experience -> [records, record bytes incl. headers], counted in the catalog."""
+        return {exp: [n, b + HEADER.size * n] for exp, (n, b) in self.catalog.experience_bytes().items()}
 
     def close(self) -> None:
         self.catalog.close()
@@ -187,6 +189,14 @@ class SampleStore:
             )
             self._enforce_budget()
         return len(picked)
+
+    def hand_over(self, experience: int, to: int, trained: int) -> list[str]:
+        """File an experience's last ``trained`` non-probe samples, and the probes among them, under
+        experience ``to`` (`Catalog.hand_over`); each experience's share of the budget follows."""
+        with self._lock:
+            moved = self.catalog.hand_over(experience, to, trained)
+            self._usage = self._counted_usage()
+        return moved
 
     def _enforce_budget(self) -> None:
         if sum(b for _, b in self._usage.values()) <= self.max_bytes:

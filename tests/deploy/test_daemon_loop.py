@@ -274,7 +274,7 @@ def loop_daemon(state: RunState, save_ok: bool = True, **overrides: object) -> S
     settings = SimpleNamespace(probe_max_images=5, state_dir=Path("/nonexistent"), replay_share=0.25,
                                exit_when_idle_s=0, topic="t")
     parts = {"settings": settings, "state": state, "world": World(), "learner": SimpleNamespace(regularizer=None),
-             "boundaries": SimpleNamespace(ended=Recorder(), pending=None),
+             "boundaries": SimpleNamespace(ended=Recorder(0), pending=None),
              "checkpointer": SimpleNamespace(save=Recorder(save_ok), root=Path("/ckpt"), interval_due=lambda: True),
              "indexer": SimpleNamespace(new_encoder=Recorder()), "buffer": None,
              "stop": SimpleNamespace(requested=False)}
@@ -293,6 +293,35 @@ def test_end_experience_evaluates_opens_the_next_checkpoints_and_reembeds(monkey
     assert state.progress.experience == 5 and state.probes.experience == 5
     assert d.checkpointer.save.calls == [("experience",)]
     assert d.indexer.new_encoder.calls == [(4, Path("/ckpt/exp-000004"))]
+
+
+def test_a_drift_end_hands_what_came_after_the_change_point_to_the_next_experience(monkeypatch):
+    evaluated = Recorder()
+    monkeypatch.setattr(daemon, "submit_evaluation", evaluated)
+    state = run_state(experience=4, images_in_experience=30, domain="default", steps=9)
+    for i, trained in enumerate((0, 10, 20, 25)):  # probes kept when 0, 10, 20 and 25 images were trained
+        state.probes.add(f"p/{i}", torch.full((3, 8, 8), i, dtype=torch.uint8), None, "default", trained)
+    ended_probes = state.probes
+    d = loop_daemon(state, boundaries=SimpleNamespace(ended=Recorder(12), pending=None),
+                    indexer=SimpleNamespace(new_encoder=Recorder(), hand_over=Recorder()))
+    end_experience(d, "drift", 9.0, None)  # the change point was 12 images before the cut: at 18
+    (_, _, record), = evaluated.calls
+    assert record["images_after_change"] == 12
+    assert d.indexer.hand_over.calls == [(4, 5, 12)]  # the store and index file them under experience 5
+    assert ended_probes.sample_ids == ["p/0", "p/1"] and ended_probes.positions == [0, 10]
+    assert state.probes.experience == 5 and state.probes.sample_ids == ["p/2", "p/3"]
+    assert [int(image[0, 0, 0]) for image in state.probes.images] == [2, 3]
+
+
+def test_a_probe_set_keeps_its_positions_and_reads_older_files(tmp_path):
+    probes = ProbeSet(3, 10)
+    probes.add("a", torch.zeros(3, 8, 8, dtype=torch.uint8), "x", "d", 7)
+    probes.save(tmp_path / "p.safetensors")
+    assert ProbeSet.load(tmp_path / "p.safetensors").positions == [7]
+    meta = json.loads((tmp_path / "p.json").read_text())
+    del meta["positions"]  # written before positions were kept
+    (tmp_path / "p.json").write_text(json.dumps(meta))
+    assert ProbeSet.load(tmp_path / "p.safetensors").positions == [0]
 
 
 def test_no_reembedding_after_a_failed_experience_checkpoint(monkeypatch):

@@ -138,3 +138,25 @@ def test_loading_an_encoder_draws_nothing_from_the_global_rng(tmp_path):
         indexer.stop()
     torch.manual_seed(123)
     assert torch.equal(drawn, torch.rand(3))
+
+
+def test_hand_over_files_an_experience_tail_under_the_next_one_after_earlier_batches(tmp_path):
+    indexer = open_indexer(tmp_path)
+    try:
+        red = submit_colour(indexer, 1, "red", 8)
+        indexer.new_encoder(1, write_experience_checkpoint(tmp_path, 1, seed=1))
+        assert indexer.flush(30)
+        blue = submit_colour(indexer, 1, "blue", 4, probes=1)  # after a change point, before the cut
+        indexer.hand_over(1, 2, trained=4)  # queued behind the batches above, never ahead of them
+        assert indexer.flush(30)
+        assert indexer.store.sample_ids(experience=1) == red
+        assert indexer.store.sample_ids(experience=2) == [*blue, "blue-1-4"]  # the probe among them too
+        encoder = Encoder.load(1, tmp_path / "checkpoints" / "exp-000001", "cpu")
+        images, _ = decode_images(indexer.store.read(red + blue), RES, DecodeLimits())
+        assert indexer.index.search(encoder(images), 1).experiences[:, 0].tolist() == [1] * 8 + [2] * 4
+        indexer.new_encoder(2, write_experience_checkpoint(tmp_path, 2, seed=2))  # re-embedded from the store
+        assert indexer.flush(30) and indexer.encoder_version == 2
+        encoder = Encoder.load(2, tmp_path / "checkpoints" / "exp-000002", "cpu")
+        assert indexer.index.search(encoder(images), 1).experiences[:, 0].tolist() == [1] * 8 + [2] * 4
+    finally:
+        indexer.stop()

@@ -1,14 +1,18 @@
 """Experiences without a domain header: two built-in domains streamed header-less through the
 real broker; the daemon (TAILORD_BOUNDARY=drift) cuts a drift boundary near the switch, names
-the experiences exp-1 / exp-2 with their offsets, and exports the boundary on /metrics."""
+the experiences exp-1 / exp-2 with their offsets, files the images after the change point under
+exp-2, and exports the boundary on /metrics."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
+from replay.catalog import Catalog
 from streamer.produce import produce
 from tests.e2e.daemon_proc import DaemonProcess
 from tests.e2e.streams import metric
@@ -19,6 +23,16 @@ pytestmark = [pytest.mark.e2e]
 PER_DOMAIN = 400  # images of each domain
 BATCH = 4  # images per record: the switch is at offset PER_DOMAIN / BATCH
 MAX_DELAY = 500  # images between the switch and the boundary (the issue's target)
+
+
+def stored_sources(state: Path) -> dict[int, Counter]:
+    """Per experience in the stopped daemon's catalog, its samples by source (`<source>/<key>` ids)."""
+    catalog = Catalog(state / "catalog.sqlite")
+    try:
+        return {exp: Counter(sid.split("/", 1)[0] for sid in catalog.ids(experience=exp))
+                for exp in catalog.experiences()}
+    finally:
+        catalog.close()
 
 
 def test_headerless_switch_cuts_a_drift_boundary(broker, tmp_path):
@@ -53,3 +67,8 @@ def test_headerless_switch_cuts_a_drift_boundary(broker, tmp_path):
     assert (state / "checkpoints" / "exp-000001" / "drift.safetensors").is_file()  # the detector survives restarts
     logged = [e for e in daemon.logs() if e.get("event") == "experience_boundary"]
     assert logged[0]["reason"] == "drift" and logged[0]["drift_statistic"] == first["drift_statistic"]
+    # what came after the change point is filed under exp-2: exp-1 keeps far fewer fashion images than it trained
+    stored = stored_sources(state)
+    assert 0 < first["images_after_change"] <= first["images"]
+    assert stored[1]["fashion"] <= delay // 4 + 8, (stored, first)
+    assert stored[2]["fashion"] > stored[2]["digits"], stored

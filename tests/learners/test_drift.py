@@ -112,28 +112,66 @@ def test_confirmation_re_embeds_so_an_encoder_change_is_no_shift():
     assert run(confirm=True) == 0
 
 
-def filled(before: int, after: int, shift: float = 4.0, seed: int = 5) -> DriftDetector:
-    """A detector whose reference is cluster 0 and whose window holds `before` more of it, then
-    `after` of the shifted cluster (window = before + after)."""
-    detector, generator = DriftDetector(window=before + after, reference=128), torch.Generator().manual_seed(seed)
-    detector.past = F.normalize(torch.randn(128, DIM, generator=generator), dim=1)
-    old, new = torch.randn(before, DIM, generator=generator), torch.randn(after, DIM, generator=generator)
+def filled(before: int, after: int, shift: float = 4.0, seed: int = 5, reference: int = 128,
+           new_in_reference: int = 0) -> DriftDetector:
+    """A detector whose reference is `reference` embeddings of cluster 0 (its newest `new_in_reference`
+    of the shifted cluster instead) and whose window holds `before` more of cluster 0, then `after` of
+    the shifted cluster (window = before + after); one embedding per stream image."""
+    detector, generator = DriftDetector(window=before + after, reference=reference), torch.Generator().manual_seed(seed)
+    old = torch.randn(reference + before - new_in_reference, DIM, generator=generator)
+    new = torch.randn(new_in_reference + after, DIM, generator=generator)
     new[:, 0] += shift
-    detector.recent = F.normalize(torch.cat([old, new]), dim=1)
+    kept = F.normalize(torch.cat([old, new]), dim=1)  # (reference + window, DIM) in stream order
+    detector.past, detector.recent = kept[:reference], kept[reference:]
+    positions = torch.arange(len(kept))
+    detector.past_positions, detector.recent_positions = positions[:reference], positions[reference:]
+    detector.images_seen = detector.images_in_experience = len(kept)
     return detector
 
 
-def test_change_point_finds_where_the_window_turns_new():
-    for before in (8, 24, 40):
-        assert abs(filled(before, 64 - before).change_point() - before) <= 2
+def test_change_point_finds_where_the_stream_turns_new():
+    for before in (8, 24, 40):  # in the window, after a reference of 128
+        assert abs(filled(before, 64 - before).change_point() - (128 + before)) <= 2
+    for new_in_reference in (20, 50):  # cut late: the new distribution slid into the reference
+        assert abs(filled(0, 64, new_in_reference=new_in_reference).change_point() - (128 - new_in_reference)) <= 2
 
 
 def test_a_drift_boundary_keeps_only_the_post_change_part_as_reference():
     detector = filled(24, 40)
-    detector.boundary("drift")
+    assert abs(detector.boundary("drift") - 40) <= 2  # stream images after the change point, handed on
     assert abs(len(detector.past) - 40) <= 2
     assert detector.past[:, 0].min() > 0.2  # every kept embedding is of the shifted cluster (x0 ~ 4/sqrt(DIM+16))
     assert detector.recent is None
+
+
+def test_a_late_cut_hands_on_the_new_images_in_the_reference_too():
+    detector = filled(0, 64, new_in_reference=50)
+    assert abs(detector.boundary("drift") - 114) <= 2  # 50 in the reference + the window's 64
+    assert len(detector.past) == 64  # the new reference is still the window's post-change part
+
+
+def test_only_a_drift_boundary_hands_images_on_and_never_more_than_the_experience():
+    assert filled(24, 40).boundary("count") == 0
+    assert filled(24, 40).boundary("header") == 0
+    detector = filled(0, 64, new_in_reference=50)
+    detector.images_in_experience = 30  # a count cut 30 images ago: the rest belong to the experience before
+    assert detector.boundary("drift") == 30
+
+
+def test_positions_follow_the_stream_and_survive_a_restart():
+    detector = DriftDetector(window=8, reference=16, check_every=100)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(8):
+        detector.update(features(generator), IMAGES)  # 4 embeddings per 32 images
+    assert detector.recent_positions.tolist() == list(range(192, 256, 8))  # the newest 8: 2 steps of 4 per 32 images
+    assert detector.past_positions.tolist() == list(range(64, 192, 8))  # the 16 before them
+    resumed = DriftDetector(window=8, reference=16, check_every=100)
+    resumed.load_state_dict(detector.state_dict())
+    assert torch.equal(resumed.past_positions, detector.past_positions) and resumed.images_seen == 256
+    old = {k: v for k, v in detector.state_dict().items() if "positions" not in k}
+    old["counters"] = old["counters"][:5]  # written before positions were kept
+    resumed.load_state_dict(old)
+    assert resumed.images_seen == 0 and resumed.boundary("drift") == 0
 
 
 def test_several_kernel_scales_score_near_duplicates_higher_than_one_wide_kernel():

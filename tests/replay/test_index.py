@@ -151,3 +151,15 @@ def test_torn_directories_are_ignored(tmp_path):
     assert fallback.load() == 1 and fallback.search(x[:1], 1).experiences[0, 0] == 1
     assert VectorIndex(tmp_path, DIM + 1).load() is None  # other dimension: nothing valid
     assert VectorIndex(tmp_path / "empty", DIM).load() is None
+
+
+def test_hand_over_files_indexed_samples_under_another_experience(tmp_path):
+    index = VectorIndex(tmp_path, DIM)
+    x = _vectors(10, 0)
+    index.add(1, x, _ids("a", 10), [1] * 10)
+    assert index.hand_over(_ids("a", 10)[6:] + ["unknown"], 2) == 4
+    assert index.search(x, 1).experiences[:, 0].tolist() == [1] * 6 + [2] * 4
+    index.save()
+    reloaded = VectorIndex(tmp_path, DIM)
+    reloaded.load()
+    assert reloaded.search(x, 1).experiences[:, 0].tolist() == [1] * 6 + [2] * 4  # published as filed

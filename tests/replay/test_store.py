@@ -189,3 +189,20 @@ def test_catalog_names_experiences(tmp_path):
     catalog.close()
     assert Catalog(tmp_path / "catalog.sqlite").experience_names() == {
         7: {"name": "exp-7", "boundary": "drift", "offsets": {"0": [100, 900]}}}
+
+
+def test_hand_over_moves_the_last_trained_rows_and_the_probes_among_them(tmp_path):
+    store = SampleStore(tmp_path, max_bytes=1 << 30)
+    early, _ = _add(store, "early", 6, 1)
+    early_probe, _ = _add(store, "early-probe", 1, 1, probes=[True])
+    late, _ = _add(store, "late", 4, 1)
+    late_probe, _ = _add(store, "late-probe", 2, 1, probes=[True, True])
+    _add(store, "other", 3, 5)
+    before = store.stats()["experiences"]
+    moved = store.hand_over(1, 2, trained=4)
+    assert moved == late + late_probe  # the last 4 trained rows, then the probes stored after the first of them
+    assert set(store.sample_ids(experience=1)) == set(early + early_probe)
+    assert store.sample_ids(experience=2) == late + late_probe
+    assert store.stats()["experiences"] == {1: before[1] - 6, 2: 6, 5: 3}  # the budget's shares follow
+    assert store.hand_over(1, 2, trained=0) == [] and store.hand_over(9, 2, trained=3) == []
+    assert store.hand_over(1, 2, trained=50) == early + early_probe  # more than it holds: all of it
