@@ -15,7 +15,8 @@
    list, kept out of the stream) in ``--routing-sets`` unlabelled sets of ``--routing-set-size``, routed offline on the
    stopped daemon's state (``SnapshotEngine``, strategy ``route``); correct when the chosen
    experience's majority domain (from the sample ids, which the daemon never reads as a
-   domain) is the set's domain. The same stream with headers and ``TAILORD_BOUNDARY=header``
+   domain) is the set's domain; ``majority_share``: the stored samples that are of their
+   experience's majority domain. The same stream with headers and ``TAILORD_BOUNDARY=header``
    gives the comparison (``--no-header-run`` skips it).
 4. Cost: the detector's own seconds (sample embedding + test, the daemon's ``stopped`` log)
    over the training seconds, and the daemon's images/s on the first seed's stationary stream
@@ -144,16 +145,14 @@ def score_switches(starts: list[int], total: int, drift_cuts: list[int]) -> list
     return out
 
 
-def majority_domains(state_dir: Path) -> dict[int, str]:
-    """Each stored experience's majority domain, from the sample ids (`<domain>/<key>`)."""
+def stored_sources(state_dir: Path) -> dict[int, Counter]:
+    """Each stored experience's samples by source, from the sample ids (`<domain>/<key>`)."""
     from replay.catalog import Catalog
 
     catalog = Catalog(state_dir / "catalog.sqlite")
     try:
-        counts: dict[int, Counter] = {}
-        for exp in catalog.experiences():
-            counts[exp] = Counter(sample_id.split("/", 1)[0] for sample_id in catalog.ids(experience=exp))
-        return {exp: c.most_common(1)[0][0] for exp, c in counts.items() if c}
+        return {exp: Counter(sample_id.split("/", 1)[0] for sample_id in catalog.ids(experience=exp))
+                for exp in catalog.experiences()}
     finally:
         catalog.close()
 
@@ -162,7 +161,8 @@ def routing(state_dir: Path, held_out: dict[str, list], sets: int, size: int) ->
     """Share of unlabelled single-domain target sets routed to an experience of their domain."""
     from deploy.snapshots import SnapshotEngine
 
-    owner = majority_domains(state_dir)
+    sources = stored_sources(state_dir)
+    owner = {exp: c.most_common(1)[0][0] for exp, c in sources.items() if c}
     engine = SnapshotEngine.open_offline(state_dir, "cpu")
     hits: dict[str, list[bool]] = {}
     try:
@@ -177,6 +177,8 @@ def routing(state_dir: Path, held_out: dict[str, list], sets: int, size: int) ->
     flat = [h for v in hits.values() for h in v]
     return {"correct_share": round(sum(flat) / max(len(flat), 1), 3), "sets": len(flat),
             "per_domain": {d: round(sum(v) / len(v), 3) for d, v in hits.items()},
+            "majority_share": round(sum(c.most_common(1)[0][1] for c in sources.values() if c)
+                                    / max(sum(sum(c.values()) for c in sources.values()), 1), 3),
             "experience_domains": {str(k): v for k, v in sorted(owner.items())}}
 
 
@@ -250,6 +252,8 @@ def summarize(switches: list[dict], stationary: list[dict], rates: dict[str, lis
     shares = [r["detector_share"] for r in switches + stationary if r["detector_share"] is not None]
     routed = {kind: [r[f"routing_{kind}"]["correct_share"] for r in switches if f"routing_{kind}" in r]
               for kind in ("drift", "header")}
+    majority = {kind: [r[f"routing_{kind}"]["majority_share"] for r in switches
+                       if "majority_share" in r.get(f"routing_{kind}", {})] for kind in ("drift", "header")}
     return {"switches": len(flat), "missed": sum(s["delay_images"] is None for s in flat),
             "over_500": sum(d > MAX_DELAY for d in delays),
             "delay_images_median": sorted(delays)[len(delays) // 2] if delays else None,
@@ -260,6 +264,7 @@ def summarize(switches: list[dict], stationary: list[dict], rates: dict[str, lis
             "detector_share_of_train_seconds": round(sum(shares) / len(shares), 4) if shares else None,
             "routing_correct_share": {kind: round(statistics.mean(v), 3) if v else None for kind, v in routed.items()},
             "routing_correct_share_per_seed": routed,
+            "stored_majority_share": {kind: round(statistics.mean(v), 3) if v else None for kind, v in majority.items()},
             "images_per_second_on_off_median": [on, off], "images_per_second_on": rates["drift"],
             "images_per_second_off": rates["count"],
             "throughput_cost_on_off": round(1 - on / off, 4) if off and on else None}
