@@ -412,8 +412,9 @@ class Indexer:
         return self._embed_chunk if can_embed else None
 
     def _restore(self) -> None:
-        """Load the live index's encoder; queue the stored samples it lacks (additions lost in a
-        crash, batches stored at stop); schedule a refresh if it is behind the checkpoints."""
+        """Load the live index's encoder; queue a drift tail a crash kept from being handed on, and
+        the stored samples the index lacks (additions lost in a crash, batches stored at stop);
+        schedule a refresh if it is behind the checkpoints."""
         checkpoints = experience_checkpoints(self.checkpoint_root)
         version = self.index.current_version
         if version is not None and version in checkpoints:
@@ -422,6 +423,8 @@ class Indexer:
             except (OSError, ValueError, KeyError) as exc:
                 log.warning("index_encoder_unreadable", version=version, error=str(exc))
         with self._cond:
+            for experience, trained in reversed(self.store.catalog.pending_handovers()):
+                self._pending.appendleft(_Handover(experience, experience + 1, trained))  # before new batches
             if self._encoder is not None:
                 self._unindexed = self.index.missing(self.store.sample_ids(probe=False))
             if not checkpoints:
@@ -465,15 +468,15 @@ class Indexer:
             del self._unindexed[:-MAX_UNINDEXED]  # the oldest wait for the next refresh
 
     def _hand_over(self, handover: _Handover) -> None:
-        """Move the samples in the store's catalog, the live index and a refresh under way."""
-        moved = self.store.hand_over(handover.experience, handover.to, handover.trained)
-        self._unsaved |= self.index.hand_over(moved, handover.to) > 0
-        rebuild, filed = self._rebuild, set(moved)
-        if rebuild is not None:  # pages it read before keep the old experience otherwise
-            rebuild.experiences = [handover.to if sid in filed else exp
-                                   for sid, exp in zip(rebuild.ids, rebuild.experiences, strict=True)]
+        """File the samples under their new experience in the store's catalog, the live index and a
+        refresh under way (its pages read before keep the old experience otherwise)."""
+        filed = self.store.hand_over(handover.experience, handover.to, handover.trained)
+        self._unsaved |= self.index.hand_over(filed) > 0
+        if self._rebuild is not None:
+            self._rebuild.experiences = [filed.get(sid, exp)
+                                         for sid, exp in zip(self._rebuild.ids, self._rebuild.experiences, strict=True)]
         log.info("experience_handover", experience=handover.experience, to=handover.to,
-                 trained=handover.trained, samples=len(moved))
+                 trained=handover.trained, samples=len(filed))
 
     def _embed_chunk(self) -> None:
         """Embed the newest `EMBED_BATCH` waiting samples still stored into the live index."""

@@ -204,24 +204,39 @@ class Catalog:
                 [(shard, offset, sid) for sid, shard, offset in positions],
             )
 
-    def hand_over(self, experience: int, to: int, trained: int) -> list[str]:
-        """Move an experience's tail to experience ``to``: its last ``trained`` non-probe rows and the
-        probe rows stored among them (a drift boundary's samples after the change point), in one
-        transaction. Returns the ids moved, in insertion order."""
+    def hand_over(self, experience: int, to: int, trained: int) -> dict[str, int]:
+        """File an experience's tail under experience ``to``: its last ``trained`` non-probe rows and
+        the probe rows stored among them (a drift boundary's samples after the change point), and
+        mark the experience's record ``handed_over``, in one transaction. Idempotent: rows already
+        under ``to`` count as the experience's (``to`` has no rows of its own yet), so a cut replayed
+        after a crash files the tail anew, and rows it no longer covers go back. Returns the rows
+        whose experience changed: sample id -> experience now."""
         if trained <= 0:
-            return []
+            return {}
+        both = "experience IN (?, ?)"
         with self._transaction() as db:
             first = db.execute(
-                "SELECT rowid FROM samples WHERE experience = ? AND probe = 0 ORDER BY rowid DESC LIMIT 1 OFFSET ?",
-                (experience, trained - 1),
-            ).fetchone() or db.execute("SELECT MIN(rowid) FROM samples WHERE experience = ?", (experience,)).fetchone()
+                f"SELECT rowid FROM samples WHERE {both} AND probe = 0 ORDER BY rowid DESC LIMIT 1 OFFSET ?",
+                (experience, to, trained - 1),
+            ).fetchone() or db.execute(f"SELECT MIN(rowid) FROM samples WHERE {both}", (experience, to)).fetchone()
             if first[0] is None:
-                return []
-            where = "experience = ? AND rowid >= ?"
-            moved = [v[0] for v in db.execute(f"SELECT sample_id FROM samples WHERE {where} ORDER BY rowid",
-                                              (experience, first[0]))]
-            db.execute(f"UPDATE samples SET experience = ? WHERE {where}", (to, experience, first[0]))
-        return moved
+                return {}
+            # the tail not yet under `to`, and rows under `to` the tail no longer covers
+            moving = "(rowid >= ? AND experience = ?) OR (rowid < ? AND experience = ?)"
+            args = (first[0], experience, first[0], to)
+            filed = {sid: to if tail else experience for sid, tail in db.execute(
+                f"SELECT sample_id, rowid >= ? FROM samples WHERE {moving} ORDER BY rowid", (first[0], *args))}
+            db.execute(f"UPDATE samples SET experience = CASE WHEN rowid >= ? THEN ? ELSE ? END WHERE {moving}",
+                       (first[0], to, experience, *args))
+            db.execute("UPDATE experiences SET info = json_set(info, '$.handed_over', json('true')) WHERE experience = ?",
+                       (experience,))
+        return filed
+
+    def pending_handovers(self) -> list[tuple[int, int]]:
+        """(experience, trained images to hand on) of named experiences whose drift tail was never
+        filed under the next one (a crash came between the cut and the indexer's turn), oldest first."""
+        return [(exp, int(info["images_after_change"])) for exp, info in sorted(self.experience_names().items())
+                if info.get("images_after_change") and not info.get("handed_over")]
 
     def experiences(self) -> dict[int, int]:
         """Sample count per experience."""

@@ -175,10 +175,11 @@ class VectorIndex:
                 self._table = self._table_from(*table.live_vectors())
             return removed
 
-    def hand_over(self, sample_ids: list[str], experience: int) -> int:
-        """File live samples under another experience (routing follows). Returns how many were indexed."""
+    def hand_over(self, filed: dict[str, int]) -> int:
+        """File live samples under other experiences (sample id -> experience; routing follows).
+        Returns how many were indexed."""
         with self._lock:
-            return self._table.hand_over(sample_ids, experience) if self._table is not None else 0
+            return self._table.hand_over(filed) if self._table is not None else 0
 
     def build(
         self, version: int, vectors: np.ndarray, sample_ids: list[str], experiences: list[int]

@@ -285,11 +285,13 @@ class Table:
             self._gpu_shards = None
         return len(labels)
 
-    def hand_over(self, sample_ids: list[str], experience: int) -> int:
-        """File indexed samples under another experience (a drift boundary's tail). Returns how many."""
-        labels = np.array([self.label_of[s] for s in sample_ids if s in self.label_of], dtype=np.int64)
-        self.exps[labels] = experience
-        return len(labels)
+    def hand_over(self, filed: dict[str, int]) -> int:
+        """File indexed samples under other experiences (sample id -> experience: a drift
+        boundary's tail). Returns how many were indexed."""
+        known = [(self.label_of[sid], exp) for sid, exp in filed.items() if sid in self.label_of]
+        for label, experience in known:
+            self.exps[label] = experience
+        return len(known)
 
     def live_vectors(self) -> tuple[np.ndarray, list[str], np.ndarray]:
         """(vectors, sample ids, experiences) still indexed; flat and HNSW tables only."""

@@ -190,13 +190,14 @@ class SampleStore:
             self._enforce_budget()
         return len(picked)
 
-    def hand_over(self, experience: int, to: int, trained: int) -> list[str]:
+    def hand_over(self, experience: int, to: int, trained: int) -> dict[str, int]:
         """File an experience's last ``trained`` non-probe samples, and the probes among them, under
-        experience ``to`` (`Catalog.hand_over`); each experience's share of the budget follows."""
+        experience ``to`` (`Catalog.hand_over`: sample id -> experience now, for what changed); each
+        experience's share of the budget follows."""
         with self._lock:
-            moved = self.catalog.hand_over(experience, to, trained)
+            filed = self.catalog.hand_over(experience, to, trained)
             self._usage = self._counted_usage()
-        return moved
+        return filed
 
     def _enforce_budget(self) -> None:
         if sum(b for _, b in self._usage.values()) <= self.max_bytes:

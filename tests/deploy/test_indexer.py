@@ -160,3 +160,22 @@ def test_hand_over_files_an_experience_tail_under_the_next_one_after_earlier_bat
         assert indexer.index.search(encoder(images), 1).experiences[:, 0].tolist() == [1] * 8 + [2] * 4
     finally:
         indexer.stop()
+
+
+def test_a_hand_over_a_crash_kept_from_running_is_done_on_the_next_start(tmp_path):
+    indexer = open_indexer(tmp_path)
+    try:
+        red = submit_colour(indexer, 1, "red", 6)
+        blue = submit_colour(indexer, 1, "blue", 3)
+        assert indexer.flush(30)
+        # the cut was named with its tail, then the process died before the indexer's turn
+        indexer.store.catalog.name_experience(1, "exp-1", {"boundary": "drift", "images_after_change": 3})
+    finally:
+        indexer.stop()
+    indexer = open_indexer(tmp_path)
+    try:
+        assert indexer.flush(30)
+        assert indexer.store.sample_ids(experience=1) == red and indexer.store.sample_ids(experience=2) == blue
+        assert indexer.store.catalog.experience_names()[1]["handed_over"] is True
+    finally:
+        indexer.stop()

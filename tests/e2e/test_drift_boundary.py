@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
-from pathlib import Path
 
 import pytest
 
-from replay.catalog import Catalog
+from benchmarks.boundaries import stored_sources
 from streamer.produce import produce
 from tests.e2e.daemon_proc import DaemonProcess
 from tests.e2e.streams import metric
@@ -23,16 +21,6 @@ pytestmark = [pytest.mark.e2e]
 PER_DOMAIN = 400  # images of each domain
 BATCH = 4  # images per record: the switch is at offset PER_DOMAIN / BATCH
 MAX_DELAY = 500  # images between the switch and the boundary (the issue's target)
-
-
-def stored_sources(state: Path) -> dict[int, Counter]:
-    """Per experience in the stopped daemon's catalog, its samples by source (`<source>/<key>` ids)."""
-    catalog = Catalog(state / "catalog.sqlite")
-    try:
-        return {exp: Counter(sid.split("/", 1)[0] for sid in catalog.ids(experience=exp))
-                for exp in catalog.experiences()}
-    finally:
-        catalog.close()
 
 
 def test_headerless_switch_cuts_a_drift_boundary(broker, tmp_path):

@@ -157,7 +157,7 @@ def test_hand_over_files_indexed_samples_under_another_experience(tmp_path):
     index = VectorIndex(tmp_path, DIM)
     x = _vectors(10, 0)
     index.add(1, x, _ids("a", 10), [1] * 10)
-    assert index.hand_over(_ids("a", 10)[6:] + ["unknown"], 2) == 4
+    assert index.hand_over({**dict.fromkeys(_ids("a", 10)[6:], 2), "unknown": 2}) == 4
     assert index.search(x, 1).experiences[:, 0].tolist() == [1] * 6 + [2] * 4
     index.save()
     reloaded = VectorIndex(tmp_path, DIM)

@@ -199,10 +199,22 @@ def test_hand_over_moves_the_last_trained_rows_and_the_probes_among_them(tmp_pat
     late_probe, _ = _add(store, "late-probe", 2, 1, probes=[True, True])
     _add(store, "other", 3, 5)
     before = store.stats()["experiences"]
-    moved = store.hand_over(1, 2, trained=4)
-    assert moved == late + late_probe  # the last 4 trained rows, then the probes stored after the first of them
+    filed = store.hand_over(1, 2, trained=4)
+    assert filed == dict.fromkeys(late + late_probe, 2)  # the last 4 trained rows, then the probes after the first
     assert set(store.sample_ids(experience=1)) == set(early + early_probe)
     assert store.sample_ids(experience=2) == late + late_probe
     assert store.stats()["experiences"] == {1: before[1] - 6, 2: 6, 5: 3}  # the budget's shares follow
-    assert store.hand_over(1, 2, trained=0) == [] and store.hand_over(9, 2, trained=3) == []
-    assert store.hand_over(1, 2, trained=50) == early + early_probe  # more than it holds: all of it
+    assert store.hand_over(1, 2, trained=0) == {} and store.hand_over(8, 9, trained=3) == {}
+
+
+def test_a_replayed_hand_over_files_the_tail_anew_and_gives_back_what_it_no_longer_covers(tmp_path):
+    store = SampleStore(tmp_path, max_bytes=1 << 30)
+    ids, _ = _add(store, "s", 10, 1)
+    store.catalog.name_experience(1, "exp-1", {"images_after_change": 4})
+    assert store.catalog.pending_handovers() == [(1, 4)]
+    store.hand_over(1, 2, trained=4)
+    assert store.catalog.pending_handovers() == []  # marked in the same transaction
+    assert store.hand_over(1, 2, trained=4) == {}  # applied twice: nothing changes
+    assert store.hand_over(1, 2, trained=2) == dict.fromkeys(ids[6:8], 1)  # a replayed cut estimated later
+    assert store.sample_ids(experience=2) == ids[8:]
+    assert store.hand_over(1, 2, trained=50) == dict.fromkeys(ids[:8], 2)  # more than it holds: all of it
