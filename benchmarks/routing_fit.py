@@ -107,7 +107,7 @@ def summarize(runs: list[dict]) -> dict[str, Any]:
 
 
 def main() -> None:
-    args = parse_args()  # the snapshot benchmark's options: --seeds, --scale, --classes, --routing-sets, ...
+    args = parse_args(description=__doc__.splitlines()[0])  # the snapshot benchmark's: --seeds, --scale, ...
     wall = time.perf_counter()
     runs = []
     with tempfile.TemporaryDirectory() as tmp:

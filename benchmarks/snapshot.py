@@ -414,8 +414,9 @@ def markdown_table(means: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
+    """This benchmark's options (also `benchmarks/routing_fit.py`'s, with its own `description`)."""
+    parser = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="runs, seeds 0..N-1 (daemon seed and target draws)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies --images-per-domain")
     parser.add_argument("--images-per-domain", type=int, default=300)

@@ -452,7 +452,8 @@ class Indexer:
                 self._cond.notify_all()
 
     def _store(self, batch: _Batch | _Handover) -> None:
-        """Write a batch to the store; its non-probe samples still stored wait to be embedded."""
+        """Write a batch to the store; its non-probe samples still stored wait to be embedded. A hand
+        over queued among the batches is applied in its turn."""
         if isinstance(batch, _Handover):
             self._hand_over(batch)
             return
