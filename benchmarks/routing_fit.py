@@ -5,7 +5,7 @@ experience streamed the task's domain. For targets from a different source of a 
 (``digits-opencv``: OpenCV's handwritten digits, thin sharp strokes framed like Fashion-MNIST,
 where the streamed ``digits`` are scikit-learn's blurred 8x8 ones) the domain and the best
 backbone need not agree. This benchmark measures both, with the snapshot benchmark's stream,
-tasks and probes (its `run_daemon`, `draw_targets`, `few_shot_scores`, `SeedRun.routing_sets`):
+tasks and probes (its `SeedRun.stream` and `routing_sets`, `draw_targets`, `few_shot_scores`):
 
 1. per seed, the four domains streamed through `tailord run` (header boundaries), as there;
 2. per task, every experience checkpoint's 5- and 20-shot kNN and linear-probe accuracy on
@@ -38,7 +38,6 @@ from benchmarks.snapshot import (  # noqa: E402
     draw_targets,
     few_shot_scores,
     parse_args,
-    run_daemon,
     say,
 )
 
@@ -50,11 +49,7 @@ class FitRun(SeedRun):
         from deploy.indexer import Encoder, experience_checkpoints
         from deploy.snapshots import SnapshotEngine
 
-        per_domain = max(1, round(self.args.images_per_domain * self.args.scale))
-        say(f"seed {self.seed}: streaming {per_domain} images per domain through the daemon")
-        run_daemon(self.state_dir, per_domain, self.args, self.seed)
-        history = json.loads((self.state_dir / "metrics" / "history.json").read_text())
-        self.exp_domain = {int(r["experience"]): r["domain"] for r in history["records"]}
+        per_domain, _, _ = self.stream()
         checkpoints = experience_checkpoints(self.state_dir / "checkpoints")
         encoders = {exp: Encoder.load(exp, path, "cpu", meta=True) for exp, path in sorted(checkpoints.items())
                     if exp in self.exp_domain}

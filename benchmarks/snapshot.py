@@ -211,16 +211,22 @@ class SeedRun:
         self.create_seconds: dict[str, list[float]] = {arm: [] for arm in ("route", "sept", "route+sept")}
         self.routed: dict[str, list[dict]] = {"unlabelled": [], "labelled": []}
 
+    def stream(self) -> tuple[int, list[dict], float]:
+        """The domains through the daemon; (images per domain, its log events, its wall seconds), and
+        `exp_domain` (experience -> domain) from its history."""
+        per_domain = max(1, round(self.args.images_per_domain * self.args.scale))
+        say(f"seed {self.seed}: streaming {per_domain} images per domain through the daemon")
+        events, daemon_seconds = run_daemon(self.state_dir, per_domain, self.args, self.seed)
+        history = json.loads((self.state_dir / "metrics" / "history.json").read_text())
+        self.exp_domain = {int(r["experience"]): r["domain"] for r in history["records"]}
+        say(f"seed {self.seed}: daemon done in {daemon_seconds:.0f} s; experiences {self.exp_domain}")
+        return per_domain, events, daemon_seconds
+
     def run(self) -> dict[str, Any]:
         from deploy.snapshots import SnapshotEngine
 
         args = self.args
-        per_domain = max(1, round(args.images_per_domain * args.scale))
-        say(f"seed {self.seed}: streaming {per_domain} images per domain through the daemon")
-        events, daemon_seconds = run_daemon(self.state_dir, per_domain, args, self.seed)
-        history = json.loads((self.state_dir / "metrics" / "history.json").read_text())
-        self.exp_domain = {int(r["experience"]): r["domain"] for r in history["records"]}
-        say(f"seed {self.seed}: daemon done in {daemon_seconds:.0f} s; experiences {self.exp_domain}")
+        per_domain, events, daemon_seconds = self.stream()
         targets = [draw_targets(task, per_domain, args, self.seed,
                                 args.latency_targets if task.name == "fashion" else 0) for task in TASKS]
         self.engine = SnapshotEngine.open_offline(self.state_dir, args.device)
