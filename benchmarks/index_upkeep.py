@@ -16,6 +16,10 @@ and how far the budgeted index's retrieval and routing fall from a full re-embed
    - truth: every stored sample re-embedded with the newest checkpoint, searched exactly;
    - recall@50 per target image of the live index (queries embedded with its encoder) and of
      the live index's top `--rerank`x50 re-ranked by the newest encoder (what a snapshot can do);
+   - SEPT's retrieval (`replay.retrieval`) of each domain's targets, at the smallest budget and
+     at the engine's default for the store: the share of the fresh retrieval's samples that
+     the live index retrieves, as is (`pool_x1`) and picked from a pool `--rerank` times the
+     budget re-ranked by the newest encoder (`SnapshotEngine`'s re-rank when the index lags);
    - routing agreement: each domain's targets (`--targets` held-out items, never stored)
      routed on the live index vs on the truth.
 The last line printed is one JSON object. Run: `python -m benchmarks.index_upkeep`.
@@ -158,8 +162,9 @@ class StoreImages:
         return np.concatenate([encoder(images[i:i + 1024]) for i in range(0, len(images), 1024)])
 
 
-def evaluate(indexer, cache: StoreImages, newest, held: dict[str, torch.Tensor], rerank: int) -> dict:
-    """Recall@50 (live, live re-ranked) and routing agreement against a full re-embed by `newest`."""
+def evaluate(indexer, cache: StoreImages, newest, held: dict[str, torch.Tensor], rerank: list[int]) -> dict:
+    """Recall@50 (live, live re-ranked) and routing agreement against a full re-embed by `newest`,
+    and the recall of SEPT's retrieval (`sept_retrieval`)."""
     from deploy.indexer import Encoder, experience_checkpoints
     from replay.routing import route, route_targets
 
@@ -170,24 +175,61 @@ def evaluate(indexer, cache: StoreImages, newest, held: dict[str, torch.Tensor],
     exact.add(truth)
     version = indexer.encoder_version
     live = Encoder.load(version, experience_checkpoints(indexer.checkpoint_root)[version], "cpu")
-    recalls, reranked, agree, candidates = [], [], [], 0
+    recalls, reranked, agree, candidates = [], {f: [] for f in rerank}, [], 0
+    fresh = Fresh(ids, truth, row_of)
+    sept = {budget: {f: [] for f in (1, *rerank)} for budget in sept_budgets(len(ids))}
     for images in held.values():
         q_new, q_live = newest(images), live(images)
         scores, rows = exact.search(q_new, K)
         truth_sets = [{ids[j] for j in row} for row in rows]
         found = indexer.index.search(q_live, K).sample_ids
         recalls += [len(truth_sets[i] & set(found[i])) / K for i in range(len(found))]
-        pools = indexer.index.search(q_live, K * rerank).sample_ids
-        candidates += len({sid for pool in pools for sid in pool if sid})
-        for i, pool in enumerate(pools):
-            known = [sid for sid in pool if sid in row_of]
-            best = np.argsort(-(truth[[row_of[s] for s in known]] @ q_new[i]))[:K]
-            reranked.append(len(truth_sets[i] & {known[j] for j in best}) / K)
+        for factor in rerank:
+            pools = indexer.index.search(q_live, K * factor).sample_ids
+            candidates += len({sid for pool in pools for sid in pool if sid}) if factor == rerank[0] else 0
+            reranked[factor] += [len(truth_sets[i] & set(fresh.rerank(pool, q_new[i:i + 1], K))) / K
+                                 for i, pool in enumerate(pools)]
+        for budget, by_factor in sept.items():
+            for factor, values in by_factor.items():
+                values.append(fresh.sept_recall(indexer.index, q_live, q_new, budget, factor))
         agree.append(route_targets(indexer.index, q_live)[0][0] == route(scores, experiences[rows])[0][0])
     return {"live_encoder": version, "recall_at_50": round(float(np.mean(recalls)), 4),
-            f"recall_at_50_reranked_x{rerank}": round(float(np.mean(reranked)), 4),
+            **{f"recall_at_50_reranked_x{f}": round(float(np.mean(v)), 4) for f, v in reranked.items()},
+            "sept_retrieval": {f"budget_{b}": {f"pool_x{f}": round(float(np.mean(v)), 4) for f, v in by.items()}
+                               for b, by in sept.items()},
             "rerank_embeddings": candidates, "routing_agreement": round(float(np.mean(agree)), 3),
             "stored": len(ids)}
+
+
+def sept_budgets(stored: int) -> list[int]:
+    """The smallest SEPT budget and the engine's default for a store of `stored` samples."""
+    from deploy.snapshots import BUDGET_MAX, BUDGET_MIN, BUDGET_SHARE
+
+    return sorted({BUDGET_MIN, max(BUDGET_MIN, min(round(BUDGET_SHARE * stored), BUDGET_MAX))})
+
+
+class Fresh:
+    """The full re-embed (`truth`, one row per stored id): the truth of SEPT's retrieval and the
+    vectors a snapshot's re-rank would compute for the pool the live index returned."""
+
+    def __init__(self, ids: list[str], truth: np.ndarray, row_of: dict[str, int]) -> None:
+        self.ids, self.truth, self.row_of = ids, truth, row_of
+
+    def rerank(self, pool: list[str], queries: np.ndarray, budget: int) -> list[str]:
+        from replay.retrieval import rerank_budget
+
+        known = [sid for sid in pool if sid in self.row_of]
+        return rerank_budget(known, self.truth[[self.row_of[s] for s in known]], queries, budget)
+
+    def sept_recall(self, index, q_live: np.ndarray, q_new: np.ndarray, budget: int, factor: int) -> float:
+        """Share of the fresh retrieval's `budget` samples that the live index's (pool x factor,
+        re-ranked by the fresh vectors; x1: as is) retrieval finds too."""
+        from replay.retrieval import retrieve_budget
+
+        truth = set(self.rerank(self.ids, q_new, budget))
+        pool = retrieve_budget(index, q_live, budget * factor)
+        found = pool if factor == 1 else self.rerank(pool, q_new, budget)
+        return len(truth & set(found)) / max(len(truth), 1)
 
 
 def run_off(state_dir: Path, start: Path, experiences: list) -> float:
@@ -198,7 +240,7 @@ def run_off(state_dir: Path, start: Path, experiences: list) -> float:
 
 
 def run_on(indexer, start: Path, experiences: list, held: dict[str, torch.Tensor],
-           rerank: int) -> tuple[float, list[dict]]:
+           rerank: list[int]) -> tuple[float, list[dict]]:
     """Images/s of training the experiences from `start` with the indexer on, and the evaluation after each."""
     from deploy.indexer import Encoder
 
@@ -230,7 +272,8 @@ def main() -> None:
     parser.add_argument("--experience-images", type=int, default=2000)
     parser.add_argument("--share", type=float, default=0.10, help="the indexer's budget (TAILORD_INDEXER_SHARE)")
     parser.add_argument("--targets", type=int, default=64, help="held-out target images per domain")
-    parser.add_argument("--rerank", type=int, default=4)
+    parser.add_argument("--rerank", type=int, nargs="+", default=[4, 16],
+                        help="pool sizes (x the neighbours kept) re-ranked by the newest encoder")
     parser.add_argument("--warm-images", type=int, default=8000, help="prefill images the first encoder trains on")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -286,7 +286,8 @@ def start_indexer(settings: Settings, world: World, metrics: Metrics, learner: L
     indexer.start()
     snapshots = SnapshotEngine(settings.state_dir, indexer.store, indexer.index, learner.device,
                                learner.preset.resolution, metrics, settings.targets_dir, limits,
-                               sept_child=(settings.snapshot_threads, settings.snapshot_niceness))
+                               sept_child=(settings.snapshot_threads, settings.snapshot_niceness),
+                               rerank_pool=settings.snapshot_rerank_pool)
     return indexer, snapshots
 
 

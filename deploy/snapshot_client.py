@@ -208,15 +208,17 @@ def _online(files: list[Path], labels_text: str | None, out: Path, strategy: str
 
 def _offline(state_dir: Path, files: list[Path], labels_text: str | None, out: Path, strategy: str,
              budget: int | None, config: Path | None) -> dict[str, Any]:
-    """Build the snapshot in this process on a stopped daemon's state dir, with the daemon's index settings."""
+    """Build the snapshot in this process on a stopped daemon's state dir, with the daemon's index
+    and re-rank settings."""
     from deploy.settings import load_settings
     from deploy.snapshot_errors import SnapshotError
     from deploy.snapshot_request import parse_labels_csv
     from deploy.snapshots import SnapshotEngine
 
-    index_options = load_settings(config).index_options()
+    settings = load_settings(config)
     try:
-        engine = SnapshotEngine.open_offline(state_dir, index_options=index_options)
+        engine = SnapshotEngine.open_offline(state_dir, index_options=settings.index_options(),
+                                             rerank_pool=settings.snapshot_rerank_pool)
         try:
             labels = parse_labels_csv(labels_text) if labels_text is not None else None
             manifest = engine.create([(path.name, path.read_bytes()) for path in files], labels, strategy, budget)

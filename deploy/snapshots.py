@@ -7,8 +7,10 @@
    samples -> similarity-weighted votes per experience -> ranked candidate checkpoints;
    with labels, a runner-up whose leave-one-out kNN on the labelled targets beats the top
    vote's by McNemar's z >= LABEL_SWITCH_Z (2) and by LABEL_SWITCH_GAIN (5 points) replaces it;
-3. `sept` (`learners.sept`): retrieve the `budget` nearest stored samples and continue SSL
-   on them, from the chosen checkpoint (`route+sept`) or the latest one (`sept`);
+3. `sept` (`learners.sept`): retrieve the `budget` nearest stored samples (when the index
+   lags the newest checkpoint, `rerank_pool` x the budget re-ranked by the newest encoder:
+   deploy/snapshot_rerank.py) and continue SSL on them with the targets, from the chosen
+   checkpoint (`route+sept`) or the latest one (`sept`);
 4. publish `snapshots/<name>/` with `model.safetensors` (the backbone alone) and
    `manifest.json` (`deploy.snapshot_files.SnapshotShelf`: where snapshots live, names,
    writing, reading and listing them).
@@ -52,6 +54,7 @@ from deploy.snapshot_errors import (
     Unavailable,
 )
 from deploy.snapshot_files import SnapshotShelf, check_name, default_name
+from deploy.snapshot_rerank import RERANK_POOL, embed_stored
 from learners.augment import EvalTransform
 from learners.device import pick_device
 from learners.evaluation import embed, encode_labels
@@ -62,7 +65,7 @@ from learners.snapshot import backbone_spec, save_backbone
 from replay.catalog import SampleRow
 from replay.index import CURRENT_FILE, VectorIndex
 from replay.index_options import IndexOptions
-from replay.retrieval import retrieve_budget
+from replay.retrieval import rerank_budget, retrieve_budget
 from replay.routing import route_targets
 from replay.store import SampleStore
 from safefiles.publish import read_pointer
@@ -123,6 +126,8 @@ class SnapshotEngine:
         max_bytes: ceiling of decoded pixels per snapshot (SNAPSHOT_MAX_BYTES).
         sept_child: (torch threads, niceness) to train SEPT in a child process with
             (`deploy.sept_child`; the daemon's, so a snapshot cannot slow training); None: in this process.
+        rerank_pool: when the index lags the newest checkpoint, SEPT retrieves this many times
+            its budget and the newest encoder picks the budget among them (`_rerank`); 1: never.
 
     Routing is `replay.routing.route_targets`, SEPT's training `learners.sept`; the snapshot
     folders are `shelf` (`deploy.snapshot_files.SnapshotShelf`: `describe` and `file_path`
@@ -135,7 +140,7 @@ class SnapshotEngine:
     def __init__(self, state_dir: Path, store: SampleStore, index: VectorIndex, device: torch.device | str,
                  decode_size: int, metrics: Metrics | None = None, targets_dir: Path | None = None,
                  limits: DecodeLimits | None = None, max_bytes: int = SNAPSHOT_MAX_BYTES,
-                 sept_child: tuple[int, int] | None = None) -> None:
+                 sept_child: tuple[int, int] | None = None, rerank_pool: int = RERANK_POOL) -> None:
         self.state_dir = Path(state_dir)
         self.checkpoint_root = self.state_dir / "checkpoints"
         self.shelf = SnapshotShelf.in_state_dir(self.state_dir).prepare()
@@ -148,16 +153,18 @@ class SnapshotEngine:
         self.limits = limits or DecodeLimits()
         self.max_bytes = max_bytes
         self.sept_child = sept_child
+        self.rerank_pool = rerank_pool
         self._lock = threading.Lock()
         self._encoder: Encoder | None = None
         self._lock_fd: int | None = None  # held when opened offline
 
     @classmethod
     def open_offline(cls, state_dir: Path, device: torch.device | str = "auto",
-                     index_options: IndexOptions | None = None) -> SnapshotEngine:
+                     index_options: IndexOptions | None = None, rerank_pool: int = RERANK_POOL) -> SnapshotEngine:
         """An engine on a stopped daemon's state dir; Conflict if it is running or has no index.
 
         `index_options`: the daemon's (`Settings.index_options()`); None: the library's defaults.
+        `rerank_pool`: the daemon's `snapshot_rerank_pool`.
         """
         state_dir = Path(state_dir)
         if not (state_dir / "checkpoints").is_dir():
@@ -172,7 +179,7 @@ class SnapshotEngine:
             index = VectorIndex(state_dir, dim, index_options)
             index.load()
             store = SampleStore(state_dir, max_bytes=1 << 62)  # read only here: the budget never applies
-            engine = cls(state_dir, store, index, pick_device(str(device)), decode_size)
+            engine = cls(state_dir, store, index, pick_device(str(device)), decode_size, rerank_pool=rerank_pool)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -221,11 +228,12 @@ class SnapshotEngine:
                 encoder = self._live_encoder(checkpoints)
                 queries = encoder(images)
                 candidates = self._candidates(queries, checkpoints)
-                retrieved = self._retrieve(queries, budget) if "sept" in strategy else []
+                pool = self._retrieve(queries, budget * self._pool(encoder.version, checkpoints, strategy))
                 if self.index.current_version == encoder.version:
                     break
             else:
                 raise Unavailable("the index kept changing encoder versions; retry")
+            retrieved, rerank = self._rerank(pool, images, budget, checkpoints, encoder.version)
             if strategy == "sept":
                 chosen = max(checkpoints)
             else:
@@ -251,7 +259,7 @@ class SnapshotEngine:
                 "target_count": len(targets), "labelled_count": len(labels),
                 "budget": budget if "sept" in strategy else None,
                 "retrieved_count": len(rows), "retrieved_share": len(rows) / max(stored, 1),
-                "retrieved_by_experience": dict(Counter(str(row.experience) for row in rows)),
+                "retrieved_by_experience": dict(Counter(str(row.experience) for row in rows)), "rerank": rerank,
                 "sept_steps": steps, "sept_epochs": epochs if "sept" in strategy else 0,
                 "encoder_version": encoder.version, "index_freshness": index_freshness(encoder.version, checkpoints,
                                                                                    stored, self.index.size),
@@ -368,9 +376,31 @@ class SnapshotEngine:
         return {"snapshot_knn": round(snapshot_knn, 4), "latest_knn": round(latest_knn, 4), "k": k,
                 "latest_checkpoint": checkpoints[latest].name, "protocol": "leave-one-out weighted kNN, T=0.07"}
 
+    def _pool(self, version: int, checkpoints: dict[int, Path], strategy: str) -> int:
+        """How many budgets of samples to retrieve: `rerank_pool` when the index lags the newest
+        checkpoint (they are re-ranked, `_rerank`), else 1; 0 without SEPT."""
+        if "sept" not in strategy:
+            return 0
+        return self.rerank_pool if version != max(checkpoints) else 1
+
     def _retrieve(self, queries: np.ndarray, budget: int) -> list[str]:
+        if budget == 0:
+            return []
         probes = set(self.store.sample_ids(probe=True))
         return retrieve_budget(self.index, queries, budget, exclude_probe_ids=probes)
+
+    def _rerank(self, pool: list[str], images: torch.Tensor, budget: int, checkpoints: dict[int, Path],
+                version: int) -> tuple[list[str], dict[str, int] | None]:
+        """SEPT's samples: `pool` as retrieved when the index is the newest encoder's, else the
+        budget picked from it again by the newest encoder (deploy/snapshot_rerank.py); and what
+        was re-ranked, for the manifest (None: nothing)."""
+        newest = max(checkpoints)
+        if version == newest or self.rerank_pool == 1 or not pool:
+            return pool[:budget], None
+        fresh = Encoder.load(newest, checkpoints[newest], self.device, meta=True)
+        ids, vectors = embed_stored(fresh, self._read, pool, self.decode_size, self.limits)
+        return rerank_budget(ids, vectors, fresh(images), budget), {
+            "index_encoder": version, "reranked_by": newest, "pool": len(ids)}
 
     def _read(self, sample_ids: list[str]) -> tuple[list[SampleRow], list[bytes]]:
         """Catalog rows and bytes of the ids still stored (the store may evict while we read)."""

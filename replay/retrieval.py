@@ -7,6 +7,10 @@ samples are chosen, so each target image gets a fair share of the budget.
 The search holds the index lock, so its size is bounded: a query never asks for more
 neighbours than ``budget`` plus the excluded ids (more could never be picked), and all
 queries together never ask for more than ``MAX_RESULTS``.
+
+An index that lags the newest encoder (its refresh runs within a compute share) can be
+corrected at query time: ``rerank_budget`` picks the budget again from a larger pool the
+stale index retrieved, scored by vectors of the newer encoder, with the same merge.
 """
 
 from __future__ import annotations
@@ -36,6 +40,36 @@ def retrieve_budget(
         if len(picked) >= budget or k >= most:
             return picked
         k = min(most, 2 * k)
+
+
+def rerank_budget(candidates: list[str], vectors: np.ndarray, queries: np.ndarray, budget: int) -> list[str]:
+    """Up to ``budget`` of ``candidates`` (P ids, ``vectors`` (P, D)) nearest to ``queries`` (M, D),
+    merged rank by rank as ``retrieve_budget`` does, best first.
+
+    Usage: retrieve a pool of ``4 * budget`` from the stale index, embed the pool and the
+    targets with the newer encoder, then ``rerank_budget(pool, pool_vectors, new_queries, budget)``.
+    """
+    m, p = len(queries), len(candidates)
+    if budget <= 0 or m == 0 or p == 0:
+        return []
+    k = min(p, -(-budget // m) * 2)  # doubled below while overlaps leave it short
+    while True:
+        picked = _round_robin(_nearest(vectors, queries, k, candidates), budget, frozenset())
+        if len(picked) >= budget or k >= p:
+            return picked
+        k = min(p, 2 * k)
+
+
+def _nearest(vectors: np.ndarray, queries: np.ndarray, k: int, ids: list[str]) -> list[list[str]]:
+    """Each query's ``k`` best ids by inner product, in row chunks of at most ``MAX_RESULTS`` scores."""
+    rows = max(1, MAX_RESULTS // len(vectors))
+    neighbours: list[list[str]] = []
+    for first in range(0, len(queries), rows):
+        scores = queries[first:first + rows] @ vectors.T  # (rows, P)
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (rows, k), unordered
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1)
+        neighbours += [[ids[j] for j in row] for row in top]
+    return neighbours
 
 
 def _round_robin(
