@@ -20,6 +20,8 @@ and how far the budgeted index's retrieval and routing fall from a full re-embed
      at the engine's default for the store: the share of the fresh retrieval's samples that
      the live index retrieves, as is (`pool_x1`) and picked from a pool `--rerank` times the
      budget re-ranked by the newest encoder (`SnapshotEngine`'s re-rank when the index lags);
+4. The re-rank's cost: seconds to read, decode and embed pools of those sizes with the newest
+   checkpoint, with no training (`rerank_seconds`, keyed budget x pool factor).
    - routing agreement: each domain's targets (`--targets` held-out items, never stored)
      routed on the live index vs on the truth.
 The last line printed is one JSON object. Run: `python -m benchmarks.index_upkeep`.
@@ -232,6 +234,27 @@ class Fresh:
         return len(truth & set(found)) / max(len(truth), 1)
 
 
+def rerank_cost(indexer, newest, budgets: list[int], factors: list[int]) -> dict[str, float]:
+    """Seconds a snapshot's re-rank takes for pools of budget x factor stored samples (read from
+    the store, decoded, embedded by `newest`: `deploy.snapshot_rerank.embed_stored`), one run each."""
+    from deploy.snapshot_rerank import embed_stored
+    from streamer.limits import DecodeLimits
+
+    ids = indexer.store.sample_ids(probe=False)
+
+    def read(sample_ids: list[str]) -> tuple[list, list[bytes]]:
+        rows = indexer.store.catalog.get(sample_ids)
+        return [rows[sid] for sid in sample_ids], indexer.store.read(sample_ids)
+
+    seconds = {}
+    for budget in budgets:
+        for factor in factors:
+            started = time.perf_counter()
+            embed_stored(newest, read, ids[:budget * factor], indexer.decode_size, DecodeLimits())
+            seconds[f"{budget}x{factor}"] = round(time.perf_counter() - started, 2)
+    return seconds
+
+
 def run_off(state_dir: Path, start: Path, experiences: list) -> float:
     """Images/s of training the experiences from checkpoint `start` with no indexer."""
     learner = build_learner(state_dir, start)
@@ -280,7 +303,7 @@ def main() -> None:
 
     from deploy.compute_turns import ComputeTurns
     from deploy.index_budget import ComputeBudget
-    from deploy.indexer import Indexer
+    from deploy.indexer import Encoder, Indexer, experience_checkpoints
     from replay.index_options import IndexOptions
 
     rng = np.random.default_rng(args.seed)
@@ -310,12 +333,15 @@ def main() -> None:
         say(f"off: {off:.1f} images/s")
         on, records = run_on(indexer, start, experiences, held, args.rerank)
         upkeep = indexer.upkeep()
+        newest = max(experience_checkpoints(state_dir / "checkpoints").items())
+        rerank_seconds = rerank_cost(indexer, Encoder.load(*newest, "cpu"), sept_budgets(len(indexer.store.sample_ids(
+            probe=False))), args.rerank)  # no step trains now, so the indexer's allowance stays spent
         indexer.stop()
     print(json.dumps({
         "images_per_second_on": round(on, 2), "images_per_second_off": round(off, 2),
         "ratio": round(on / off, 3), "indexer_share": round(upkeep.share, 4),
         "indexer_seconds": {k: round(v, 2) for k, v in upkeep.seconds.items()},
-        "experiences": records, "setup_seconds": round(setup_s, 1),
+        "experiences": records, "setup_seconds": round(setup_s, 1), "rerank_seconds": rerank_seconds,
         "config": {**vars(args), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                    "loadavg_1m": os.getloadavg()[0]},
     }))

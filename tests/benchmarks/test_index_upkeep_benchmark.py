@@ -24,6 +24,7 @@ def test_tiny_run_prints_the_measures():
     assert result["images_per_second_on"] > 0 and result["images_per_second_off"] > 0
     assert set(result["indexer_seconds"]) == {"embed", "refresh"} and result["indexer_seconds"]["refresh"] > 0
     assert [e["experience"] for e in result["experiences"]] == [5, 6]
+    assert set(result["rerank_seconds"]) == {"64x4", "64x16"} and all(v > 0 for v in result["rerank_seconds"].values())
     for i, experience in enumerate(result["experiences"]):
         assert experience["stored"] == 400 + 128 * (i + 1)  # the stream is stored, whatever is indexed
         assert 0 <= experience["recall_at_50"] <= 1 and 0 <= experience["recall_at_50_reranked_x4"] <= 1
