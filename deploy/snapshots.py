@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from deploy.checkpoints import MANIFEST
+from deploy.compute_turns import ComputeTurns
 from deploy.indexer import (
     Encoder,
     backbone_from_checkpoint,
@@ -128,6 +129,7 @@ class SnapshotEngine:
             (`deploy.sept_child`; the daemon's, so a snapshot cannot slow training); None: in this process.
         rerank_pool: when the index lags the newest checkpoint, SEPT retrieves this many times
             its budget and the newest encoder picks the budget among them (`_rerank`); 1: never.
+        turns: the daemon's turns on the CPU's cores, held around each chunk the re-rank embeds.
 
     Routing is `replay.routing.route_targets`, SEPT's training `learners.sept`; the snapshot
     folders are `shelf` (`deploy.snapshot_files.SnapshotShelf`: `describe` and `file_path`
@@ -140,7 +142,8 @@ class SnapshotEngine:
     def __init__(self, state_dir: Path, store: SampleStore, index: VectorIndex, device: torch.device | str,
                  decode_size: int, metrics: Metrics | None = None, targets_dir: Path | None = None,
                  limits: DecodeLimits | None = None, max_bytes: int = SNAPSHOT_MAX_BYTES,
-                 sept_child: tuple[int, int] | None = None, rerank_pool: int = RERANK_POOL) -> None:
+                 sept_child: tuple[int, int] | None = None, rerank_pool: int = RERANK_POOL,
+                 turns: ComputeTurns | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.checkpoint_root = self.state_dir / "checkpoints"
         self.shelf = SnapshotShelf.in_state_dir(self.state_dir).prepare()
@@ -154,6 +157,7 @@ class SnapshotEngine:
         self.max_bytes = max_bytes
         self.sept_child = sept_child
         self.rerank_pool = rerank_pool
+        self.turns = turns or ComputeTurns(enabled=False)
         self._lock = threading.Lock()
         self._encoder: Encoder | None = None
         self._lock_fd: int | None = None  # held when opened offline
@@ -398,7 +402,7 @@ class SnapshotEngine:
         if version == newest or self.rerank_pool == 1 or not pool:
             return pool[:budget], None
         fresh = Encoder.load(newest, checkpoints[newest], self.device, meta=True)
-        ids, vectors = embed_stored(fresh, self._read, pool, self.decode_size, self.limits)
+        ids, vectors = embed_stored(fresh, self._read, pool, self.decode_size, self.limits, self.turns)
         return rerank_budget(ids, vectors, fresh(images), budget), {
             "index_encoder": version, "reranked_by": newest, "pool": len(ids)}
 

@@ -43,7 +43,7 @@ def test_the_pool_is_re_ranked_by_the_newest_encoder(lagging):
 
 
 def test_snapshot_manifest_records_the_re_rank(lagging):
-    engine = SnapshotEngine.open_offline(lagging, "cpu")
+    engine = SnapshotEngine.open_offline(lagging, "cpu", rerank_pool=4)
     try:
         manifest = engine.create(target_images("blue", 4), strategy="sept", budget=8, epochs=1, name="fresh")
         engine.rerank_pool = 1
@@ -55,6 +55,13 @@ def test_snapshot_manifest_records_the_re_rank(lagging):
     assert manifest["retrieved_count"] == 8 and manifest["index_freshness"]["versions_behind"] == 1
     assert as_is["rerank"] is None and as_is["retrieved_count"] == 8
     assert route["rerank"] is None
+
+
+def test_the_daemon_and_offline_snapshots_default_to_the_same_pool():
+    from deploy.settings import Settings
+    from deploy.snapshot_rerank import RERANK_POOL
+
+    assert Settings().snapshot_rerank_pool == RERANK_POOL
 
 
 def test_embed_stored_skips_evicted_and_undecodable_samples(lagging):
@@ -74,3 +81,27 @@ def test_embed_stored_skips_evicted_and_undecodable_samples(lagging):
         engine.close()
     assert ids == pool[2:] and vectors.shape == (4, newest.backbone.feature_dim)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+
+
+def test_each_chunk_is_embedded_in_its_turn(lagging, monkeypatch):
+    import deploy.snapshot_rerank as rerank
+
+    class Turns:
+        held = 0
+
+        def __enter__(self):
+            self.held += 1
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(rerank, "CHUNK", 4)
+    engine = SnapshotEngine.open_offline(lagging, "cpu")
+    try:
+        pool = engine.store.sample_ids(probe=False)[:10]
+        newest = Encoder.load(3, experience_checkpoints(engine.checkpoint_root)[3], "cpu")
+        turns = Turns()
+        ids, vectors = embed_stored(newest, engine._read, pool, engine.decode_size, engine.limits, turns)
+    finally:
+        engine.close()
+    assert ids == pool and len(vectors) == 10 and turns.held == 3  # chunks of 4, 4 and 2
