@@ -9,7 +9,7 @@ from the pool by those vectors (`replay.retrieval.rerank_budget`). The cost is t
 embeddings, a chunk at a time, so memory stays bounded whatever the budget; in the daemon on a
 CPU each chunk takes its turn on the cores with the training step (`deploy/compute_turns.py`).
 
-Usage (the engine's `_retrieval`)::
+Usage (what `SnapshotEngine._rerank` does)::
 
     pool = retrieve_budget(index, stale_queries, budget * RERANK_POOL)  # 16 budgets
     ids, vectors = embed_stored(newest, read, pool, decode_size, limits)
