@@ -179,7 +179,8 @@ def evaluate(indexer, cache: StoreImages, newest, held: dict[str, torch.Tensor],
     live = Encoder.load(version, experience_checkpoints(indexer.checkpoint_root)[version], "cpu")
     recalls, reranked, agree, candidates = [], {f: [] for f in rerank}, [], 0
     fresh = Fresh(ids, truth, row_of)
-    sept = {budget: {f: [] for f in (1, *rerank)} for budget in sept_budgets(len(ids))}
+    sept = {budget: {key: [] for key in (*(f"pool_x{f}" for f in (1, *rerank)), "unindexed")}
+            for budget in sept_budgets(len(ids))}
     for images in held.values():
         q_new, q_live = newest(images), live(images)
         scores, rows = exact.search(q_new, K)
@@ -191,13 +192,13 @@ def evaluate(indexer, cache: StoreImages, newest, held: dict[str, torch.Tensor],
             candidates += len({sid for pool in pools for sid in pool if sid}) if factor == rerank[0] else 0
             reranked[factor] += [len(truth_sets[i] & set(fresh.rerank(pool, q_new[i:i + 1], K))) / K
                                  for i, pool in enumerate(pools)]
-        for budget, by_factor in sept.items():
-            for factor, values in by_factor.items():
-                values.append(fresh.sept_recall(indexer.index, q_live, q_new, budget, factor))
+        for budget, by_key in sept.items():
+            for key, value in fresh.sept_recall(indexer.index, q_live, q_new, budget, rerank).items():
+                by_key[key].append(value)
         agree.append(route_targets(indexer.index, q_live)[0][0] == route(scores, experiences[rows])[0][0])
     return {"live_encoder": version, "recall_at_50": round(float(np.mean(recalls)), 4),
             **{f"recall_at_50_reranked_x{f}": round(float(np.mean(v)), 4) for f, v in reranked.items()},
-            "sept_retrieval": {f"budget_{b}": {f"pool_x{f}": round(float(np.mean(v)), 4) for f, v in by.items()}
+            "sept_retrieval": {f"budget_{b}": {key: round(float(np.mean(v)), 4) for key, v in by.items()}
                                for b, by in sept.items()},
             "rerank_embeddings": candidates, "routing_agreement": round(float(np.mean(agree)), 3),
             "stored": len(ids)}
@@ -223,15 +224,20 @@ class Fresh:
         known = [sid for sid in pool if sid in self.row_of]
         return rerank_budget(known, self.truth[[self.row_of[s] for s in known]], queries, budget)
 
-    def sept_recall(self, index, q_live: np.ndarray, q_new: np.ndarray, budget: int, factor: int) -> float:
-        """Share of the fresh retrieval's `budget` samples that the live index's (pool x factor,
-        re-ranked by the fresh vectors; x1: as is) retrieval finds too."""
+    def sept_recall(self, index, q_live: np.ndarray, q_new: np.ndarray, budget: int,
+                    factors: list[int]) -> dict[str, float]:
+        """Shares of the fresh retrieval's `budget` samples that the live index's retrieval finds
+        too: `pool_x1` as is, `pool_xF` from a pool of F budgets re-ranked by the fresh vectors;
+        and `unindexed`, the share the live index does not hold at all (no pool finds those)."""
         from replay.retrieval import retrieve_budget
 
         truth = set(self.rerank(self.ids, q_new, budget))
-        pool = retrieve_budget(index, q_live, budget * factor)
-        found = pool if factor == 1 else self.rerank(pool, q_new, budget)
-        return len(truth & set(found)) / max(len(truth), 1)
+        shares = {"unindexed": len(index.missing(sorted(truth))) / max(len(truth), 1)}
+        for factor in (1, *factors):
+            pool = retrieve_budget(index, q_live, budget * factor)
+            found = pool if factor == 1 else self.rerank(pool, q_new, budget)
+            shares[f"pool_x{factor}"] = len(truth & set(found)) / max(len(truth), 1)
+        return shares
 
 
 def rerank_cost(indexer, newest, budgets: list[int], factors: list[int]) -> dict[str, float]:

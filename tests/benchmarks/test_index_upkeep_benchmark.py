@@ -30,5 +30,6 @@ def test_tiny_run_prints_the_measures():
         assert 0 <= experience["recall_at_50"] <= 1 and 0 <= experience["recall_at_50_reranked_x4"] <= 1
         assert experience["recall_at_50_reranked_x16"] >= experience["recall_at_50_reranked_x4"]  # a superset pool
         sept = experience["sept_retrieval"]["budget_64"]  # the smallest budget (the default on this store)
-        assert set(sept) == {"pool_x1", "pool_x4", "pool_x16"} and all(0 <= v <= 1 for v in sept.values())
+        assert set(sept) == {"pool_x1", "pool_x4", "pool_x16", "unindexed"} and all(0 <= v <= 1 for v in sept.values())
+        assert sept["pool_x16"] <= 1 - sept["unindexed"]  # what the index lacks, no pool finds
         assert 0 <= experience["routing_agreement"] <= 1 and experience["versions_behind"] >= 1
