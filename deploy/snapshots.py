@@ -238,11 +238,8 @@ class SnapshotEngine:
             else:
                 raise Unavailable("the index kept changing encoder versions; retry")
             retrieved, rerank = self._rerank(pool, images, budget, checkpoints, encoder.version)
-            if strategy == "sept":
-                chosen = max(checkpoints)
-            else:
-                chosen = self._choose(candidates, images, [filename for filename, _ in targets], labels,
-                                      checkpoints)
+            chosen = max(checkpoints) if strategy == "sept" else self._choose(
+                candidates, images, [filename for filename, _ in targets], labels, checkpoints)
             source = checkpoints[chosen]
             names = self.store.catalog.experience_names()
             for candidate in candidates:
