@@ -30,6 +30,9 @@ RERANK_POOL = 16
 """Default pool, in budgets, that a lagging index retrieves for the newest encoder to re-rank:
 on a 100k store up to five versions behind, 16 budgets of 2,000 found 0.89-0.98 of a full
 re-embed's retrieval and 4 budgets 0.62-0.78 (docs/scaling.md, "Index upkeep")."""
+RERANK_MAX_POOL = 32_768
+"""Most samples one snapshot re-ranks (~26 s on 2 CPU cores at 32 px): 16 budgets of the largest
+default budget (2,000) fit; an explicit larger budget gets a smaller multiple."""
 CHUNK = 256  # stored samples read, decoded and embedded at a time
 
 ReadStored = Callable[[list[str]], tuple[list, list[bytes]]]

@@ -55,7 +55,7 @@ from deploy.snapshot_errors import (
     Unavailable,
 )
 from deploy.snapshot_files import SnapshotShelf, check_name, default_name
-from deploy.snapshot_rerank import RERANK_POOL, embed_stored
+from deploy.snapshot_rerank import RERANK_MAX_POOL, RERANK_POOL, embed_stored
 from learners.augment import EvalTransform
 from learners.device import pick_device
 from learners.evaluation import embed, encode_labels
@@ -232,7 +232,7 @@ class SnapshotEngine:
                 encoder = self._live_encoder(checkpoints)
                 queries = encoder(images)
                 candidates = self._candidates(queries, checkpoints)
-                pool = self._retrieve(queries, budget * self._pool(encoder.version, checkpoints, strategy))
+                pool = self._retrieve(queries, self._pool_size(budget, encoder.version, checkpoints, strategy))
                 if self.index.current_version == encoder.version:
                     break
             else:
@@ -377,12 +377,16 @@ class SnapshotEngine:
         return {"snapshot_knn": round(snapshot_knn, 4), "latest_knn": round(latest_knn, 4), "k": k,
                 "latest_checkpoint": checkpoints[latest].name, "protocol": "leave-one-out weighted kNN, T=0.07"}
 
-    def _pool(self, version: int, checkpoints: dict[int, Path], strategy: str) -> int:
-        """How many budgets of samples to retrieve: `rerank_pool` when the index lags the newest
-        checkpoint (they are re-ranked, `_rerank`), else 1; 0 without SEPT."""
+    def _pool_size(self, budget: int, version: int, checkpoints: dict[int, Path], strategy: str) -> int:
+        """How many samples to retrieve: 0 without SEPT; the budget when the index is the newest
+        checkpoint's; else `rerank_pool` budgets to re-rank (`_rerank`), at most RERANK_MAX_POOL
+        (so an explicit large budget cannot make a snapshot embed a whole store) and never fewer
+        than the budget."""
         if "sept" not in strategy:
             return 0
-        return self.rerank_pool if version != max(checkpoints) else 1
+        if version == max(checkpoints):
+            return budget
+        return max(budget, min(budget * self.rerank_pool, RERANK_MAX_POOL))
 
     def _retrieve(self, queries: np.ndarray, budget: int) -> list[str]:
         if budget == 0:

@@ -105,3 +105,21 @@ def test_each_chunk_is_embedded_in_its_turn(lagging, monkeypatch):
     finally:
         engine.close()
     assert ids == pool and len(vectors) == 10 and turns.held == 3  # chunks of 4, 4 and 2
+
+
+def test_the_pool_is_capped_and_never_below_the_budget(lagging, monkeypatch):
+    import deploy.snapshots as snapshots
+
+    monkeypatch.setattr(snapshots, "RERANK_MAX_POOL", 20)
+    engine = SnapshotEngine.open_offline(lagging, "cpu", rerank_pool=4)
+    try:
+        checkpoints = experience_checkpoints(engine.checkpoint_root)
+        assert engine._pool_size(4, 2, checkpoints, "sept") == 16  # 4 budgets
+        assert engine._pool_size(8, 2, checkpoints, "route+sept") == 20  # capped
+        assert engine._pool_size(30, 2, checkpoints, "sept") == 30  # the budget itself
+        assert engine._pool_size(8, 3, checkpoints, "sept") == 8  # a fresh index: no pool
+        assert engine._pool_size(8, 2, checkpoints, "route") == 0
+        manifest = engine.create(target_images("blue", 4), strategy="sept", budget=8, epochs=1, name="capped")
+    finally:
+        engine.close()
+    assert manifest["rerank"]["pool"] == 20 and manifest["retrieved_count"] == 8
