@@ -3,6 +3,8 @@ newest encoder (deploy/snapshot_rerank.py, SnapshotEngine._rerank)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -123,3 +125,16 @@ def test_the_pool_is_capped_and_never_below_the_budget(lagging, monkeypatch):
     finally:
         engine.close()
     assert manifest["rerank"]["pool"] == 20 and manifest["retrieved_count"] == 8
+
+
+def test_offline_snapshots_take_the_pool_from_the_daemons_settings(lagging, tmp_path, monkeypatch):
+    from deploy.snapshot_client import request_snapshot
+
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    for filename, data in target_images("red", 4):
+        (targets / filename).write_bytes(data)
+    monkeypatch.setenv("TAILORD_SNAPSHOT_RERANK_POOL", "3")
+    request_snapshot(targets, None, tmp_path / "out", "sept", 8, lagging, None, None, None)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["rerank"] == {"index_encoder": 2, "reranked_by": 3, "pool": 24}
