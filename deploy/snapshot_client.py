@@ -165,7 +165,7 @@ def request_snapshot(target: str | Path, labels: str | Path | None, out: str | P
             "chosen_experience_info": manifest.get("chosen_experience_info"),
             "candidates": manifest["candidates"], "retrieved_count": manifest["retrieved_count"],
             "target_count": manifest["target_count"], "retrieved_by_experience": manifest.get("retrieved_by_experience", {}),
-            "label_check": manifest.get("label_check"),
+            "label_check": manifest.get("label_check"), "rerank": manifest.get("rerank"),
             "sept_steps": manifest["sept_steps"], "encoder_version": manifest["encoder_version"]}
 
 
@@ -183,6 +183,10 @@ def summary_line(result: dict[str, Any]) -> str:
         per = ", ".join(f"exp {exp}: {n}" for exp, n in sorted(result["retrieved_by_experience"].items()))
         line += (f"; SEPT {result['sept_steps']} steps on your {result['target_count']} images and "
                  f"{result['retrieved_count']} retrieved samples ({per})")
+        rerank = result.get("rerank")
+        if rerank:
+            line += (f", picked from {rerank['pool']} by experience {rerank['reranked_by']}'s encoder "
+                     f"(the index was at {rerank['index_encoder']})")
     check = result.get("label_check")
     if check:
         line += (f"; on your labelled images kNN {check['snapshot_knn']:.2f} vs latest checkpoint "

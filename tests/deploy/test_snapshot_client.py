@@ -167,6 +167,10 @@ def test_summary_line_says_what_was_chosen_why_what_was_retrieved_and_whether_it
         "snapshot snap-1: experience 2 (fashion), 70% of the routing votes, labelled kNN 0.85; SEPT 12 steps "
         "on your 40 images and 300 retrieved samples (exp 1: 50, exp 2: 250); on your labelled images kNN 0.90 vs latest "
         "checkpoint 0.80 -> /out")
+    lagging = {**result, "label_check": None, "rerank": {"index_encoder": 1, "reranked_by": 2, "pool": 4800}}
+    assert summary_line(lagging).endswith(
+        "300 retrieved samples (exp 1: 50, exp 2: 250), picked from 4800 by experience 2's encoder (the index "
+        "was at 1) -> /out")
     plain = {**result, "chosen_experience_info": None, "retrieved_count": 0, "label_check": None,
              "candidates": [{"experience": 2, "vote_share": 0.7}]}
     assert summary_line(plain) == "snapshot snap-1: experience 2, 70% of the routing votes -> /out"

@@ -135,6 +135,6 @@ def test_offline_snapshots_take_the_pool_from_the_daemons_settings(lagging, tmp_
     for filename, data in target_images("red", 4):
         (targets / filename).write_bytes(data)
     monkeypatch.setenv("TAILORD_SNAPSHOT_RERANK_POOL", "3")
-    request_snapshot(targets, None, tmp_path / "out", "sept", 8, lagging, None, None, None)
+    result = request_snapshot(targets, None, tmp_path / "out", "sept", 8, lagging, None, None, None)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["rerank"] == {"index_encoder": 2, "reranked_by": 3, "pool": 24}
+    assert manifest["rerank"] == result["rerank"] == {"index_encoder": 2, "reranked_by": 3, "pool": 24}
