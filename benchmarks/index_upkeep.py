@@ -20,10 +20,10 @@ and how far the budgeted index's retrieval and routing fall from a full re-embed
      at the engine's default for the store: the share of the fresh retrieval's samples that
      the live index retrieves, as is (`pool_x1`) and picked from a pool `--rerank` times the
      budget re-ranked by the newest encoder (`SnapshotEngine`'s re-rank when the index lags);
-4. The re-rank's cost: seconds to read, decode and embed pools of those sizes with the newest
-   checkpoint, with no training (`rerank_seconds`, keyed budget x pool factor).
    - routing agreement: each domain's targets (`--targets` held-out items, never stored)
      routed on the live index vs on the truth.
+4. The re-rank's cost: seconds to read, decode and embed pools of those sizes with the newest
+   checkpoint, with no training (`rerank_seconds`, keyed budget x pool factor).
 The last line printed is one JSON object. Run: `python -m benchmarks.index_upkeep`.
 """
 

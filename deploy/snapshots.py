@@ -384,9 +384,14 @@ class SnapshotEngine:
         than the budget."""
         if "sept" not in strategy:
             return 0
-        if version == max(checkpoints):
+        if not self._reranks(version, checkpoints):
             return budget
         return max(budget, min(budget * self.rerank_pool, RERANK_MAX_POOL))
+
+    def _reranks(self, version: int, checkpoints: dict[int, Path]) -> bool:
+        """Whether SEPT's retrieval is re-ranked: the index (at `version`) lags the newest checkpoint
+        and the re-rank is on."""
+        return self.rerank_pool > 1 and version != max(checkpoints)
 
     def _retrieve(self, queries: np.ndarray, budget: int) -> list[str]:
         if budget == 0:
@@ -399,9 +404,9 @@ class SnapshotEngine:
         """SEPT's samples: `pool` as retrieved when the index is the newest encoder's, else the
         budget picked from it again by the newest encoder (deploy/snapshot_rerank.py); and what
         was re-ranked, for the manifest (None: nothing)."""
-        newest = max(checkpoints)
-        if version == newest or self.rerank_pool == 1 or not pool:
+        if not pool or not self._reranks(version, checkpoints):
             return pool[:budget], None
+        newest = max(checkpoints)
         fresh = Encoder.load(newest, checkpoints[newest], self.device, meta=True)
         ids, vectors = embed_stored(fresh, self._read, pool, self.decode_size, self.limits, self.turns)
         return rerank_budget(ids, vectors, fresh(images), budget), {
