@@ -38,10 +38,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import faiss
-import numpy as np
-import torch
-from PIL import Image
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the daemon sets it (deploy/__init__.py): the off arm too
+import faiss  # noqa: E402 - after the OpenMP policy
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 DOMAINS = ("digits", "fashion", "textures", "photos")
 K = 50

@@ -245,7 +245,8 @@ class SeedRun:
     def create(self, strategy: str, targets: list[tuple[str, bytes]], labels: dict[str, str] | None,
                name: str) -> dict[str, Any]:
         started = time.perf_counter()
-        manifest = self.engine.create(targets, labels, strategy, None, name)
+        budget = self.args.budget if "sept" in strategy else None
+        manifest = self.engine.create(targets, labels, strategy, budget, name)
         self.create_seconds[strategy].append(time.perf_counter() - started)
         return manifest
 
@@ -430,6 +431,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     parser.add_argument("--method", default="simclr")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="SEPT's retrieval budget for both SEPT arms (default: the engine's, 5 %% of the store, 64 at least)")
     parser.add_argument("--classes", type=int, default=10, help="classes per target task at most")
     parser.add_argument("--test-per-class", type=int, default=20, help="test images per class")
     parser.add_argument("--pool", type=int, default=3000, help="target images are drawn from a task's first N items")
