@@ -11,7 +11,10 @@ and how far the budgeted index's retrieval and routing fall from a full re-embed
    same augmentation) trained with the `cpu` preset's learner, no indexer work: images/s.
 3. On: the same experiences from the same initial weights, each batch submitted to the indexer
    as the daemon does (`ComputeBudget(--share)`, the step and the indexer's chunks in turns on
-   the cores: `deploy/compute_turns.py`), a checkpoint and `new_encoder` after each.
+   the cores: `deploy/compute_turns.py`), a checkpoint and `new_encoder` after each. Each
+   experience's `training` record splits its seconds: the steps' own, the wall (the steps, the
+   turns waited and the submits), what the indexer was charged and the CPU its thread used
+   (more than charged: work outside its turns, e.g. storing). The off arm reports its steps too.
    After each experience (no step runs then, so the indexer's allowance does not grow):
    - truth: every stored sample re-embedded with the newest checkpoint, searched exactly;
    - recall@50 per target image of the live index (queries embedded with its encoder) and of
@@ -35,6 +38,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -262,11 +266,23 @@ def rerank_cost(indexer, newest, budgets: list[int], factors: list[int]) -> dict
     return seconds
 
 
-def run_off(state_dir: Path, start: Path, experiences: list) -> float:
-    """Images/s of training the experiences from checkpoint `start` with no indexer."""
+def thread_cpu_seconds(name: str) -> float | None:
+    """CPU seconds the thread called `name` has used so far (Linux's /proc; None elsewhere)."""
+    thread = next(t for t in threading.enumerate() if t.name == name)
+    try:
+        fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def run_off(state_dir: Path, start: Path, experiences: list) -> tuple[float, list[float]]:
+    """Images/s of training the experiences from checkpoint `start` with no indexer, and each
+    experience's step seconds."""
     learner = build_learner(state_dir, start)
-    wall = sum(train_experience(learner, pngs, lambda *_: None)[1] for _, _, _, pngs in experiences)
-    return sum(len(pngs) // BATCH * BATCH for *_, pngs in experiences) / wall
+    timed = [train_experience(learner, pngs, lambda *_: None) for _, _, _, pngs in experiences]
+    images = sum(len(pngs) // BATCH * BATCH for *_, pngs in experiences)
+    return images / sum(wall for _, wall in timed), [round(step, 2) for step, _ in timed]
 
 
 def run_on(indexer, start: Path, experiences: list, held: dict[str, torch.Tensor],
@@ -281,14 +297,19 @@ def run_on(indexer, start: Path, experiences: list, held: dict[str, torch.Tensor
             indexer.budget.trained(seconds)
             n = min(BATCH, len(ids) - first)
             indexer.submit(ids[first:first + n], pngs[first:first + n], experience, [domain] * n)
-        wall += train_experience(learner, pngs, on_batch, indexer.budget.turns)[1]
+        charged, cpu = sum(indexer.budget.seconds.values()), thread_cpu_seconds("indexer")
+        step_s, wall_s = train_experience(learner, pngs, on_batch, indexer.budget.turns)
+        wall += wall_s
+        timing = {"step_seconds": round(step_s, 2), "wall_seconds": round(wall_s, 2),
+                  "indexer_charged_seconds": round(sum(indexer.budget.seconds.values()) - charged, 2),
+                  "indexer_cpu_seconds": None if cpu is None else round(thread_cpu_seconds("indexer") - cpu, 2)}
         path = save_checkpoint(learner, indexer.state_dir, experience)
         assert indexer.wait_stored(60)  # the experience's last batches, behind a chunk waiting for its turn
         indexer.new_encoder(experience, path)
         upkeep = indexer.upkeep()
         record = {"experience": experience, "domain": domain, "versions_behind": upkeep.versions_behind,
                   "unindexed": upkeep.unindexed, "refresh_progress": round(upkeep.refresh_progress, 3),
-                  "share": round(upkeep.share, 4),
+                  "share": round(upkeep.share, 4), "training": timing,
                   **evaluate(indexer, cache, Encoder.load(experience, path, "cpu"), held, rerank)}
         say(json.dumps(record))
         records.append(record)
@@ -336,7 +357,7 @@ def main() -> None:
         assert indexer.flush(None)
         setup_s = time.perf_counter() - started
         say(f"store of {indexer.index_size()} indexed in {setup_s:.0f} s")
-        off = run_off(state_dir, start, experiences)
+        off, off_steps = run_off(state_dir, start, experiences)
         say(f"off: {off:.1f} images/s")
         on, records = run_on(indexer, start, experiences, held, args.rerank)
         upkeep = indexer.upkeep()
@@ -346,7 +367,8 @@ def main() -> None:
         indexer.stop()
     print(json.dumps({
         "images_per_second_on": round(on, 2), "images_per_second_off": round(off, 2),
-        "ratio": round(on / off, 3), "indexer_share": round(upkeep.share, 4),
+        "ratio": round(on / off, 3),
+        "step_seconds_off": off_steps, "indexer_share": round(upkeep.share, 4),
         "indexer_seconds": {k: round(v, 2) for k, v in upkeep.seconds.items()},
         "experiences": records, "setup_seconds": round(setup_s, 1), "rerank_seconds": rerank_seconds,
         "config": {**vars(args), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -24,6 +24,7 @@ def test_tiny_run_prints_the_measures():
     assert result["images_per_second_on"] > 0 and result["images_per_second_off"] > 0
     assert set(result["indexer_seconds"]) == {"embed", "refresh"} and result["indexer_seconds"]["refresh"] > 0
     assert [e["experience"] for e in result["experiences"]] == [5, 6]
+    assert len(result["step_seconds_off"]) == 2 and all(s > 0 for s in result["step_seconds_off"])
     assert set(result["rerank_seconds"]) == {"64x4", "64x16"} and all(v > 0 for v in result["rerank_seconds"].values())
     for i, experience in enumerate(result["experiences"]):
         assert experience["stored"] == 400 + 128 * (i + 1)  # the stream is stored, whatever is indexed
@@ -33,3 +34,6 @@ def test_tiny_run_prints_the_measures():
         assert set(sept) == {"pool_x1", "pool_x4", "pool_x16", "unindexed"} and all(0 <= v <= 1 for v in sept.values())
         assert sept["pool_x16"] <= 1 - sept["unindexed"]  # what the index lacks, no pool finds
         assert 0 <= experience["routing_agreement"] <= 1 and experience["versions_behind"] >= 1
+        training = experience["training"]
+        assert 0 < training["step_seconds"] <= training["wall_seconds"]
+        assert training["indexer_charged_seconds"] >= 0 and training["indexer_cpu_seconds"] >= 0  # /proc: Linux
