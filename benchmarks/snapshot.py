@@ -12,7 +12,8 @@ Per seed (``--seeds``; the daemon's TAILORD_SEED and the target samples change w
    split), ``textures`` and ``photos`` (``builtin:*-heldout``: pictures the stream leaves
    out entirely) and, from a different source of a streamed kind, ``digits-opencv``
    (OpenCV's handwritten digits; its domain is digits). Each: up to ``--classes`` classes,
-   ``max(SHOTS)`` labelled shots per class (the snapshot's targets), a disjoint test split
+   ``max(SHOTS)`` labelled shots per class (the first ``--snapshot-shots`` of each class are the
+   snapshot's targets, all 20 by default), a disjoint test split
    of ``--test-per-class`` per class, and class-balanced routing sets.
 3. **Arms** on the stopped daemon's state dir (``SnapshotEngine.open_offline``): ``latest``
    (the newest experience checkpoint) and ``route`` (no training); ``sept`` (from latest)
@@ -192,11 +193,11 @@ def few_shot_scores(backbone: nn.Module, input_spec: dict, target: TargetSet, si
     return scores
 
 
-def target_only(checkpoint: Path, target: TargetSet, size: int, steps: int, device: str) -> nn.Module:
+def target_only(checkpoint: Path, encoded: list[bytes], size: int, steps: int, device: str) -> nn.Module:
     """The latest checkpoint's SSL continued on the target images alone, for `steps` steps."""
     from deploy.sept_child import continue_checkpoint
 
-    images = decode_all([data for _, data, _ in target.shots], size)
+    images = decode_all(encoded, size)
     backbone, done = continue_checkpoint(checkpoint, images, device, epochs=max(steps, 1), max_steps=steps)
     if done != steps:
         say(f"  target-only trained {done} of {steps} steps")
@@ -257,8 +258,10 @@ class SeedRun:
 
         task, size = target.task, self.engine.decode_size
         say(f"seed {self.seed}: {task.name}: {len(target.shots)} shots, {len(target.test)} test images")
-        target_list = [(f, data) for f, data, _ in target.shots]
-        labels = {f: label for f, _, label in target.shots}
+        classes = len({label for *_, label in target.shots})
+        shots = target.shots[:self.args.snapshot_shots * classes]  # class-major: N per class
+        target_list = [(f, data) for f, data, _ in shots]
+        labels = {f: label for f, _, label in shots}
         checkpoints = experience_checkpoints(self.state_dir / "checkpoints")
         latest, manifest = backbone_from_checkpoint(checkpoints[max(checkpoints)], "cpu")
         result: dict[str, Any] = {"latest": few_shot_scores(latest, manifest["input"], target, size)}
@@ -272,7 +275,8 @@ class SeedRun:
             if strategy == "route":
                 self.route_check("labelled", task, made, "snapshot targets")
         steps = result["sept"]["sept_steps"]
-        own = target_only(checkpoints[max(checkpoints)], target, size, steps, self.args.device)
+        own = target_only(checkpoints[max(checkpoints)], [data for _, data in target_list], size, steps,
+                          self.args.device)
         result["target-only"] = {**few_shot_scores(own, manifest["input"], target, size), "sept_steps": steps}
         self.routing_sets(target)
         return result
@@ -433,6 +437,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--budget", type=int, default=None,
                         help="SEPT's retrieval budget for both SEPT arms (default: the engine's, 5 %% of the store, 64 at least)")
+    parser.add_argument("--snapshot-shots", type=int, default=max(SHOTS),
+                        help="labelled shots per class given to the snapshots as targets (the probes still fit 5 and 20)")
     parser.add_argument("--classes", type=int, default=10, help="classes per target task at most")
     parser.add_argument("--test-per-class", type=int, default=20, help="test images per class")
     parser.add_argument("--pool", type=int, default=3000, help="target images are drawn from a task's first N items")
