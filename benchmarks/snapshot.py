@@ -257,9 +257,10 @@ class SeedRun:
         from learners.snapshot import load_snapshot
 
         task, size = target.task, self.engine.decode_size
-        say(f"seed {self.seed}: {task.name}: {len(target.shots)} shots, {len(target.test)} test images")
         classes = len({label for *_, label in target.shots})
         shots = target.shots[:self.args.snapshot_shots * classes]  # class-major: N per class
+        say(f"seed {self.seed}: {task.name}: {len(target.shots)} shots ({len(shots)} the snapshots' targets), "
+            f"{len(target.test)} test images")
         target_list = [(f, data) for f, data, _ in shots]
         labels = {f: label for f, _, label in shots}
         checkpoints = experience_checkpoints(self.state_dir / "checkpoints")
