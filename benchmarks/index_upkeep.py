@@ -14,7 +14,8 @@ and how far the budgeted index's retrieval and routing fall from a full re-embed
    the cores: `deploy/compute_turns.py`), a checkpoint and `new_encoder` after each. Each
    experience's `training` record splits its seconds: the steps' own, the wall (the steps, the
    turns waited and the submits), what the indexer was charged and the CPU its thread used
-   (more than charged: work outside its turns, e.g. storing). The off arm reports its steps too.
+   (what it uses beyond the charge is work outside its turns, e.g. storing). The off arm
+   reports its steps too.
    After each experience (no step runs then, so the indexer's allowance does not grow):
    - truth: every stored sample re-embedded with the newest checkpoint, searched exactly;
    - recall@50 per target image of the live index (queries embedded with its encoder) and of

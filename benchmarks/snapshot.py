@@ -437,7 +437,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--budget", type=int, default=None,
-                        help="SEPT's retrieval budget for both SEPT arms (default: the engine's, 5 %% of the store, 64 at least)")
+                        help="SEPT's retrieval budget for both SEPT arms (default: the engine's, 5 %% of the store "
+                             "within 64-2,000)")
     parser.add_argument("--snapshot-shots", type=int, default=max(SHOTS),
                         help="labelled shots per class given to the snapshots as targets (the probes still fit 5 and 20)")
     parser.add_argument("--classes", type=int, default=10, help="classes per target task at most")
