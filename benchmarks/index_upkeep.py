@@ -346,7 +346,7 @@ def main() -> None:
         probe = build_learner(state_dir)
         held = {name: decoded([augmented_png(p, rng) for p in pixels], probe.preset.resolution)
                 for name, pixels in held_pixels.items()}
-        indexer = Indexer(state_dir, 8 << 30, IndexOptions(), probe.backbone.feature_dim, "cpu",
+        indexer = Indexer(state_dir, 8 << 30, IndexOptions(threads=1), probe.backbone.feature_dim, "cpu",
                           probe.preset.resolution, budget=ComputeBudget(args.share, turns=ComputeTurns()))
         indexer.start()
         started = time.perf_counter()

@@ -225,12 +225,14 @@ class SeedRun:
 
     def run(self) -> dict[str, Any]:
         from deploy.snapshots import SnapshotEngine
+        from replay.index_options import IndexOptions
 
         args = self.args
         per_domain, events, daemon_seconds = self.stream()
         targets = [draw_targets(task, per_domain, args, self.seed,
                                 args.latency_targets if task.name == "fashion" else 0) for task in TASKS]
-        self.engine = SnapshotEngine.open_offline(self.state_dir, args.device)
+        self.engine = SnapshotEngine.open_offline(self.state_dir, args.device,
+                                                  IndexOptions(threads=1))  # the daemon's FAISS threads
         try:
             scores = {target.task.name: self.score_task(target) for target in targets}
             latency = self.latency(targets) if self.seed == 0 else None
@@ -323,7 +325,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def routing_latency_100k(args: argparse.Namespace) -> dict[str, Any]:
     """`benchmarks/routing_latency.py` at `--latency-vectors`, `--latency-targets` queries (its JSON),
-    with one FAISS thread as the daemon's index (`SnapshotEngine.open_offline` pins it too)."""
+    with one FAISS thread as the daemon's index (`TAILORD_INDEX_THREADS`, and the arms' engine here)."""
     script = Path(__file__).with_name("routing_latency.py")
     proc = subprocess.run([sys.executable, str(script), "--n", str(args.latency_vectors), "--queries",
                            str(args.latency_targets), "--repeats", str(args.latency_repeats), "--threads", "1"],

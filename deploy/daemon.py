@@ -484,6 +484,7 @@ def train(d: Daemon) -> None:
         if agreed.images:
             train_step(d, batch, agreed)
         d.service.record_throughput(state.rate.value, progress.images_total)
+        d.service.torch_threads = torch.get_num_threads()  # this thread's: another library's OpenMP call can change it
         # ---- TAILORD_EXPERIENCE_IMAGES reached: the experience ends; else an interval checkpoint if due
         ending = d.boundaries.after_step(progress)
         if ending is not None:

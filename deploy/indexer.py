@@ -31,7 +31,6 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
-import faiss
 import numpy as np
 import structlog
 import torch
@@ -237,7 +236,6 @@ class Indexer:
                  feature_dim: int, device: torch.device | str, decode_size: int,
                  metrics_callback: Callable[[dict[int, int]], None] | None = None, *,
                  limits: DecodeLimits | None = None, seed: int = 0, budget: ComputeBudget | None = None) -> None:
-        faiss.omp_set_num_threads(1)  # faiss threads thrash on a few shared cores
         self.state_dir = Path(state_dir)
         self.checkpoint_root = self.state_dir / "checkpoints"
         self.device = torch.device(device)

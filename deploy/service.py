@@ -44,6 +44,7 @@ class DaemonService:
         self.remote_lag: dict[int, int] = {}  # other DDP ranks' partitions, as their last tick said
         self._last_point = 0.0
         self.images_per_second = 0.0  # the training loop's sliding-window rate, for status
+        self.torch_threads: int | None = None  # the training thread's intra-op threads (None before its loop)
 
     def start_http(self) -> HttpServer:
         """Serve HTTP; without TAILORD_ADMIN_TOKEN a fresh token goes to `<state>/admin.token` (0600)."""
@@ -149,6 +150,7 @@ class DaemonService:
             "topic": self.settings.topic,
             "strategy": self.settings.strategy,
             "device": str(self.learner.device),
+            "torch_threads": self.torch_threads,
             **self.learner.describe(),
             **{k: v for k, v in self.history.summary().items()},
         }

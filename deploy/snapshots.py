@@ -31,7 +31,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 from torch import nn
@@ -179,7 +178,6 @@ class SnapshotEngine:
             raise Conflict(f"{state_dir} is in use by a running daemon: stop it or ask it over HTTP") from None
         try:
             dim, decode_size = _index_dim(state_dir), _latest_resolution(state_dir)
-            faiss.omp_set_num_threads(1)
             index = VectorIndex(state_dir, dim, index_options)
             index.load()
             store = SampleStore(state_dir, max_bytes=1 << 62)  # read only here: the budget never applies

@@ -24,11 +24,14 @@ class IndexOptions:
     gpu: bool = False  # search on GPU copies when faiss has GPU support and a GPU is present
     shard_max: int = 0
     ondisk: bool = False  # IVF shards serve their lists memory-mapped from the publication
+    threads: int = 0  # FAISS OpenMP threads of each add, build, removal and search (0: the caller's)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be 'ivf' or 'hnsw', not {self.kind!r}")
         if self.shard_max < 0:
             raise ValueError(f"shard_max must be >= 0, not {self.shard_max}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, not {self.threads}")
         if self.ondisk and self.kind != "ivf":
             raise ValueError("ondisk keeps IVF lists on disk: it needs kind='ivf'")

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
+from replay.faiss_threads import faiss_threads
 from replay.index_lists import (
     ONDISK_READ_FLAGS,
     deserialize_index,
@@ -169,7 +170,9 @@ class Table:
     def create(cls, kind: str, dim: int, vectors: np.ndarray, options: IndexOptions) -> Table:
         """An empty one-shard table of ``kind``; IVF is trained on ``vectors`` (normalized)."""
         bases = [None] if _ondisk(kind, options) else None
-        return cls(kind, [_new_faiss(kind, dim, vectors, options)], options, bases)
+        with faiss_threads(options.threads):
+            shard = _new_faiss(kind, dim, vectors, options)
+        return cls(kind, [shard], options, bases)
 
     @property
     def size(self) -> int:
@@ -255,10 +258,11 @@ class Table:
         labels = np.arange(start, start + len(keep), dtype=np.int64)
         kept = x[keep]
         first = 0
-        for shard, count in zip(self.shards, self._spread(len(keep)), strict=True):
-            if count:
-                shard.add_with_ids(kept[first : first + count], labels[first : first + count])
-                first += count
+        with faiss_threads(self.options.threads):
+            for shard, count in zip(self.shards, self._spread(len(keep)), strict=True):
+                if count:
+                    shard.add_with_ids(kept[first : first + count], labels[first : first + count])
+                    first += count
         if len(self.exps) < start + len(keep):
             grown = np.zeros(max(2 * len(self.exps), start + len(keep)), dtype=np.int64)
             grown[:start] = self.exps[:start]
@@ -280,8 +284,9 @@ class Table:
                 self._selector = None
             else:
                 gone = np.array(labels, dtype=np.int64)
-                for shard in self.shards:  # a shard ignores labels it does not hold
-                    shard.remove_ids(gone)
+                with faiss_threads(self.options.threads):
+                    for shard in self.shards:  # a shard ignores labels it does not hold
+                        shard.remove_ids(gone)
             self._gpu_shards = None
         return len(labels)
 
@@ -340,13 +345,14 @@ class Table:
         if kk == 0 or len(q) == 0:
             return result
         shards, params = self._searchable(), self._params(kk)
-        if len(shards) == 1:
-            dist, labels = shards[0].search(q, kk, params=params)
-        else:  # fan out, sharing the caller's FAISS threads (at least one per shard)
-            threads = max(1, faiss.omp_get_max_threads() // len(shards))
-            found = _FANOUT.map(_search_shard, shards, repeat(q), repeat(kk), repeat(params),
-                                repeat(threads))
-            dist, labels = _merge(list(found), kk)
+        with faiss_threads(self.options.threads):
+            if len(shards) == 1:
+                dist, labels = shards[0].search(q, kk, params=params)
+            else:  # fan out, sharing the FAISS threads (at least one per shard)
+                threads = max(1, faiss.omp_get_max_threads() // len(shards))
+                found = _FANOUT.map(_search_shard, shards, repeat(q), repeat(kk), repeat(params),
+                                    repeat(threads))
+                dist, labels = _merge(list(found), kk)
         valid = labels >= 0
         scores[:, :kk] = np.where(valid, dist, -np.inf)
         exps[:, :kk] = np.where(valid, self.exps[np.maximum(labels, 0)], -1)

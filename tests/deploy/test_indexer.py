@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from deploy.indexer import Encoder, decode_images, experience_checkpoints
+from replay.index_options import IndexOptions
 from replay.store import SampleStore
 from streamer.limits import DecodeLimits
 from tests.snapshot_testkit import (
@@ -179,3 +180,18 @@ def test_a_hand_over_a_crash_kept_from_running_is_done_on_the_next_start(tmp_pat
         assert indexer.store.catalog.experience_names()[1]["handed_over"] is True
     finally:
         indexer.stop()
+
+
+def test_opening_the_indexer_leaves_the_callers_torch_threads(tmp_path):
+    """The daemon opens the indexer on its training thread: FAISS's thread count is set per call
+    (replay/faiss_threads.py), never for the thread (that put the step on one core of two)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        indexer = open_indexer(tmp_path, index_options=IndexOptions(threads=1))
+        try:
+            assert torch.get_num_threads() == 2
+        finally:
+            indexer.stop()
+    finally:
+        torch.set_num_threads(before)

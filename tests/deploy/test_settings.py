@@ -49,6 +49,15 @@ def test_ondisk_index_needs_ivf(monkeypatch):
     assert load_settings().index_ondisk
 
 
+def test_index_threads_reach_the_index_options(monkeypatch):
+    assert load_settings().index_options().threads == 1  # the cores are training's
+    monkeypatch.setenv("TAILORD_INDEX_THREADS", "4")
+    assert load_settings().index_options().threads == 4
+    monkeypatch.setenv("TAILORD_INDEX_THREADS", "-1")
+    with pytest.raises(SettingsError, match="TAILORD_INDEX_THREADS"):
+        load_settings()
+
+
 def test_unknown_toml_key(tmp_path):
     cfg = tmp_path / "t.toml"
     cfg.write_text("experiance_images = 5\n")

@@ -56,10 +56,12 @@ def test_route_snapshot_over_http(broker, tmp_path, index):
     target_bytes = write_targets(targets_dir / "fashion-task", "fashion", 400, 40)
     state = tmp_path / "state"
     daemon = DaemonProcess(state, broker.bootstrap, topic, experience_images=100_000, batch_size=32,
-                           probe_fraction=0.1, targets_dir=targets_dir, **INDEXES[index]).start()
+                           probe_fraction=0.1, targets_dir=targets_dir, torch_threads=2, **INDEXES[index]).start()
     try:
         daemon.wait_for(lambda: (daemon.status().get("encoder_version") or 0) >= 2, 300,
                         "two experiences indexed")
+        # the step keeps its threads beside the indexer's FAISS calls (it ran on one before, replay/faiss_threads.py)
+        assert daemon.status()["torch_threads"] == 2
         # no token / wrong token -> 401; a path outside the targets dir -> 400
         assert daemon.get("/admin/status")[0] == 401
         assert daemon.get("/admin/status", token="wrong")[0] == 401
