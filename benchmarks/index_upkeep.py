@@ -26,7 +26,13 @@ and how far the budgeted index's retrieval and routing fall from a full re-embed
      budget re-ranked by the newest encoder (`SnapshotEngine`'s re-rank when the index lags);
    - routing agreement: each domain's targets (`--targets` held-out items, never stored)
      routed on the live index vs on the truth.
-4. The re-rank's cost: seconds to read, decode and embed pools of those sizes with the newest
+4. Paired on/off (`paired`): the arms above run minutes apart, and this VM's speed drifts by
+   15-30 % over minutes, so their ratio says little. After the experiences, on the on arm's
+   learner and indexer (a refresh usually under way), `--paired-rounds` rounds each train one
+   block of `--paired-steps` steps with the indexer (batches submitted, chunks in turns within
+   the share) and one without (nothing submitted; the block holds the cores' turn, so no chunk
+   runs), in random order: images/s over each block's wall, their ratio, and each round's.
+5. The re-rank's cost: seconds to read, decode and embed pools of those sizes with the newest
    checkpoint, with no training (`rerank_seconds`, keyed budget x pool factor).
 The last line printed is one JSON object. Run: `python -m benchmarks.index_upkeep`.
 """
@@ -287,8 +293,9 @@ def run_off(state_dir: Path, start: Path, experiences: list) -> tuple[float, lis
 
 
 def run_on(indexer, start: Path, experiences: list, held: dict[str, torch.Tensor],
-           rerank: list[int]) -> tuple[float, list[dict]]:
-    """Images/s of training the experiences from `start` with the indexer on, and the evaluation after each."""
+           rerank: list[int]) -> tuple[float, list[dict], object]:
+    """Images/s of training the experiences from `start` with the indexer on, the evaluation after
+    each, and the learner."""
     from deploy.indexer import Encoder
 
     learner = build_learner(indexer.state_dir, start)
@@ -314,7 +321,45 @@ def run_on(indexer, start: Path, experiences: list, held: dict[str, torch.Tensor
                   **evaluate(indexer, cache, Encoder.load(experience, path, "cpu"), held, rerank)}
         say(json.dumps(record))
         records.append(record)
-    return sum(len(pngs) // BATCH * BATCH for *_, pngs in experiences) / wall, records
+    return sum(len(pngs) // BATCH * BATCH for *_, pngs in experiences) / wall, records, learner
+
+
+def paired_blocks(indexer, learner, pngs: list[bytes], rounds: int, steps: int, seed: int) -> dict:
+    """Training images/s with the indexer on vs off, in alternating blocks of one process (step 4)."""
+    images = decoded(pngs, learner.preset.resolution)
+    budget, rng = indexer.budget, np.random.default_rng(seed)
+    taken = [0]
+
+    def train(submit: bool) -> float:
+        """One step on the next batch (submitted to the indexer if `submit`); its seconds."""
+        first = taken[0] * BATCH % (len(images) - BATCH + 1)
+        taken[0] += 1
+        result = learner.step(images[first:first + BATCH], None)
+        if submit:
+            budget.trained(result.seconds)
+            indexer.submit([f"paired-{taken[0]}-{i}" for i in range(BATCH)], pngs[first:first + BATCH],
+                           10_000, ["paired"] * BATCH)
+        return result.seconds
+
+    walls: dict[str, list[float]] = {"on": [], "off": []}
+    steps_s = {"on": 0.0, "off": 0.0}
+    for _ in range(rounds):
+        for arm in rng.permutation(["on", "off"]):
+            started = time.perf_counter()
+            if arm == "on":
+                for _ in range(steps):
+                    with budget.turns:
+                        steps_s["on"] += train(submit=True)
+            else:
+                with budget.turns:  # the indexer's next chunk waits for the block's end
+                    steps_s["off"] += sum(train(submit=False) for _ in range(steps))
+            walls[arm].append(time.perf_counter() - started)
+    rate = {arm: steps * BATCH * rounds / sum(w) for arm, w in walls.items()}
+    return {"images_per_second_on": round(rate["on"], 1), "images_per_second_off": round(rate["off"], 1),
+            "ratio": round(rate["on"] / rate["off"], 3),
+            "step_seconds": {arm: round(v, 2) for arm, v in steps_s.items()},
+            "round_ratios": [round(off / on, 3) for on, off in zip(walls["on"], walls["off"], strict=True)],
+            "config": {"rounds": rounds, "steps": steps}}
 
 
 def main() -> None:
@@ -327,6 +372,8 @@ def main() -> None:
     parser.add_argument("--rerank", type=int, nargs="+", default=[4, 16],
                         help="pool sizes (x the neighbours kept) re-ranked by the newest encoder")
     parser.add_argument("--warm-images", type=int, default=8000, help="prefill images the first encoder trains on")
+    parser.add_argument("--paired-rounds", type=int, default=6, help="rounds of an on and an off block (step 4)")
+    parser.add_argument("--paired-steps", type=int, default=20, help="training steps per paired block")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -360,7 +407,9 @@ def main() -> None:
         say(f"store of {indexer.index_size()} indexed in {setup_s:.0f} s")
         off, off_steps = run_off(state_dir, start, experiences)
         say(f"off: {off:.1f} images/s")
-        on, records = run_on(indexer, start, experiences, held, args.rerank)
+        on, records, learner = run_on(indexer, start, experiences, held, args.rerank)
+        paired = paired_blocks(indexer, learner, experiences[-1][3], args.paired_rounds, args.paired_steps, args.seed)
+        say(f"paired: {json.dumps(paired)}")
         upkeep = indexer.upkeep()
         newest = max(experience_checkpoints(state_dir / "checkpoints").items())
         rerank_seconds = rerank_cost(indexer, Encoder.load(*newest, "cpu"), sept_budgets(len(indexer.store.sample_ids(
@@ -368,7 +417,7 @@ def main() -> None:
         indexer.stop()
     print(json.dumps({
         "images_per_second_on": round(on, 2), "images_per_second_off": round(off, 2),
-        "ratio": round(on / off, 3),
+        "ratio": round(on / off, 3), "paired": paired,
         "step_seconds_off": off_steps, "indexer_share": round(upkeep.share, 4),
         "indexer_seconds": {k: round(v, 2) for k, v in upkeep.seconds.items()},
         "experiences": records, "setup_seconds": round(setup_s, 1), "rerank_seconds": rerank_seconds,
