@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     index_exact_max: int = Field(IndexOptions.exact_max, ge=1, description="vectors before the index turns approximate")
     index_shard_max: int = Field(IndexOptions.shard_max, ge=0, description="vectors per index shard before search fans out over several (0: one shard)")
     index_kind: Literal["ivf", "hnsw"] = Field(IndexOptions.kind, description="approximate index past index_exact_max")
-    index_threads: int = Field(1, ge=0, le=256, description="FAISS threads of each index add, build and search (0: FAISS's default, every core); 1 leaves the cores to training")
+    index_threads: int = Field(1, ge=0, le=256, description="FAISS threads of each index add, build and search (0: the calling thread's OpenMP count); 1 leaves the cores to training")
     index_ondisk: bool = Field(IndexOptions.ondisk, description="IVF shards serve their inverted lists memory-mapped from disk, not from RAM (docs/scaling.md)")
     indexer_share: float = Field(0.10, gt=0, le=1, description="share of training compute the indexer may spend embedding while training runs (docs/design.md, \"Index upkeep\")")
     evaluation_share: float = Field(0.05, gt=0, le=1, description="share of training compute the experience-end evaluation may spend while training runs; a row of R never lags more than one experience (docs/design.md, \"deploy — evaluation at each experience end\")")

@@ -105,11 +105,11 @@ def _search_shard(
     """One shard's top-k on a fan-out thread, with ``threads`` FAISS threads.
 
     OpenMP thread counts are per thread: without this a pool thread would use every core
-    and ignore the caller's ``faiss.omp_set_num_threads`` (what FAISS's own threaded
-    ``IndexShards`` does: several times slower than one shard on 2 cores, measured).
+    and ignore the caller's count (what FAISS's own threaded ``IndexShards`` does: several
+    times slower than one shard on 2 cores, measured).
     """
-    faiss.omp_set_num_threads(threads)
-    return shard.search(q, k, params=params)
+    with faiss_threads(threads):
+        return shard.search(q, k, params=params)
 
 
 def _merge(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
