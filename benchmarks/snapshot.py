@@ -17,7 +17,8 @@ Per seed (``--seeds``; the daemon's TAILORD_SEED and the target samples change w
    of ``--test-per-class`` per class, and class-balanced routing sets.
 3. **Arms** on the stopped daemon's state dir (``SnapshotEngine.open_offline``): ``latest``
    (the newest experience checkpoint) and ``route`` (no training); ``sept`` (from latest)
-   and ``route+sept`` (the engine's default budget and epochs: the same SSL steps);
+   and ``route+sept`` (the same budget and epochs, the engine's defaults or ``--budget`` and
+   ``--epochs``: the same SSL steps);
    ``target-only``: the latest checkpoint's SSL continued on the target images alone for
    the same steps as ``sept`` (``deploy.sept_child.continue_checkpoint``), what a user does
    without tailord. Each backbone is scored by weighted kNN (k <= 20, T = 0.07) and a linear
@@ -57,6 +58,7 @@ from torch import nn
 if __package__ in (None, ""):  # run as a script: the repository root holds the `benchmarks` package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.continual import at_least  # noqa: E402  the seed-std rule, one definition for both benchmarks
+from learners.sept import SEPT_EPOCHS, SEPT_MAX_STEPS  # noqa: E402
 
 DOMAINS = ("digits", "fashion", "textures", "photos")
 ARMS = ("latest", "route", "target-only", "sept", "route+sept")
@@ -249,7 +251,7 @@ class SeedRun:
                name: str) -> dict[str, Any]:
         started = time.perf_counter()
         budget = self.args.budget if "sept" in strategy else None
-        manifest = self.engine.create(targets, labels, strategy, budget, name)
+        manifest = self.engine.create(targets, labels, strategy, budget, name, epochs=self.args.epochs)
         self.create_seconds[strategy].append(time.perf_counter() - started)
         return manifest
 
@@ -441,6 +443,9 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     parser.add_argument("--budget", type=int, default=None,
                         help="SEPT's retrieval budget for both SEPT arms (default: the engine's, 5 %% of the store "
                              "within 64-2,000)")
+    parser.add_argument("--epochs", type=int, default=SEPT_EPOCHS,
+                        help="SEPT's passes over the targets and retrieved samples for both SEPT arms (capped at "
+                             f"{SEPT_MAX_STEPS} steps; `target-only` takes as many steps as `sept`)")
     parser.add_argument("--snapshot-shots", type=int, default=max(SHOTS),
                         help="labelled shots per class given to the snapshots as targets (the probes still fit 5 and 20)")
     parser.add_argument("--classes", type=int, default=10, help="classes per target task at most")
