@@ -106,7 +106,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     warn_token_argument(args)
     result = request_snapshot(target=args.target, labels=args.labels, out=args.out, strategy=args.strategy,
                               budget=args.budget, state_dir=args.state_dir, url=args.url, token=args.token,
-                              config=args.config, token_file=args.token_file)
+                              config=args.config, token_file=args.token_file, epochs=args.epochs)
     print(json.dumps(result, indent=2))
     print(summary_line(result), file=sys.stderr)  # stdout stays one JSON document for scripts
     return 0
@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to copy the snapshot into")
     p.add_argument("--strategy", choices=["route", "sept", "route+sept"], default="route+sept")
     p.add_argument("--budget", type=int, default=None, help="samples retrieved for sept")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="sept's passes over the targets and the retrieved samples (default 10; at most 200 steps)")
     p.add_argument("--state-dir", type=Path, default=None, help="work offline on a stopped daemon's state")
     add_endpoint_arguments(p)
     p.set_defaults(func=cmd_snapshot)

@@ -132,10 +132,12 @@ def admin_get(url: str, path: str, token: str | None) -> dict[str, Any]:
 
 def request_snapshot(target: str | Path, labels: str | Path | None, out: str | Path, strategy: str,
                      budget: int | None, state_dir: Path | None, url: str | None, token: str | None,
-                     config: Path | None, token_file: str | Path | None = None) -> dict[str, Any]:
+                     config: Path | None, token_file: str | Path | None = None,
+                     epochs: int | None = None) -> dict[str, Any]:
     """Build a snapshot for the images in folder `target` and put its files in `out`.
 
-    Online (default) it asks the running daemon; with `state_dir` it works offline.
+    Online (default) it asks the running daemon; with `state_dir` it works offline. `budget` and
+    `epochs` (None: the daemon's defaults) are SEPT's retrieved samples and passes.
     Returns a summary: name, path, chosen_experience, strategy, retrieved_count, ...
     """
     from deploy.errors import UsageError
@@ -155,10 +157,11 @@ def request_snapshot(target: str | Path, labels: str | Path | None, out: str | P
             raise UsageError(f"--labels {labels}: {exc.strerror or exc}") from None
     out.mkdir(parents=True, exist_ok=True)
     if state_dir is not None:
-        manifest = _offline(Path(state_dir), files, labels_text, out, strategy, budget, config)
+        manifest = _offline(Path(state_dir), files, labels_text, out, strategy, budget, epochs, config)
         mode = "offline"
     else:
-        manifest = _online(files, labels_text, out, strategy, budget, *resolve_endpoint(url, token, config, token_file))
+        manifest = _online(files, labels_text, out, strategy, budget, epochs,
+                           *resolve_endpoint(url, token, config, token_file))
         mode = "online"
     return {"name": manifest["name"], "path": str(out.resolve()), "mode": mode,
             "strategy": manifest["strategy"], "chosen_experience": manifest["chosen_experience"],
@@ -195,8 +198,9 @@ def summary_line(result: dict[str, Any]) -> str:
 
 
 def _online(files: list[Path], labels_text: str | None, out: Path, strategy: str, budget: int | None,
-            url: str, token: str | None) -> dict[str, Any]:
-    fields = {"strategy": strategy, **({"budget": str(budget)} if budget is not None else {})}
+            epochs: int | None, url: str, token: str | None) -> dict[str, Any]:
+    given = {"budget": budget, "epochs": epochs}
+    fields = {"strategy": strategy, **{key: str(value) for key, value in given.items() if value is not None}}
     uploads = [("images", path.name, path.read_bytes()) for path in files]
     if labels_text is not None:
         uploads.append(("labels", "labels.csv", labels_text.encode()))
@@ -211,7 +215,7 @@ def _online(files: list[Path], labels_text: str | None, out: Path, strategy: str
 
 
 def _offline(state_dir: Path, files: list[Path], labels_text: str | None, out: Path, strategy: str,
-             budget: int | None, config: Path | None) -> dict[str, Any]:
+             budget: int | None, epochs: int | None, config: Path | None) -> dict[str, Any]:
     """Build the snapshot in this process on a stopped daemon's state dir, with the daemon's index
     and re-rank settings."""
     from deploy.settings import load_settings
@@ -225,7 +229,8 @@ def _offline(state_dir: Path, files: list[Path], labels_text: str | None, out: P
                                              rerank_pool=settings.snapshot_rerank_pool)
         try:
             labels = parse_labels_csv(labels_text) if labels_text is not None else None
-            manifest = engine.create([(path.name, path.read_bytes()) for path in files], labels, strategy, budget)
+            manifest = engine.create([(path.name, path.read_bytes()) for path in files], labels, strategy, budget,
+                                     epochs=epochs)
             for filename in ("model.safetensors", "manifest.json"):
                 _write_file(out / filename, engine.file_path(manifest["name"], filename).read_bytes())
         finally:

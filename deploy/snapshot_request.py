@@ -22,7 +22,7 @@ from typing import Any
 
 from deploy.multipart import MultipartError, parse_form_data
 from deploy.snapshot_errors import BadRequest, SnapshotError, Unavailable, UnsupportedBody
-from deploy.snapshots import MAX_TARGETS, SnapshotEngine, parse_budget, parse_strategy
+from deploy.snapshots import MAX_TARGETS, SnapshotEngine, parse_budget, parse_epochs, parse_strategy
 from streamer.decode import sniff_format
 from streamer.limits import DecodeLimits
 
@@ -30,7 +30,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".
                             ".gif"})
 TARGETS_MAX_BYTES = 512 << 20  # encoded target images read for one JSON (target_path) request
 LABELS_MAX_BYTES = 16 << 20  # a labels CSV
-JSON_KEYS = frozenset({"target_path", "labels_path", "strategy", "budget", "name"})
+JSON_KEYS = frozenset({"target_path", "labels_path", "strategy", "budget", "epochs", "name"})
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class SnapshotRequest:
     strategy: str
     budget: int | None
     name: str | None
+    epochs: int
 
 
 def create_from_request(engine: SnapshotEngine, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]:
@@ -51,7 +52,8 @@ def create_from_request(engine: SnapshotEngine, content_type: str, body: bytes) 
     try:
         request = parse_request(content_type, body, engine.targets_dir, engine.limits.max_record_bytes)
         strategy = request.strategy
-        manifest = engine.create(request.targets, request.labels, request.strategy, request.budget, request.name)
+        manifest = engine.create(request.targets, request.labels, request.strategy, request.budget, request.name,
+                                 request.epochs)
     except Exception as exc:
         _count(engine, strategy, "rejected" if isinstance(exc, SnapshotError)
                and not isinstance(exc, Unavailable) else "failed")
@@ -93,12 +95,14 @@ def _parse_multipart(content_type: str, body: bytes) -> SnapshotRequest:
             targets.append((filename or f"image-{len(targets) + 1}", part.content))
         elif part.name == "labels":
             labels = parse_labels_csv(part.content.decode("utf-8-sig", "replace"))
-        elif part.name in ("strategy", "budget", "name"):
+        elif part.name in ("strategy", "budget", "epochs", "name"):
             fields[part.name] = part.text()
         else:
-            raise BadRequest(f"unknown form field {part.name[:40]!r}: use images, labels, strategy, budget, name")
+            raise BadRequest(f"unknown form field {part.name[:40]!r}: use images, labels, strategy, budget, "
+                             "epochs, name")
     return SnapshotRequest(targets, labels, parse_strategy(fields.get("strategy", "route+sept")),
-                           parse_budget(fields.get("budget")), fields.get("name") or None)
+                           parse_budget(fields.get("budget")), fields.get("name") or None,
+                           parse_epochs(fields.get("epochs")))
 
 
 def _parse_json(body: bytes, targets_dir: Path | None, max_image_bytes: int) -> SnapshotRequest:
@@ -123,7 +127,7 @@ def _parse_json(body: bytes, targets_dir: Path | None, max_image_bytes: int) -> 
     if name is not None and not isinstance(name, str):
         raise BadRequest("name must be a string")
     return SnapshotRequest(targets, labels, parse_strategy(request.get("strategy", "route+sept")),
-                           parse_budget(request.get("budget")), name)
+                           parse_budget(request.get("budget")), name, parse_epochs(request.get("epochs")))
 
 
 def _read_targets(target_path: str, targets_dir: Path | None, max_image_bytes: int) -> list[tuple[str, bytes]]:

@@ -98,13 +98,28 @@ def parse_strategy(value: Any) -> str:
 
 
 def parse_budget(value: Any) -> int | None:
+    """A request's SEPT budget; None (absent or empty) is the engine's default for the store."""
+    return _bounded_int(value, "budget", MAX_BUDGET, "the most samples SEPT trains on")
+
+
+def parse_epochs(value: Any) -> int:
+    """A request's SEPT passes over its targets and retrieved samples; absent or empty: SEPT_EPOCHS.
+
+    More passes than SEPT_MAX_STEPS could not change anything (each pass is at least one step),
+    so they are refused; the step cap bounds what any value costs.
+    """
+    epochs = _bounded_int(value, "epochs", SEPT_MAX_STEPS, f"SEPT's passes, at most {SEPT_MAX_STEPS} steps in all")
+    return SEPT_EPOCHS if epochs is None else epochs
+
+
+def _bounded_int(value: Any, field: str, most: int, meaning: str) -> int | None:
+    """`value` (an int or its digits) from 1 to `most`; None when absent or empty; else BadRequest."""
     if value is None or value == "":
         return None
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BUDGET:
-        raise BadRequest(f"budget must be an integer from 1 to {MAX_BUDGET} (the most samples SEPT "
-                         f"trains on), got {str(value)[:40]!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise BadRequest(f"{field} must be an integer from 1 to {most} ({meaning}), got {str(value)[:40]!r}")
     return value
 
 
@@ -211,10 +226,11 @@ class SnapshotEngine:
     # ---- building
     def create(self, targets: list[tuple[str, bytes]], labels: dict[str, str] | None = None,
                strategy: str = "route+sept", budget: int | None = None, name: str | None = None,
-               epochs: int = SEPT_EPOCHS) -> dict[str, Any]:
+               epochs: int | None = None) -> dict[str, Any]:
         """Build snapshot `name` for `targets` (filename, encoded image); returns its manifest."""
         strategy = parse_strategy(strategy)
         budget = parse_budget(budget)
+        epochs = parse_epochs(epochs)
         name = check_name(name) if name is not None else default_name()
         with self._lock:
             started = time.perf_counter()

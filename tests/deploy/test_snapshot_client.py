@@ -130,12 +130,25 @@ def test_cli_status_prints_json_and_fails_in_one_line(daemon, capsys, restore_lo
 
 def test_offline_snapshot_on_a_stopped_daemons_state(state, tmp_path):
     out = tmp_path / "out"
-    result = request_snapshot(_target_dir(tmp_path, "red"), None, out, "route+sept", 8, state, None, None, None)
+    result = request_snapshot(_target_dir(tmp_path, "red"), None, out, "route+sept", 8, state, None, None, None,
+                              epochs=2)
     assert result["mode"] == "offline" and result["chosen_experience"] == 1
+    assert json.loads((out / "manifest.json").read_text())["sept_epochs"] == 2
     assert 0 < result["retrieved_count"] <= 8 and result["sept_steps"] > 0
     assert (state / "snapshots" / result["name"] / "model.safetensors").read_bytes() == \
         (out / "model.safetensors").read_bytes()
     load_snapshot(out)
+
+
+def test_epochs_reach_the_daemon_from_the_client_and_the_cli(daemon, capsys, restore_logging, tmp_path):
+    with pytest.raises(AdminError, match="HTTP 400.*epochs must be"):  # the form field is sent and checked
+        request_snapshot(_target_dir(tmp_path, "red"), None, tmp_path / "out", "sept", None, None,
+                         daemon, TOKEN, None, epochs=0)
+    (tmp_path / "token").write_text(TOKEN)
+    assert main(["snapshot", "--target", str(_target_dir(tmp_path, "blue")), "--out", str(tmp_path / "cli"),
+                 "--strategy", "sept", "--epochs", "0", "--url", daemon, "--token-file", str(tmp_path / "token")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "epochs must be" in err
 
 
 def test_offline_refuses_a_running_daemons_state(daemon, state, tmp_path):

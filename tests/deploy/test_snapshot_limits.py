@@ -1,4 +1,4 @@
-"""Snapshot requests stay within bounded work: budget, retrieval size, samples read, labels CSV."""
+"""Snapshot requests stay within bounded work: budget, epochs, retrieval size, samples read, labels CSV."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from deploy.http_api import error_status
 from deploy.multipart import encode_form_data
 from deploy.snapshot_errors import SnapshotError
 from deploy.snapshot_request import create_from_request, parse_labels_csv
-from deploy.snapshots import MAX_BUDGET, SnapshotEngine, parse_budget
+from deploy.snapshots import MAX_BUDGET, SnapshotEngine, parse_budget, parse_epochs
 from learners.presets import PRESETS
 from replay.index_table import SearchResult
 from replay.retrieval import MAX_RESULTS, retrieve_budget
@@ -45,6 +45,33 @@ def test_a_budget_over_what_sept_can_use_answers_400_fast(engine):
     with pytest.raises(SnapshotError) as err:
         parse_budget(MAX_BUDGET + 1)
     assert error_status(err.value) == 400
+
+
+def test_epochs_default_to_sept_epochs_and_are_refused_past_the_step_cap(engine):
+    assert parse_epochs(None) == parse_epochs("") == snapshots.SEPT_EPOCHS
+    assert parse_epochs("3") == 3 and parse_epochs(snapshots.SEPT_MAX_STEPS) == snapshots.SEPT_MAX_STEPS
+    for bad in (0, snapshots.SEPT_MAX_STEPS + 1, "x", True, 2.5):
+        with pytest.raises(SnapshotError) as err:
+            parse_epochs(bad)
+        assert error_status(err.value) == 400 and "epochs must be" in err.value.message
+    files = [("images", name, data) for name, data in target_images("blue", 2)]
+    content_type, body = encode_form_data({"strategy": "sept", "epochs": "0"}, files)
+    started = time.perf_counter()
+    with pytest.raises(SnapshotError) as err:
+        create_from_request(engine, content_type, body)
+    assert time.perf_counter() - started < 2.0 and error_status(err.value) == 400
+
+
+def test_a_requests_epochs_set_septs_passes(engine):
+    steps = {}
+    for epochs in (1, 3):
+        content_type, body = encode_form_data(
+            {"strategy": "sept", "budget": "8", "epochs": str(epochs), "name": f"passes-{epochs}"},
+            [("images", name, data) for name, data in target_images("blue", 4)])
+        status, manifest = create_from_request(engine, content_type, body)
+        assert status == 201 and manifest["sept_epochs"] == epochs
+        steps[epochs] = manifest["sept_steps"]
+    assert steps[3] == 3 * steps[1] > 0
 
 
 def test_sept_reads_and_decodes_no_more_samples_than_it_trains_on(engine, monkeypatch):
