@@ -42,6 +42,14 @@ def test_a_folder_request_reads_its_images_and_labels(targets):
     parsed = parse_json(targets, request({"target_path": "task", "labels_path": "labels.csv"}))
     assert [name for name, _ in parsed.targets] == ["0.png", "1.png", "2.png"]
     assert parsed.labels == {"0.png": "a", "1.png": "b", "2.png": "a"}
+    assert parsed.epochs == 10  # SEPT_EPOCHS when the request does not say
+
+
+def test_a_folder_request_may_set_septs_epochs(targets):
+    assert parse_json(targets, request({"target_path": "task", "epochs": 25})).epochs == 25
+    with pytest.raises(SnapshotError, match="epochs must be") as err:
+        parse_json(targets, request({"target_path": "task", "epochs": 0}))
+    assert error_status(err.value) == 400
 
 
 def test_the_images_of_one_request_are_capped_in_total(targets, monkeypatch):
