@@ -115,6 +115,11 @@ def _parse_json(body: bytes, targets_dir: Path | None, max_image_bytes: int) -> 
     unknown = sorted(set(request) - JSON_KEYS)
     if unknown:
         raise BadRequest(f"unknown key {unknown[0][:40]!r}")
+    name = request.get("name")
+    if name is not None and not isinstance(name, str):
+        raise BadRequest("name must be a string")
+    strategy, budget = parse_strategy(request.get("strategy", "route+sept")), parse_budget(request.get("budget"))
+    epochs = parse_epochs(request.get("epochs"))  # every field checked before a target is read
     targets = _read_targets(request["target_path"], targets_dir, max_image_bytes)
     labels = None
     if request.get("labels_path") is not None:
@@ -123,11 +128,7 @@ def _parse_json(body: bytes, targets_dir: Path | None, max_image_bytes: int) -> 
             raise BadRequest("labels_path is not a file")
         text = read_bounded(labels_file, LABELS_MAX_BYTES, "labels file").decode("utf-8-sig", errors="replace")
         labels = parse_labels_csv(text)
-    name = request.get("name")
-    if name is not None and not isinstance(name, str):
-        raise BadRequest("name must be a string")
-    return SnapshotRequest(targets, labels, parse_strategy(request.get("strategy", "route+sept")),
-                           parse_budget(request.get("budget")), name, parse_epochs(request.get("epochs")))
+    return SnapshotRequest(targets, labels, strategy, budget, name, epochs)
 
 
 def _read_targets(target_path: str, targets_dir: Path | None, max_image_bytes: int) -> list[tuple[str, bytes]]:

@@ -45,11 +45,17 @@ def test_a_folder_request_reads_its_images_and_labels(targets):
     assert parsed.epochs == 10  # SEPT_EPOCHS when the request does not say
 
 
-def test_a_folder_request_may_set_septs_epochs(targets):
+def test_a_folder_request_may_set_septs_epochs(targets, monkeypatch):
     assert parse_json(targets, request({"target_path": "task", "epochs": 25})).epochs == 25
-    with pytest.raises(SnapshotError, match="epochs must be") as err:
-        parse_json(targets, request({"target_path": "task", "epochs": 0}))
-    assert error_status(err.value) == 400
+
+    def unread(*_):
+        raise AssertionError("a target was read before the request's fields were checked")
+
+    monkeypatch.setattr(snapshot_request, "_read_targets", unread)
+    for bad in ({"epochs": 0}, {"budget": 0}, {"strategy": "bogus"}, {"name": 3}):
+        with pytest.raises(SnapshotError) as err:
+            parse_json(targets, request({"target_path": "task", **bad}))
+        assert error_status(err.value) == 400
 
 
 def test_the_images_of_one_request_are_capped_in_total(targets, monkeypatch):
