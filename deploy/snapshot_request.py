@@ -30,7 +30,8 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".
                             ".gif"})
 TARGETS_MAX_BYTES = 512 << 20  # encoded target images read for one JSON (target_path) request
 LABELS_MAX_BYTES = 16 << 20  # a labels CSV
-JSON_KEYS = frozenset({"target_path", "labels_path", "strategy", "budget", "epochs", "name"})
+OPTION_FIELDS = ("strategy", "budget", "epochs", "name")  # a request's options, in a form and in JSON alike
+JSON_KEYS = frozenset({"target_path", "labels_path", *OPTION_FIELDS})
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,8 @@ class SnapshotRequest:
     labels: dict[str, str] | None
     strategy: str
     budget: int | None
-    name: str | None
     epochs: int
+    name: str | None
 
 
 def create_from_request(engine: SnapshotEngine, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]:
@@ -95,14 +96,12 @@ def _parse_multipart(content_type: str, body: bytes) -> SnapshotRequest:
             targets.append((filename or f"image-{len(targets) + 1}", part.content))
         elif part.name == "labels":
             labels = parse_labels_csv(part.content.decode("utf-8-sig", "replace"))
-        elif part.name in ("strategy", "budget", "epochs", "name"):
+        elif part.name in OPTION_FIELDS:
             fields[part.name] = part.text()
         else:
-            raise BadRequest(f"unknown form field {part.name[:40]!r}: use images, labels, strategy, budget, "
-                             "epochs, name")
-    return SnapshotRequest(targets, labels, parse_strategy(fields.get("strategy", "route+sept")),
-                           parse_budget(fields.get("budget")), fields.get("name") or None,
-                           parse_epochs(fields.get("epochs")))
+            known = ", ".join(("images", "labels", *OPTION_FIELDS))
+            raise BadRequest(f"unknown form field {part.name[:40]!r}: use {known}")
+    return SnapshotRequest(targets, labels, *_sept_options(fields), fields.get("name") or None)
 
 
 def _parse_json(body: bytes, targets_dir: Path | None, max_image_bytes: int) -> SnapshotRequest:
@@ -118,8 +117,7 @@ def _parse_json(body: bytes, targets_dir: Path | None, max_image_bytes: int) -> 
     name = request.get("name")
     if name is not None and not isinstance(name, str):
         raise BadRequest("name must be a string")
-    strategy, budget = parse_strategy(request.get("strategy", "route+sept")), parse_budget(request.get("budget"))
-    epochs = parse_epochs(request.get("epochs"))  # every field checked before a target is read
+    options = _sept_options(request)  # every field checked before a target is read
     targets = _read_targets(request["target_path"], targets_dir, max_image_bytes)
     labels = None
     if request.get("labels_path") is not None:
@@ -128,7 +126,13 @@ def _parse_json(body: bytes, targets_dir: Path | None, max_image_bytes: int) -> 
             raise BadRequest("labels_path is not a file")
         text = read_bounded(labels_file, LABELS_MAX_BYTES, "labels file").decode("utf-8-sig", errors="replace")
         labels = parse_labels_csv(text)
-    return SnapshotRequest(targets, labels, strategy, budget, name, epochs)
+    return SnapshotRequest(targets, labels, *options, name)
+
+
+def _sept_options(fields: dict[str, Any]) -> tuple[str, int | None, int]:
+    """The request's strategy, SEPT budget and epochs, checked (BadRequest names a bad one)."""
+    return (parse_strategy(fields.get("strategy", "route+sept")), parse_budget(fields.get("budget")),
+            parse_epochs(fields.get("epochs")))
 
 
 def _read_targets(target_path: str, targets_dir: Path | None, max_image_bytes: int) -> list[tuple[str, bytes]]:
