@@ -59,6 +59,7 @@ if __package__ in (None, ""):  # run as a script: the repository root holds the 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.continual import at_least  # noqa: E402  the seed-std rule, one definition for both benchmarks
 from learners.sept import SEPT_EPOCHS, SEPT_MAX_STEPS  # noqa: E402
+from replay.retrieval import RELEVANCE_K  # noqa: E402
 
 DOMAINS = ("digits", "fashion", "textures", "photos")
 ARMS = ("latest", "route", "target-only", "sept", "route+sept")
@@ -212,14 +213,19 @@ class SeedRun:
     def __init__(self, args: argparse.Namespace, seed: int, state_dir: Path) -> None:
         self.args, self.seed, self.state_dir = args, seed, state_dir
         self.create_seconds: dict[str, list[float]] = {arm: [] for arm in ("route", "sept", "route+sept")}
+        self.tag = f"r{os.getpid()}-"  # snapshot names of this run: a reused state dir keeps the last run's
         self.routed: dict[str, list[dict]] = {"unlabelled": [], "labelled": []}
 
     def stream(self) -> tuple[int, list[dict], float]:
         """The domains through the daemon; (images per domain, its log events, its wall seconds), and
         `exp_domain` (experience -> domain) from its history."""
         per_domain = max(1, round(self.args.images_per_domain * self.args.scale))
-        say(f"seed {self.seed}: streaming {per_domain} images per domain through the daemon")
-        events, daemon_seconds = run_daemon(self.state_dir, per_domain, self.args, self.seed)
+        if self.args.reuse_state and (self.state_dir / "checkpoints").is_dir():
+            say(f"seed {self.seed}: reusing the stopped state in {self.state_dir} (no streaming)")
+            events, daemon_seconds = [], 0.0
+        else:
+            say(f"seed {self.seed}: streaming {per_domain} images per domain through the daemon")
+            events, daemon_seconds = run_daemon(self.state_dir, per_domain, self.args, self.seed)
         history = json.loads((self.state_dir / "metrics" / "history.json").read_text())
         self.exp_domain = {int(r["experience"]): r["domain"] for r in history["records"]}
         say(f"seed {self.seed}: daemon done in {daemon_seconds:.0f} s; experiences {self.exp_domain}")
@@ -233,25 +239,25 @@ class SeedRun:
         per_domain, events, daemon_seconds = self.stream()
         targets = [draw_targets(task, per_domain, args, self.seed,
                                 args.latency_targets if task.name == "fashion" else 0) for task in TASKS]
-        self.engine = SnapshotEngine.open_offline(self.state_dir, args.device,
-                                                  IndexOptions(threads=1))  # the daemon's FAISS threads
+        self.engine = SnapshotEngine.open_offline(self.state_dir, args.device, IndexOptions(threads=1),  # the daemon's
+                                                  relevance_k=args.relevance_k)  # FAISS threads
         try:
             scores = {target.task.name: self.score_task(target) for target in targets}
             latency = self.latency(targets) if self.seed == 0 else None
             stored = len(self.engine.store.sample_ids(probe=False))
         finally:
             self.engine.close()
-        stopped = [e for e in events if e.get("event") == "stopped"][-1]
+        stopped = next((e for e in reversed(events) if e.get("event") == "stopped"), {})  # {}: reused
         return {"seed": self.seed, "scores": scores, "routing": self.routed, "latency": latency,
                 "stored_samples": stored, "experience_domains": {str(k): v for k, v in self.exp_domain.items()},
-                "daemon": {"seconds": round(daemon_seconds, 1), "images_total": stopped.get("images_total"),
+                "daemon": {"reused": not events, "seconds": round(daemon_seconds, 1), "images_total": stopped.get("images_total"),
                            "images_per_second": stopped.get("images_per_second_overall")}}
 
     def create(self, strategy: str, targets: list[tuple[str, bytes]], labels: dict[str, str] | None,
                name: str) -> dict[str, Any]:
         started = time.perf_counter()
         budget = self.args.budget if "sept" in strategy else None
-        manifest = self.engine.create(targets, labels, strategy, budget, name, epochs=self.args.epochs)
+        manifest = self.engine.create(targets, labels, strategy, budget, self.tag + name, epochs=self.args.epochs)
         self.create_seconds[strategy].append(time.perf_counter() - started)
         return manifest
 
@@ -446,6 +452,9 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     parser.add_argument("--epochs", type=int, default=SEPT_EPOCHS,
                         help="SEPT's passes over the targets and retrieved samples for both SEPT arms (capped at "
                              f"{SEPT_MAX_STEPS} steps; `target-only` takes as many steps as `sept`)")
+    parser.add_argument("--relevance-k", type=int, default=RELEVANCE_K,
+                        help="the engine's k of the targets' k-NN manifold SEPT's retrieved samples must lie in "
+                             "(TAILORD_SNAPSHOT_RELEVANCE_K); 0: all retrieved")
     parser.add_argument("--snapshot-shots", type=int, default=max(SHOTS),
                         help="labelled shots per class given to the snapshots as targets (the probes still fit 5 and 20)")
     parser.add_argument("--classes", type=int, default=10, help="classes per target task at most")
@@ -458,9 +467,14 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     parser.add_argument("--latency-vectors", type=int, default=100_000)
     parser.add_argument("--latency-repeats", type=int, default=5)
     parser.add_argument("--state-dir", type=Path, default=None, help="keep each seed's state in DIR/seed-N")
+    parser.add_argument("--reuse-state", action="store_true",
+                        help="with --state-dir: score the arms again on a seed's kept state, without streaming (a "
+                             "paired comparison of engine options on the same daemons)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny run for a look: 1 seed, 100 images per domain, 1 routing set, small latency runs")
     args = parser.parse_args(argv)
+    if args.reuse_state and args.state_dir is None:
+        parser.error("--reuse-state needs --state-dir")
     if args.quick:
         args.seeds, args.images_per_domain, args.routing_sets, args.route_repeats = 1, 100, 1, 1
         args.latency_targets, args.latency_vectors, args.latency_repeats = 50, 2000, 1

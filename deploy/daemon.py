@@ -287,7 +287,8 @@ def start_indexer(settings: Settings, world: World, metrics: Metrics, learner: L
     snapshots = SnapshotEngine(settings.state_dir, indexer.store, indexer.index, learner.device,
                                learner.preset.resolution, metrics, settings.targets_dir, limits,
                                sept_child=(settings.snapshot_threads, settings.snapshot_niceness),
-                               rerank_pool=settings.snapshot_rerank_pool, turns=turns)
+                               rerank_pool=settings.snapshot_rerank_pool, turns=turns,
+                               relevance_k=settings.snapshot_relevance_k)
     return indexer, snapshots
 
 

@@ -169,6 +169,7 @@ def request_snapshot(target: str | Path, labels: str | Path | None, out: str | P
             "candidates": manifest["candidates"], "retrieved_count": manifest["retrieved_count"],
             "target_count": manifest["target_count"], "retrieved_by_experience": manifest.get("retrieved_by_experience", {}),
             "label_check": manifest.get("label_check"), "rerank": manifest.get("rerank"),
+            "relevance": manifest.get("relevance"),
             "sept_steps": manifest["sept_steps"], "encoder_version": manifest["encoder_version"]}
 
 
@@ -181,20 +182,31 @@ def summary_line(result: dict[str, Any]) -> str:
     why = f"{top.get('vote_share', 0):.0%} of the routing votes" if top else "the newest experience"
     if "knn_accuracy" in top:
         why += f", labelled kNN {top['knn_accuracy']:.2f}"
-    line = f"snapshot {result['name']}: {named}, {why}"
-    if result["retrieved_count"]:
-        per = ", ".join(f"exp {exp}: {n}" for exp, n in sorted(result["retrieved_by_experience"].items()))
-        line += (f"; SEPT {result['sept_steps']} steps on your {result['target_count']} images and "
-                 f"{result['retrieved_count']} retrieved samples ({per})")
-        rerank = result.get("rerank")
-        if rerank:
-            line += (f", picked from {rerank['pool']} by experience {rerank['reranked_by']}'s encoder "
-                     f"(the index was at {rerank['index_encoder']})")
+    line = f"snapshot {result['name']}: {named}, {why}" + _sept_summary(result)
     check = result.get("label_check")
     if check:
         line += (f"; on your labelled images kNN {check['snapshot_knn']:.2f} vs latest checkpoint "
                  f"{check['latest_knn']:.2f}")
     return f"{line} -> {result['path']}"
+
+
+def _sept_summary(result: dict[str, Any]) -> str:
+    """The summary's SEPT part: steps, what was retrieved (per experience, re-ranked, kept as like
+    the targets); empty for a snapshot that did not train."""
+    if not result["sept_steps"]:
+        return ""
+    per = ", ".join(f"exp {exp}: {n}" for exp, n in sorted(result["retrieved_by_experience"].items()))
+    part = (f"; SEPT {result['sept_steps']} steps on your {result['target_count']} images and "
+            f"{result['retrieved_count']} retrieved samples" + (f" ({per})" if per else ""))
+    rerank = result.get("rerank")
+    if rerank:
+        part += (f", picked from {rerank['pool']} by experience {rerank['reranked_by']}'s encoder "
+                 f"(the index was at {rerank['index_encoder']})")
+    relevance = result.get("relevance")
+    if relevance and relevance["kept"] < relevance["retrieved"]:
+        part += (f", kept {relevance['kept']} of the {relevance['retrieved']} nearest (the others are further "
+                 f"from your images than your images are from each other, k={relevance['k']})")
+    return part
 
 
 def _online(files: list[Path], labels_text: str | None, out: Path, strategy: str, budget: int | None,
@@ -216,8 +228,8 @@ def _online(files: list[Path], labels_text: str | None, out: Path, strategy: str
 
 def _offline(state_dir: Path, files: list[Path], labels_text: str | None, out: Path, strategy: str,
              budget: int | None, epochs: int | None, config: Path | None) -> dict[str, Any]:
-    """Build the snapshot in this process on a stopped daemon's state dir, with the daemon's index
-    and re-rank settings."""
+    """Build the snapshot in this process on a stopped daemon's state dir, with the daemon's index,
+    re-rank and relevance settings."""
     from deploy.settings import load_settings
     from deploy.snapshot_errors import SnapshotError
     from deploy.snapshot_request import parse_labels_csv
@@ -226,7 +238,8 @@ def _offline(state_dir: Path, files: list[Path], labels_text: str | None, out: P
     settings = load_settings(config)
     try:
         engine = SnapshotEngine.open_offline(state_dir, index_options=settings.index_options(),
-                                             rerank_pool=settings.snapshot_rerank_pool)
+                                             rerank_pool=settings.snapshot_rerank_pool,
+                                             relevance_k=settings.snapshot_relevance_k)
         try:
             labels = parse_labels_csv(labels_text) if labels_text is not None else None
             manifest = engine.create([(path.name, path.read_bytes()) for path in files], labels, strategy, budget,

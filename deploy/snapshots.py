@@ -9,8 +9,10 @@
    vote's by McNemar's z >= LABEL_SWITCH_Z (2) and by LABEL_SWITCH_GAIN (5 points) replaces it;
 3. `sept` (`learners.sept`): retrieve the `budget` nearest stored samples (when the index
    lags the newest checkpoint, `rerank_pool` x the budget re-ranked by the newest encoder:
-   deploy/snapshot_rerank.py) and continue SSL on them with the targets, from the chosen
-   checkpoint (`route+sept`) or the latest one (`sept`);
+   deploy/snapshot_rerank.py), keep those inside the targets' k-NN manifold
+   (`replay.retrieval.within_targets`: a store with nothing like the targets gives SEPT
+   nothing) and continue SSL on them with the targets, from the chosen checkpoint
+   (`route+sept`) or the latest one (`sept`);
 4. publish `snapshots/<name>/` with `model.safetensors` (the backbone alone) and
    `manifest.json` (`deploy.snapshot_files.SnapshotShelf`: where snapshots live, names,
    writing, reading and listing them).
@@ -65,7 +67,7 @@ from learners.snapshot import backbone_spec, save_backbone
 from replay.catalog import SampleRow
 from replay.index import CURRENT_FILE, VectorIndex
 from replay.index_options import IndexOptions
-from replay.retrieval import rerank_budget, retrieve_budget
+from replay.retrieval import RELEVANCE_K, rerank_budget, retrieve_budget, within_targets
 from replay.routing import route_targets
 from replay.store import SampleStore
 from safefiles.publish import read_pointer
@@ -144,6 +146,8 @@ class SnapshotEngine:
         rerank_pool: when the index lags the newest checkpoint, SEPT retrieves this many times
             its budget and the newest encoder picks the budget among them (`_rerank`); 1: never.
         turns: the daemon's turns on the CPU's cores, held around each chunk the re-rank embeds.
+        relevance_k: SEPT keeps a retrieved sample only inside the targets' k-NN manifold at
+            this k (`replay.retrieval.within_targets`); 0: keeps all it retrieved.
 
     Routing is `replay.routing.route_targets`, SEPT's training `learners.sept`; the snapshot
     folders are `shelf` (`deploy.snapshot_files.SnapshotShelf`: `describe` and `file_path`
@@ -157,7 +161,7 @@ class SnapshotEngine:
                  decode_size: int, metrics: Metrics | None = None, targets_dir: Path | None = None,
                  limits: DecodeLimits | None = None, max_bytes: int = SNAPSHOT_MAX_BYTES,
                  sept_child: tuple[int, int] | None = None, rerank_pool: int = RERANK_POOL,
-                 turns: ComputeTurns | None = None) -> None:
+                 turns: ComputeTurns | None = None, relevance_k: int = RELEVANCE_K) -> None:
         self.state_dir = Path(state_dir)
         self.checkpoint_root = self.state_dir / "checkpoints"
         self.shelf = SnapshotShelf.in_state_dir(self.state_dir).prepare()
@@ -172,17 +176,19 @@ class SnapshotEngine:
         self.sept_child = sept_child
         self.rerank_pool = rerank_pool
         self.turns = turns or ComputeTurns(enabled=False)
+        self.relevance_k = relevance_k
         self._lock = threading.Lock()
         self._encoder: Encoder | None = None
         self._lock_fd: int | None = None  # held when opened offline
 
     @classmethod
     def open_offline(cls, state_dir: Path, device: torch.device | str = "auto",
-                     index_options: IndexOptions | None = None, rerank_pool: int = RERANK_POOL) -> SnapshotEngine:
+                     index_options: IndexOptions | None = None, rerank_pool: int = RERANK_POOL,
+                     relevance_k: int = RELEVANCE_K) -> SnapshotEngine:
         """An engine on a stopped daemon's state dir; Conflict if it is running or has no index.
 
         `index_options`: the daemon's (`Settings.index_options()`); None: the library's defaults.
-        `rerank_pool`: the daemon's `snapshot_rerank_pool`.
+        `rerank_pool`, `relevance_k`: the daemon's `snapshot_rerank_pool` and `snapshot_relevance_k`.
         """
         state_dir = Path(state_dir)
         if not (state_dir / "checkpoints").is_dir():
@@ -196,7 +202,8 @@ class SnapshotEngine:
             index = VectorIndex(state_dir, dim, index_options)
             index.load()
             store = SampleStore(state_dir, max_bytes=1 << 62)  # read only here: the budget never applies
-            engine = cls(state_dir, store, index, pick_device(str(device)), decode_size, rerank_pool=rerank_pool)
+            engine = cls(state_dir, store, index, pick_device(str(device)), decode_size, rerank_pool=rerank_pool,
+                         relevance_k=relevance_k)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -252,6 +259,7 @@ class SnapshotEngine:
             else:
                 raise Unavailable("the index kept changing encoder versions; retry")
             retrieved, rerank = self._rerank(pool, images, budget, checkpoints, encoder.version)
+            retrieved, relevance = self._keep_relevant(retrieved, images, checkpoints, encoder, rerank is not None)
             chosen = max(checkpoints) if strategy == "sept" else self._choose(
                 candidates, images, [filename for filename, _ in targets], labels, checkpoints)
             source = checkpoints[chosen]
@@ -275,6 +283,7 @@ class SnapshotEngine:
                 "budget": budget if "sept" in strategy else None,
                 "retrieved_count": len(rows), "retrieved_share": len(rows) / max(stored, 1),
                 "retrieved_by_experience": dict(Counter(str(row.experience) for row in rows)), "rerank": rerank,
+                "relevance": relevance,
                 "sept_steps": steps, "sept_epochs": epochs if "sept" in strategy else 0,
                 "encoder_version": encoder.version, "index_freshness": index_freshness(encoder.version, checkpoints,
                                                                                    stored, self.index.size),
@@ -426,6 +435,22 @@ class SnapshotEngine:
         return rerank_budget(ids, vectors, fresh(images), budget), {
             "index_encoder": version, "reranked_by": newest, "pool": len(ids)}
 
+    def _keep_relevant(self, retrieved: list[str], images: torch.Tensor, checkpoints: dict[int, Path],
+                       live: Encoder, reranked: bool) -> tuple[list[str], dict[str, int] | None]:
+        """The retrieved samples inside the targets' k-NN manifold (`within_targets`), by the
+        encoder that ranked them (the newest after a re-rank, else the live one), best first;
+        and what was kept, for the manifest (None: not tested, e.g. at most k targets)."""
+        if not retrieved or self.relevance_k == 0 or len(images) <= self.relevance_k:
+            return retrieved, None
+        ranker = live
+        if reranked:
+            newest = max(checkpoints)
+            ranker = Encoder.load(newest, checkpoints[newest], self.device, meta=True)
+        ids, vectors = embed_stored(ranker, self._read, retrieved, self.decode_size, self.limits, self.turns)
+        keep = within_targets(vectors, ranker(images), self.relevance_k) if ids else np.zeros(0, dtype=bool)
+        kept = [sid for sid, inside in zip(ids, keep, strict=True) if inside]
+        return kept, {"k": self.relevance_k, "retrieved": len(ids), "kept": len(kept)}
+
     def _read(self, sample_ids: list[str]) -> tuple[list[SampleRow], list[bytes]]:
         """Catalog rows and bytes of the ids still stored (the store may evict while we read)."""
         for _ in range(ATTEMPTS):
@@ -443,9 +468,10 @@ class SnapshotEngine:
         (backbone, steps done). The targets themselves train too: on the held-out benchmark, SSL
         on the targets alone beat SSL on the retrieved samples alone (docs/snapshots.md)."""
         retrieved, _ = decode_images(encoded, self.decode_size, self.limits)
-        if len(retrieved) < 2:
-            raise Conflict(f"only {len(retrieved)} stored sample(s) retrieved: too few to train on")
         images = torch.cat([targets, retrieved])  # (T + R, 3, S, S) uint8
+        if len(images) < 2:
+            raise Conflict(f"{len(targets)} target(s) and {len(retrieved)} retrieved sample(s) like them: "
+                           "SEPT needs 2 images to train on")
         if self.sept_child is None:
             return continue_checkpoint(checkpoint_dir, images, self.device, epochs, SEPT_MAX_STEPS)
         threads, niceness = self.sept_child

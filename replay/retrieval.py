@@ -11,6 +11,12 @@ queries together never ask for more than ``MAX_RESULTS``.
 An index that lags the newest encoder (its refresh runs within a compute share) can be
 corrected at query time: ``rerank_budget`` picks the budget again from a larger pool the
 stale index retrieved, scored by vectors of the newer encoder, with the same merge.
+
+Nearest is not always near: when the store holds nothing like the targets, their nearest
+samples come from another distribution. ``within_targets`` keeps only the samples inside the
+targets' k-NN manifold (Kynkäänniemi et al., 2019, "Improved Precision and Recall Metric for
+Assessing Generative Models"): a sample is kept when it is at least as similar to some target
+as that target is to its k-th nearest fellow target.
 """
 
 from __future__ import annotations
@@ -21,6 +27,11 @@ from replay.index import VectorIndex
 
 MAX_RESULTS = 1 << 20
 """Most (query, neighbour) pairs one search returns (scores, ids and experiences: ~30 MB)."""
+RELEVANCE_K = 5
+"""Default k of ``within_targets``. On the held-out snapshot benchmark (docs/snapshots.md,
+"Retrieval inside the targets' manifold") k = 5 kept 0.88-1.00 of what the four same-source
+tasks retrieved and 0.06-0.16 of what the different-source task did; k = 3 kept 0.40-0.55
+of the textures task's."""
 
 
 def retrieve_budget(
@@ -58,6 +69,40 @@ def rerank_budget(candidates: list[str], vectors: np.ndarray, queries: np.ndarra
         if len(picked) >= budget or k >= p:
             return picked
         k = min(p, 2 * k)
+
+
+def within_targets(vectors: np.ndarray, queries: np.ndarray, k: int = RELEVANCE_K) -> np.ndarray:
+    """(R,) bool: which of ``vectors`` (R, D) lie inside the k-NN manifold of ``queries`` (M, D).
+
+    Row ``r`` is kept when its cosine similarity to some query ``i`` is at least query ``i``'s
+    similarity to its k-th nearest other query. With ``k`` = 0 or at most ``k`` queries there
+    is no manifold to test against: all are kept. Scores are computed in row chunks of at most
+    ``MAX_RESULTS``, so memory stays bounded for 10,000 targets.
+
+    Usage::
+
+        keep = within_targets(retrieved_vectors, target_vectors)  # (R,) bool
+        sept_samples = [sid for sid, ok in zip(retrieved_ids, keep) if ok]
+    """
+    if k == 0 or len(queries) <= k:
+        return np.ones(len(vectors), dtype=bool)
+    q, v = _unit(queries), _unit(vectors)
+    rows = max(1, MAX_RESULTS // len(q))
+    radius = np.empty(len(q), dtype=np.float32)  # (M,) similarity to the k-th nearest other query
+    for first in range(0, len(q), rows):
+        scores = q[first:first + rows] @ q.T  # (rows, M)
+        scores[np.arange(len(scores)), np.arange(first, first + len(scores))] = -np.inf  # not itself
+        radius[first:first + rows] = -np.partition(-scores, k - 1, axis=1)[:, k - 1]
+    keep = np.zeros(len(v), dtype=bool)
+    for first in range(0, len(v), rows):
+        keep[first:first + rows] = (v[first:first + rows] @ q.T >= radius).any(axis=1)  # (rows, M) -> (rows,)
+    return keep
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float32)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 def _nearest(vectors: np.ndarray, queries: np.ndarray, k: int, ids: list[str]) -> list[list[str]]:

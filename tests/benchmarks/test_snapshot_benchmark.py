@@ -72,3 +72,22 @@ def test_targets_need_the_gap_and_more_than_the_seed_std(bump: float, passed: bo
     assert routing["labelled"]["different source"]["accuracy"] == 0.0
     assert checks["routing_labelled_different_source"]["passed"] is False
     assert checks["all_passed"] is False
+
+
+def test_reuse_state_scores_a_kept_state_without_streaming(tmp_path, monkeypatch) -> None:
+    import json
+
+    import benchmarks.snapshot as bench
+    from replay.retrieval import RELEVANCE_K
+
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--reuse-state"])  # nothing to reuse without --state-dir
+    args = bench.parse_args(["--reuse-state", "--state-dir", str(tmp_path), "--relevance-k", "0"])
+    assert args.relevance_k == 0 and bench.parse_args([]).relevance_k == RELEVANCE_K
+    state = tmp_path / "seed-0"
+    (state / "checkpoints").mkdir(parents=True)
+    (state / "metrics").mkdir()
+    (state / "metrics" / "history.json").write_text(json.dumps({"records": [{"experience": 1, "domain": "digits"}]}))
+    monkeypatch.setattr(bench, "run_daemon", lambda *a: pytest.fail("a kept state was streamed again"))
+    run = bench.SeedRun(args, 0, state)
+    assert run.stream()[1:] == ([], 0.0) and run.exp_domain == {1: "digits"}

@@ -184,6 +184,14 @@ def test_summary_line_says_what_was_chosen_why_what_was_retrieved_and_whether_it
     assert summary_line(lagging).endswith(
         "300 retrieved samples (exp 1: 50, exp 2: 250), picked from 4800 by experience 2's encoder (the index "
         "was at 1) -> /out")
-    plain = {**result, "chosen_experience_info": None, "retrieved_count": 0, "label_check": None,
+    unlike = {**result, "label_check": None, "retrieved_count": 3, "retrieved_by_experience": {"2": 3},
+              "relevance": {"k": 5, "retrieved": 64, "kept": 3}}
+    assert summary_line(unlike).endswith(
+        "3 retrieved samples (exp 2: 3), kept 3 of the 64 nearest (the others are further from your images than "
+        "your images are from each other, k=5) -> /out")
+    alone = {**unlike, "retrieved_count": 0, "retrieved_by_experience": {}, "relevance": {"k": 5, "retrieved": 64,
+                                                                                       "kept": 0}}
+    assert "SEPT 12 steps on your 40 images and 0 retrieved samples, kept 0 of the 64" in summary_line(alone)
+    plain = {**result, "chosen_experience_info": None, "retrieved_count": 0, "label_check": None, "sept_steps": 0,
              "candidates": [{"experience": 2, "vote_share": 0.7}]}
     assert summary_line(plain) == "snapshot snap-1: experience 2, 70% of the routing votes -> /out"

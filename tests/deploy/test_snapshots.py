@@ -104,6 +104,25 @@ def test_sept_alone_starts_from_the_latest_checkpoint(engine):
     assert manifest["retrieved_count"] <= 8 and manifest["sept_steps"] == 2
 
 
+def test_sept_trains_only_on_retrieved_samples_like_the_targets(state):
+    # The store holds red and blue images: the nearest of green targets are not like them.
+    engine = SnapshotEngine.open_offline(state, "cpu")
+    try:
+        like = engine.create(target_images("blue", 8), strategy="sept", budget=16, epochs=1, name="like")
+        unlike = engine.create(target_images("green", 8), strategy="sept", budget=16, epochs=1, name="unlike")
+    finally:
+        engine.close()
+    assert like["relevance"] == {"k": 5, "retrieved": 16, "kept": 16} and like["retrieved_count"] == 16
+    assert unlike["relevance"] == {"k": 5, "retrieved": 16, "kept": 0} and unlike["retrieved_count"] == 0
+    assert unlike["sept_steps"] == 1 and unlike["retrieved_by_experience"] == {}  # the targets alone trained
+    engine = SnapshotEngine.open_offline(state, "cpu", relevance_k=0)  # off: all it retrieved
+    try:
+        kept_all = engine.create(target_images("green", 8), strategy="sept", budget=16, epochs=1, name="unlike-all")
+    finally:
+        engine.close()
+    assert kept_all["relevance"] is None and kept_all["retrieved_count"] == 16
+
+
 def test_labels_pick_the_candidate_whose_features_separate_the_classes(tmp_path):
     # Experience 2 (blue) is the top vote for blue targets, but its checkpoint is dead
     # (constant features): with labels, a healthy checkpoint wins on kNN accuracy.
