@@ -258,8 +258,7 @@ class SnapshotEngine:
                     break
             else:
                 raise Unavailable("the index kept changing encoder versions; retry")
-            retrieved, rerank = self._rerank(pool, images, budget, checkpoints, encoder.version)
-            retrieved, relevance = self._keep_relevant(retrieved, images, checkpoints, encoder, rerank is not None)
+            retrieved, rerank, relevance = self._sept_samples(pool, images, budget, checkpoints, encoder)
             chosen = max(checkpoints) if strategy == "sept" else self._choose(
                 candidates, images, [filename for filename, _ in targets], labels, checkpoints)
             source = checkpoints[chosen]
@@ -421,6 +420,14 @@ class SnapshotEngine:
             return []
         probes = set(self.store.sample_ids(probe=True))
         return retrieve_budget(self.index, queries, budget, exclude_probe_ids=probes)
+
+    def _sept_samples(self, pool: list[str], images: torch.Tensor, budget: int, checkpoints: dict[int, Path],
+                      live: Encoder) -> tuple[list[str], dict[str, int] | None, dict[str, int] | None]:
+        """SEPT's samples from the retrieved `pool`: re-ranked (`_rerank`), then those like the
+        targets (`_keep_relevant`); with the manifest's `rerank` and `relevance`."""
+        picked, rerank = self._rerank(pool, images, budget, checkpoints, live.version)
+        kept, relevance = self._keep_relevant(picked, images, checkpoints, live, rerank is not None)
+        return kept, rerank, relevance
 
     def _rerank(self, pool: list[str], images: torch.Tensor, budget: int, checkpoints: dict[int, Path],
                 version: int) -> tuple[list[str], dict[str, int] | None]:
