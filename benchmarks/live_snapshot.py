@@ -67,7 +67,9 @@ def one_round(url: str, target_path: Path, window: float) -> dict:
             "images_per_second_before": round(before, 1), "images_per_second_after": round(after, 1),
             "images_per_second_during": round(during, 1), "kept": round(during / quiet, 3) if quiet else None,
             "sept_steps": made.get("sept_steps"), "retrieved": made.get("retrieved_count"),
-            "chosen_experience": made.get("chosen_experience")}
+            "chosen_experience": made.get("chosen_experience"), "engine_seconds": made.get("seconds"),
+            "rerank": made.get("rerank"), "relevance": made.get("relevance"),
+            "index_freshness": made.get("index_freshness")}
 
 
 def ahead_of(url: str, lead: int) -> Callable[[int], bool]:
