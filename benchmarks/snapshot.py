@@ -239,8 +239,8 @@ class SeedRun:
         per_domain, events, daemon_seconds = self.stream()
         targets = [draw_targets(task, per_domain, args, self.seed,
                                 args.latency_targets if task.name == "fashion" else 0) for task in TASKS]
-        self.engine = SnapshotEngine.open_offline(self.state_dir, args.device, IndexOptions(threads=1),  # the daemon's
-                                                  relevance_k=args.relevance_k)  # FAISS threads
+        faiss = IndexOptions(threads=1)  # the daemon's FAISS threads
+        self.engine = SnapshotEngine.open_offline(self.state_dir, args.device, faiss, relevance_k=args.relevance_k)
         try:
             scores = {target.task.name: self.score_task(target) for target in targets}
             latency = self.latency(targets) if self.seed == 0 else None
