@@ -258,7 +258,7 @@ class SnapshotEngine:
                     break
             else:
                 raise Unavailable("the index kept changing encoder versions; retry")
-            retrieved, rerank, relevance = self._sept_samples(pool, images, budget, checkpoints, encoder)
+            retrieved, rerank, relevance = self._sept_samples(pool, images, queries, budget, checkpoints, encoder)
             chosen = max(checkpoints) if strategy == "sept" else self._choose(
                 candidates, images, [filename for filename, _ in targets], labels, checkpoints)
             source = checkpoints[chosen]
@@ -421,40 +421,46 @@ class SnapshotEngine:
         probes = set(self.store.sample_ids(probe=True))
         return retrieve_budget(self.index, queries, budget, exclude_probe_ids=probes)
 
-    def _sept_samples(self, pool: list[str], images: torch.Tensor, budget: int, checkpoints: dict[int, Path],
-                      live: Encoder) -> tuple[list[str], dict[str, int] | None, dict[str, int] | None]:
-        """SEPT's samples from the retrieved `pool`: re-ranked (`_rerank`), then those like the
-        targets (`_keep_relevant`); with the manifest's `rerank` and `relevance`."""
-        picked, rerank = self._rerank(pool, images, budget, checkpoints, live.version)
-        kept, relevance = self._keep_relevant(picked, images, checkpoints, live, rerank is not None)
+    def _sept_samples(self, pool: list[str], images: torch.Tensor, queries: np.ndarray, budget: int,
+                      checkpoints: dict[int, Path], live: Encoder
+                      ) -> tuple[list[str], dict[str, int] | None, dict[str, int] | None]:
+        """SEPT's samples from the retrieved `pool` (`queries`: the targets under `live`): re-ranked
+        (`_rerank`), then those like the targets (`_keep_relevant`), both by the encoder that ranked
+        them; with the manifest's `rerank` and `relevance`."""
+        picked, rerank, ranked_by = self._rerank(pool, images, budget, checkpoints, live.version)
+        if ranked_by is None:  # ranked by the live index: the targets' vectors are `queries`
+            ranked_by = (live, queries, None)
+        kept, relevance = self._keep_relevant(picked, images, *ranked_by)
         return kept, rerank, relevance
 
     def _rerank(self, pool: list[str], images: torch.Tensor, budget: int, checkpoints: dict[int, Path],
-                version: int) -> tuple[list[str], dict[str, int] | None]:
+                version: int) -> tuple[list[str], dict[str, int] | None, tuple | None]:
         """SEPT's samples: `pool` as retrieved when the index is the newest encoder's, else the
-        budget picked from it again by the newest encoder (deploy/snapshot_rerank.py); and what
-        was re-ranked, for the manifest (None: nothing)."""
+        budget picked from it again by the newest encoder (deploy/snapshot_rerank.py); what was
+        re-ranked, for the manifest (None: nothing); and (the newest encoder, the targets' and the
+        picked samples' vectors under it) when it re-ranked, so they are not embedded again."""
         if not pool or not self._reranks(version, checkpoints):
-            return pool[:budget], None
+            return pool[:budget], None, None
         newest = max(checkpoints)
         fresh = Encoder.load(newest, checkpoints[newest], self.device, meta=True)
         ids, vectors = embed_stored(fresh, self._read, pool, self.decode_size, self.limits, self.turns)
-        return rerank_budget(ids, vectors, fresh(images), budget), {
-            "index_encoder": version, "reranked_by": newest, "pool": len(ids)}
+        queries = fresh(images)  # (T, D)
+        picked = rerank_budget(ids, vectors, queries, budget)
+        row = {sid: i for i, sid in enumerate(ids)}
+        return picked, {"index_encoder": version, "reranked_by": newest, "pool": len(ids)}, (
+            fresh, queries, vectors[[row[sid] for sid in picked]])  # (B, D)
 
-    def _keep_relevant(self, retrieved: list[str], images: torch.Tensor, checkpoints: dict[int, Path],
-                       live: Encoder, reranked: bool) -> tuple[list[str], dict[str, int] | None]:
-        """The retrieved samples inside the targets' k-NN manifold (`within_targets`), by the
-        encoder that ranked them (the newest after a re-rank, else the live one), best first;
+    def _keep_relevant(self, retrieved: list[str], images: torch.Tensor, ranker: Encoder, queries: np.ndarray,
+                       vectors: np.ndarray | None) -> tuple[list[str], dict[str, int] | None]:
+        """The retrieved samples inside the targets' k-NN manifold (`within_targets`) under `ranker`
+        (`queries`: the targets' vectors; `vectors`: the samples', None to embed them), best first;
         and what was kept, for the manifest (None: not tested, e.g. at most k targets)."""
         if not retrieved or self.relevance_k == 0 or len(images) <= self.relevance_k:
             return retrieved, None
-        ranker = live
-        if reranked:
-            newest = max(checkpoints)
-            ranker = Encoder.load(newest, checkpoints[newest], self.device, meta=True)
-        ids, vectors = embed_stored(ranker, self._read, retrieved, self.decode_size, self.limits, self.turns)
-        keep = within_targets(vectors, ranker(images), self.relevance_k) if ids else np.zeros(0, dtype=bool)
+        ids = retrieved
+        if vectors is None:
+            ids, vectors = embed_stored(ranker, self._read, retrieved, self.decode_size, self.limits, self.turns)
+        keep = within_targets(vectors, queries, self.relevance_k) if ids else np.zeros(0, dtype=bool)
         kept = [sid for sid, inside in zip(ids, keep, strict=True) if inside]
         return kept, {"k": self.relevance_k, "retrieved": len(ids), "kept": len(kept)}
 

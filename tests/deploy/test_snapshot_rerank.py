@@ -31,7 +31,7 @@ def test_the_pool_is_re_ranked_by_the_newest_encoder(lagging):
         images = engine._decode_targets(target_images("blue", 6))
         stale = engine._live_encoder(checkpoints)
         pool = engine._retrieve(stale(images), 4 * 5)
-        picked, rerank = engine._rerank(pool, images, 5, checkpoints, stale.version)
+        picked, rerank, (ranker, queries, picked_vectors) = engine._rerank(pool, images, 5, checkpoints, stale.version)
         assert rerank == {"index_encoder": 2, "reranked_by": 3, "pool": 20}
 
         newest = Encoder.load(3, checkpoints[3], "cpu")
@@ -39,7 +39,10 @@ def test_the_pool_is_re_ranked_by_the_newest_encoder(lagging):
         vectors = newest(decode_images(encoded, engine.decode_size, engine.limits)[0])
         assert picked == rerank_budget([r.sample_id for r in rows], vectors, newest(images), 5)
         assert picked != pool[:5]  # the stale order would have picked others
-        assert engine._rerank(pool, images, 5, checkpoints, 3) == (pool[:5], None)  # index is fresh
+        ids = [r.sample_id for r in rows]  # the vectors handed on to the manifold test are the picked ones'
+        assert ranker.version == 3 and queries.shape == (6, vectors.shape[1])
+        assert picked_vectors == pytest.approx(vectors[[ids.index(sid) for sid in picked]], abs=1e-5)
+        assert engine._rerank(pool, images, 5, checkpoints, 3) == (pool[:5], None, None)  # index is fresh
     finally:
         engine.close()
 
