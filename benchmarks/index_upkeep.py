@@ -21,7 +21,7 @@ and how far the budgeted index's retrieval and routing fall from a full re-embed
    - recall@50 per target image of the live index (queries embedded with its encoder) and of
      the live index's top `--rerank`x50 re-ranked by the newest encoder (what a snapshot can do);
    - SEPT's retrieval (`replay.retrieval`) of each domain's targets, at the smallest budget and
-     at the engine's default for the store: the share of the fresh retrieval's samples that
+     at the engine's default for the domain's targets and the store: the share of the fresh retrieval's samples that
      the live index retrieves, as is (`pool_x1`) and picked from a pool `--rerank` times the
      budget re-ranked by the newest encoder (`SnapshotEngine`'s re-rank when the index lags);
    - routing agreement: each domain's targets (`--targets` held-out items, never stored)
@@ -192,7 +192,7 @@ def evaluate(indexer, cache: StoreImages, newest, held: dict[str, torch.Tensor],
     recalls, reranked, agree, candidates = [], {f: [] for f in rerank}, [], 0
     fresh = Fresh(ids, truth, row_of)
     sept = {budget: {key: [] for key in (*(f"pool_x{f}" for f in (1, *rerank)), "unindexed")}
-            for budget in sept_budgets(len(ids))}
+            for budget in sept_budgets(len(next(iter(held.values()))), len(ids))}
     for images in held.values():
         q_new, q_live = newest(images), live(images)
         scores, rows = exact.search(q_new, K)
@@ -216,11 +216,11 @@ def evaluate(indexer, cache: StoreImages, newest, held: dict[str, torch.Tensor],
             "stored": len(ids)}
 
 
-def sept_budgets(stored: int) -> list[int]:
-    """The smallest SEPT budget and the engine's default for a store of `stored` samples."""
-    from deploy.snapshots import BUDGET_MAX, BUDGET_MIN, BUDGET_SHARE
+def sept_budgets(targets: int, stored: int) -> list[int]:
+    """The smallest SEPT budget and the engine's default for `targets` images on a store of `stored`."""
+    from deploy.snapshots import BUDGET_MIN, default_budget
 
-    return sorted({BUDGET_MIN, max(BUDGET_MIN, min(round(BUDGET_SHARE * stored), BUDGET_MAX))})
+    return sorted({BUDGET_MIN, default_budget(targets, stored)})
 
 
 class Fresh:
@@ -412,8 +412,9 @@ def main() -> None:
         say(f"paired: {json.dumps(paired)}")
         upkeep = indexer.upkeep()
         newest = max(experience_checkpoints(state_dir / "checkpoints").items())
-        rerank_seconds = rerank_cost(indexer, Encoder.load(*newest, "cpu"), sept_budgets(len(indexer.store.sample_ids(
-            probe=False))), args.rerank)  # no step trains now, so the indexer's allowance stays spent
+        stored = len(indexer.store.sample_ids(probe=False))
+        rerank_seconds = rerank_cost(indexer, Encoder.load(*newest, "cpu"), sept_budgets(args.targets, stored),
+                                     args.rerank)  # no step trains now, so the indexer's allowance stays spent
         indexer.stop()
     print(json.dumps({
         "images_per_second_on": round(on, 2), "images_per_second_off": round(off, 2),

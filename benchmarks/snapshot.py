@@ -448,7 +448,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--budget", type=int, default=None,
                         help="SEPT's retrieval budget for both SEPT arms (default: the engine's, 5 %% of the store "
-                             "within 64-2,000)")
+                             "and at most a third of the targets, within 64-2,000)")
     parser.add_argument("--epochs", type=int, default=SEPT_EPOCHS,
                         help="SEPT's passes over the targets and retrieved samples for both SEPT arms (capped at "
                              f"{SEPT_MAX_STEPS} steps; `target-only` takes as many steps as `sept`)")

@@ -168,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="CSV of filename,label for the target images")
     p.add_argument("--out", required=True, help="folder to copy the snapshot into")
     p.add_argument("--strategy", choices=["route", "sept", "route+sept"], default="route+sept")
-    p.add_argument("--budget", type=int, default=None, help="samples retrieved for sept")
+    p.add_argument("--budget", type=int, default=None,
+                   help="samples retrieved for sept (default: 5%% of the store, at most a third of the target images, "
+                   "within 64-2000)")
     p.add_argument("--epochs", type=int, default=None,
                    help="sept's passes over the targets and the retrieved samples (default 10; at most 200 steps)")
     p.add_argument("--state-dir", type=Path, default=None, help="work offline on a stopped daemon's state")

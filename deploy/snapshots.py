@@ -80,7 +80,8 @@ MAX_TARGETS = 10_000
 LABEL_CANDIDATES = 3  # top candidates compared by kNN accuracy when labels are given
 LABEL_SWITCH_Z = 2.0  # McNemar z a runner-up needs over the top vote to be chosen instead
 LABEL_SWITCH_GAIN = 0.05  # and this much more leave-one-out kNN accuracy: significant is not enough
-BUDGET_SHARE, BUDGET_MIN, BUDGET_MAX = 0.05, 64, 2000  # default SEPT budget
+BUDGET_SHARE, BUDGET_MIN, BUDGET_MAX = 0.05, 64, 2000  # default SEPT budget: a share of the store,
+BUDGET_PER_TARGET = 1 / 3  # and at most a third of the targets' count (docs/snapshots.md, "Budget per target")
 # SEPT trains at most SEPT_MAX_STEPS batches, so no preset ever sees more samples than this:
 # a larger budget would only make retrieval and reads hold the index and store locks longer.
 MAX_BUDGET = SEPT_MAX_STEPS * max(preset.batch_size for preset in PRESETS.values())
@@ -97,6 +98,13 @@ def parse_strategy(value: Any) -> str:
     if value not in STRATEGIES:
         raise BadRequest(f"strategy must be one of {', '.join(STRATEGIES)}, got {str(value)[:40]!r}")
     return value
+
+
+def default_budget(targets: int, stored: int) -> int:
+    """SEPT's budget when a request names none: 5 % of the store, at most a third of the target
+    images (so the targets make at least three quarters of what SEPT trains on: more retrieval
+    cost accuracy against training on the targets alone, docs/snapshots.md), within 64..2000."""
+    return max(BUDGET_MIN, min(round(BUDGET_SHARE * stored), round(BUDGET_PER_TARGET * targets), BUDGET_MAX))
 
 
 def parse_budget(value: Any) -> int | None:
@@ -317,7 +325,7 @@ class SnapshotEngine:
                              f"memory ceiling ({self.max_bytes} bytes of decoded pixels): send at most "
                              f"{max(fits - (2 if sept else 0), 0)}")
         if budget is None:
-            budget = max(BUDGET_MIN, min(round(BUDGET_SHARE * stored), BUDGET_MAX))
+            budget = default_budget(targets, stored)
             return min(budget, room) if sept else budget
         if sept and budget > room:
             raise BadRequest(f"budget {budget} with {targets} target images at {self.decode_size} px is over "

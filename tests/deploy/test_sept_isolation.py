@@ -76,9 +76,16 @@ def test_the_budget_fits_the_ceiling(engine) -> None:
     with pytest.raises(SnapshotError):
         engine._fit_budget(19, None, 10_000, sept=True)  # room for one sample: too few to train on
     engine.max_bytes = snapshots.SNAPSHOT_MAX_BYTES
-    assert engine._fit_budget(3, None, 1_000_000, sept=True) == snapshots.BUDGET_MAX
+    assert engine._fit_budget(3, None, 1_000_000, sept=True) == snapshots.BUDGET_MIN
+
+
+def test_the_default_budget_is_a_share_of_the_store_and_of_the_targets() -> None:
+    assert snapshots.default_budget(200, 960) == 64  # 5 % of the store is 48: the floor
+    assert snapshots.default_budget(200, 9_000) == 67  # a third of the targets, not 450
+    assert snapshots.default_budget(3_000, 9_000) == 450  # 5 % of the store, not 1,000
+    assert snapshots.default_budget(9_000, 1_000_000) == snapshots.BUDGET_MAX
 
 
 def test_the_default_ceiling_admits_the_default_budget_at_224_px(engine) -> None:
     engine.decode_size = 224
-    assert engine._fit_budget(1000, None, 1_000_000, sept=True) == snapshots.BUDGET_MAX
+    assert engine._fit_budget(5_000, None, 1_000_000, sept=True) == snapshots.default_budget(5_000, 1_000_000)
