@@ -651,7 +651,7 @@ def markdown_table(result: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="standard",
                         help="standard: digits -> fashion -> textures -> photos; forgetting: "
                              "fashion-train -> textures, long experiences")

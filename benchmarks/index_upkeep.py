@@ -363,7 +363,7 @@ def paired_blocks(indexer, learner, pngs: list[bytes], rounds: int, steps: int, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", type=int, default=100_000)
     parser.add_argument("--experiences", type=int, default=5)
     parser.add_argument("--experience-images", type=int, default=2000)

@@ -100,7 +100,7 @@ def wait_for_index(url: str, daemon: subprocess.Popen, timeout: float) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--window", type=float, default=30, help="seconds of training measured before each request")
     parser.add_argument("--targets", type=int, default=200, help="target images per request")

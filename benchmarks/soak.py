@@ -95,7 +95,7 @@ def write_targets(folder: Path, count: int, source: str = "builtin:fashion") -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=20)
     parser.add_argument("--sample-every", type=float, default=15, help="seconds between samples")
     parser.add_argument("--snapshot-every", type=float, default=180, help="seconds between snapshots")
