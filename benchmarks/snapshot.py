@@ -308,9 +308,14 @@ class SeedRun:
                 self.route_check(kind, target.task, made, f"routing set {i}")
 
     def route_check(self, kind: str, task: TargetTask, made: dict, what: str) -> None:
+        """Record where a snapshot routed and the manifest's candidates (the vote and, with labels,
+        their scores), so a routing rule can be judged on the very sets it routed."""
         chosen = self.exp_domain.get(made["chosen_experience"])
+        candidates = [{"domain": self.exp_domain.get(c["experience"]),
+                       **{key: c[key] for key in ("vote_share", "knn_accuracy", "z_over_top_vote") if key in c}}
+                      for c in made["candidates"]]
         self.routed[kind].append({"task": task.name, "kind": task.kind, "what": what, "chosen": chosen,
-                                  "correct": chosen == task.domain})
+                                  "correct": chosen == task.domain, "candidates": candidates})
 
     def latency(self, targets: list[TargetSet]) -> dict[str, Any]:
         """`create` p50/p95 per strategy, and route snapshots of `--latency-targets` real images."""
@@ -376,7 +381,8 @@ def summarize_scores(runs: list[dict]) -> dict[str, Any]:
 
 
 def summarize_routing(runs: list[dict]) -> dict[str, Any]:
-    """Routing accuracy over all seeds, unlabelled and labelled, per task kind and per task."""
+    """Routing accuracy over all seeds, unlabelled and labelled, per task kind and per task, and
+    how many sets went against the vote (labels overturned it)."""
     selectors = {"all": lambda c: True}
     selectors.update({k: (lambda c, k=k: c["kind"] == k) for k in ("same source", "different source")})
     selectors.update({t.name: (lambda c, n=t.name: c["task"] == n) for t in TASKS})
@@ -388,7 +394,8 @@ def summarize_routing(runs: list[dict]) -> dict[str, Any]:
             chosen = [c for c in checks if selector(c)]
             summary[kind][key] = {"accuracy": round(sum(c["correct"] for c in chosen) / len(chosen), 4)
                                   if chosen else None,
-                                  "sets": len(chosen), "chosen": dict(Counter(str(c["chosen"]) for c in chosen))}
+                                  "sets": len(chosen), "chosen": dict(Counter(str(c["chosen"]) for c in chosen)),
+                                  "against_vote": sum(c["chosen"] != c["candidates"][0]["domain"] for c in chosen)}
     return summary
 
 
@@ -502,7 +509,8 @@ def main() -> None:
         "benchmark": "snapshot", "tasks": [vars(t) for t in TASKS], "arms": list(ARMS),
         **scores, "routing": routing, "targets": targets,
         "latency": {**(latency or {}), "route_synthetic": synthetic},
-        "seeds": [{k: r[k] for k in ("seed", "stored_samples", "experience_domains", "daemon")} for r in runs],
+        "seeds": [{**{k: r[k] for k in ("seed", "stored_samples", "experience_domains", "daemon")},
+                   "routed": r["routing"]} for r in runs],
         "per_seed_scores": [r["scores"] for r in runs],
         "wall_seconds": round(time.perf_counter() - wall, 1),
         "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

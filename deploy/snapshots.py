@@ -80,6 +80,7 @@ MAX_TARGETS = 10_000
 LABEL_CANDIDATES = 3  # top candidates compared by kNN accuracy when labels are given
 LABEL_SWITCH_Z = 2.0  # McNemar z a runner-up needs over the top vote to be chosen instead
 LABEL_SWITCH_GAIN = 0.05  # and this much more leave-one-out kNN accuracy: significant is not enough
+LABEL_SWITCH_VOTE = 0.5  # and at least this share of the top's vote: labels break near-ties only
 BUDGET_SHARE, BUDGET_MIN, BUDGET_MAX = 0.05, 64, 2000  # default SEPT budget: a share of the store,
 BUDGET_PER_TARGET = 1 / 3  # and at most a third of the targets' count (docs/snapshots.md, "Budget per target")
 # SEPT trains at most SEPT_MAX_STEPS batches, so no preset ever sees more samples than this:
@@ -501,16 +502,17 @@ class SnapshotEngine:
 
 
 def label_switch(candidates: list[dict[str, Any]], correct: dict[int, torch.Tensor]) -> int:
-    """The experience labels route to: the top vote (`candidates[0]`), unless a runner-up gets
-    more labelled images right by McNemar's z >= LABEL_SWITCH_Z (not the shots' luck) *and* by
-    LABEL_SWITCH_GAIN of accuracy or more (a gain worth leaving the data's closest experience
-    for: with hundreds of labels a 1-point difference is significant, and a different domain's
-    encoder that happens to separate them a little better is no better snapshot). `correct`:
-    experience -> (N,) bool, leave-one-out kNN right per labelled image. Sets `z_over_top_vote`
-    on the runners-up.
+    """The experience labels route to: the top vote (`candidates[0]`), unless a runner-up the
+    vote nearly tied with (at least LABEL_SWITCH_VOTE of the top's vote share: labels break
+    near-ties, they do not overrule a clear vote) gets more labelled images right by McNemar's
+    z >= LABEL_SWITCH_Z (not the shots' luck) *and* by LABEL_SWITCH_GAIN of accuracy or more (a
+    gain worth leaving the data's closest experience for: with hundreds of labels a 1-point
+    difference is significant, and a different domain's encoder that happens to separate them a
+    little better is no better snapshot). `correct`: experience -> (N,) bool, leave-one-out kNN
+    right per labelled image. Sets `z_over_top_vote` on the runners-up.
 
     Example:
-        >>> label_switch([{"experience": 2}, {"experience": 1}],
+        >>> label_switch([{"experience": 2, "vote_share": 0.5}, {"experience": 1, "vote_share": 0.4}],
         ...              {2: torch.tensor([False] * 8), 1: torch.tensor([True] * 8)})
         1
     """
@@ -520,7 +522,8 @@ def label_switch(candidates: list[dict[str, Any]], correct: dict[int, torch.Tens
         exp = candidate["experience"]
         candidate["z_over_top_vote"] = round(paired_z(correct[exp], correct[top]), 3)
         gain = correct[exp].float().mean().item() - correct[top].float().mean().item()
-        if candidate["z_over_top_vote"] >= LABEL_SWITCH_Z and gain >= LABEL_SWITCH_GAIN:
+        near_tie = candidate["vote_share"] >= LABEL_SWITCH_VOTE * candidates[0]["vote_share"]
+        if near_tie and candidate["z_over_top_vote"] >= LABEL_SWITCH_Z and gain >= LABEL_SWITCH_GAIN:
             challengers.append(candidate)
     return max(challengers, key=lambda c: c["z_over_top_vote"])["experience"] if challengers else top
 

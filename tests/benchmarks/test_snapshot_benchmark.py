@@ -51,9 +51,9 @@ def _run(seed: int, bump: float) -> dict:
     for t in TASKS:
         for shots in scores[t.name]["route+sept"].values():
             shots["knn"] = shots["linear"] = 50.0 + bump + seed
-    routing = {kind: [{"task": t.name, "kind": t.kind, "what": "x", "chosen": t.domain, "correct": True}
-                      for t in TASKS] for kind in ("unlabelled", "labelled")}
-    routing["labelled"][-1].update(chosen="fashion", correct=False)
+    routing = {kind: [{"task": t.name, "kind": t.kind, "what": "x", "chosen": t.domain, "correct": True,
+                       "candidates": [{"domain": t.domain}]} for t in TASKS] for kind in ("unlabelled", "labelled")}
+    routing["labelled"][-1].update(chosen="fashion", correct=False)  # against the vote
     return {"scores": scores, "routing": routing}
 
 
@@ -70,6 +70,7 @@ def test_targets_need_the_gap_and_more_than_the_seed_std(bump: float, passed: bo
     assert paired["per_seed"] == [pytest.approx(bump + s) for s in range(3)] and paired["std"] == pytest.approx(1.0)
     assert checks["routing_unlabelled_different_source"]["passed"] is True
     assert routing["labelled"]["different source"]["accuracy"] == 0.0
+    assert routing["labelled"]["all"]["against_vote"] == 3 and routing["unlabelled"]["all"]["against_vote"] == 0
     assert checks["routing_labelled_different_source"]["passed"] is False
     assert checks["all_passed"] is False
 
