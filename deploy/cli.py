@@ -163,19 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DDP ranks on this host (wraps torchrun; each rank reads its own partitions)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("snapshot", help="export a checkpoint tailored to a target task")
-    p.add_argument("--target", required=True, help="folder of target images (under TAILORD_TARGETS_DIR, or uploaded)")
-    p.add_argument("--labels", default=None, help="CSV of filename,label for the target images")
-    p.add_argument("--out", required=True, help="folder to copy the snapshot into")
-    p.add_argument("--strategy", choices=["route", "sept", "route+sept"], default="route+sept")
-    p.add_argument("--budget", type=int, default=None,
-                   help="samples retrieved for sept (default: 5%% of the store, at most a third of the target images, "
-                   "within 64-2000)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="sept's passes over the targets and the retrieved samples (default 10; at most 200 steps)")
-    p.add_argument("--state-dir", type=Path, default=None, help="work offline on a stopped daemon's state")
-    add_endpoint_arguments(p)
-    p.set_defaults(func=cmd_snapshot)
+    add_snapshot_parser(sub)
 
     p = sub.add_parser("status", help="daemon status as JSON")
     add_endpoint_arguments(p)
@@ -193,6 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the previous demo state instead of starting fresh")
     p.set_defaults(func=cmd_demo)
     return parser
+
+def add_snapshot_parser(sub: argparse._SubParsersAction) -> None:
+    """`tailord snapshot`: its options name the defaults the daemon applies when they are left out."""
+    p = sub.add_parser("snapshot", help="export a checkpoint tailored to a target task")
+    p.add_argument("--target", required=True, help="folder of target images (under TAILORD_TARGETS_DIR, or uploaded)")
+    p.add_argument("--labels", default=None, help="CSV of filename,label for the target images")
+    p.add_argument("--out", required=True, help="folder to copy the snapshot into")
+    p.add_argument("--strategy", choices=["route", "sept", "route+sept"], default=None,
+                   help="route: the checkpoint of the experience your images resemble; sept (default): SSL "
+                   "continued on your images and similar stored samples from the newest checkpoint; "
+                   "route+sept: the same from the routed checkpoint")
+    p.add_argument("--budget", type=int, default=None,
+                   help="samples retrieved for sept (default: 5%% of the store, at most a third of the target images, "
+                   "within 64-2000)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="sept's passes over the targets and the retrieved samples (default 10; at most 200 steps)")
+    p.add_argument("--state-dir", type=Path, default=None, help="work offline on a stopped daemon's state")
+    add_endpoint_arguments(p)
+    p.set_defaults(func=cmd_snapshot)
+
 
 
 def add_endpoint_arguments(p: argparse.ArgumentParser) -> None:

@@ -274,7 +274,7 @@ def make_snapshot(daemon: Daemon, plan: Plan, state_dir: Path) -> dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="tailord-target-") as target:
         for item in islice(builtin(TARGET_DOMAIN), streamed, streamed + plan.target_images):
             (Path(target) / f"{item.key}.{item.fmt_ext}").write_bytes(item.encoded)
-        return request_snapshot(target=target, labels=None, out=state_dir / "demo-snapshot", strategy="route+sept",
+        return request_snapshot(target=target, labels=None, out=state_dir / "demo-snapshot", strategy=None,
                                 budget=plan.sept_budget, state_dir=None, url=daemon.url, token=daemon.token,
                                 config=None)
 
@@ -285,7 +285,6 @@ def print_summary(state_dir: Path, daemon: Daemon, plan: Plan, snapshot: dict[st
     history = read_history(state_dir)
     last = history["records"][-1]
     domains = {r["experience"]: r.get("domain") for r in history["records"]}
-    chosen = snapshot["chosen_experience"]
     say("")
     say(f"==== tailord demo: done in {elapsed / 60:.1f} min ====")
     for line in matrix_lines(history, domains):
@@ -293,11 +292,7 @@ def print_summary(state_dir: Path, daemon: Daemon, plan: Plan, snapshot: dict[st
     say(f"ACC {fmt(last.get('acc'))}   average forgetting {fmt(last.get('avg_forgetting'))}   "
         f"BWT {fmt(last.get('bwt'), '+')}   linear-probe ACC {fmt(last.get('acc_linear'))}")
     say(verdict(history, domains))
-    share = next((c.get("vote_share") for c in snapshot.get("candidates", []) if c.get("experience") == chosen), None)
-    votes = f", {share:.0%} of the routing votes" if share is not None else ""
-    say(f"snapshot:     {snapshot['strategy']} chose experience {chosen} ({domains.get(chosen, '?')}{votes}) for "
-        f"{plan.target_images} unseen {TARGET_DOMAIN} images; SEPT trained on them and "
-        f"{snapshot['retrieved_count']} retrieved samples")
+    say(snapshot_line(snapshot, domains, plan.target_images))
     say(f"              {snapshot['path']}")
     say(f"checkpoints:  {state_dir / 'checkpoints'}")
     say(f"report:       {report}")
@@ -305,6 +300,16 @@ def print_summary(state_dir: Path, daemon: Daemon, plan: Plan, snapshot: dict[st
     say(f"metrics:      {daemon.url}/metrics   admin API: {daemon.url}/admin/status "
         f"(Bearer token in {daemon.token_path}); served until the demo exits")
     say(f"serve it again: TAILORD_STATE_DIR={state_dir} tailord run")
+
+
+def snapshot_line(snapshot: dict[str, Any], domains: dict[int, str | None], targets: int) -> str:
+    """Where the demo's snapshot started, which experience the routing vote found, what SEPT trained on."""
+    chosen, candidates = snapshot["chosen_experience"], snapshot.get("candidates", [])
+    voted = (f"; the routing vote put {candidates[0]['vote_share']:.0%} on experience {candidates[0]['experience']} "
+             f"({domains.get(candidates[0]['experience'], '?')})") if candidates else ""
+    return (f"snapshot:     {snapshot['strategy']} from experience {chosen}'s checkpoint ({domains.get(chosen, '?')})"
+            f"{voted} for {targets} unseen {TARGET_DOMAIN} images; SEPT trained on them and "
+            f"{snapshot['retrieved_count']} retrieved samples")
 
 
 def fmt(value: float | None, sign: str = "") -> str:

@@ -130,14 +130,15 @@ def admin_get(url: str, path: str, token: str | None) -> dict[str, Any]:
     return json.loads(_request(url, path, token))
 
 
-def request_snapshot(target: str | Path, labels: str | Path | None, out: str | Path, strategy: str,
+def request_snapshot(target: str | Path, labels: str | Path | None, out: str | Path, strategy: str | None,
                      budget: int | None, state_dir: Path | None, url: str | None, token: str | None,
                      config: Path | None, token_file: str | Path | None = None,
                      epochs: int | None = None) -> dict[str, Any]:
     """Build a snapshot for the images in folder `target` and put its files in `out`.
 
-    Online (default) it asks the running daemon; with `state_dir` it works offline. `budget` and
-    `epochs` (None: the daemon's defaults) are SEPT's retrieved samples and passes.
+    Online (default) it asks the running daemon; with `state_dir` it works offline. `strategy`,
+    `budget` and `epochs` (None: the daemon's defaults) are the strategy and SEPT's retrieved
+    samples and passes.
     Returns a summary: name, path, chosen_experience, strategy, retrieved_count, ...
     """
     from deploy.errors import UsageError
@@ -178,16 +179,27 @@ def summary_line(result: dict[str, Any]) -> str:
     chosen = result["chosen_experience"]
     info = result.get("chosen_experience_info") or {}
     named = f"experience {chosen}" + (f" ({info['name']})" if info.get("name") else "")
-    top = next((c for c in result["candidates"] if c["experience"] == chosen), {})
-    why = f"{top.get('vote_share', 0):.0%} of the routing votes" if top else "the newest experience"
-    if "knn_accuracy" in top:
-        why += f", labelled kNN {top['knn_accuracy']:.2f}"
-    line = f"snapshot {result['name']}: {named}, {why}" + _sept_summary(result)
+    line = f"snapshot {result['name']}: {named}, {_why(result)}" + _sept_summary(result)
     check = result.get("label_check")
     if check:
         line += (f"; on your labelled images kNN {check['snapshot_knn']:.2f} vs latest checkpoint "
                  f"{check['latest_knn']:.2f}")
     return f"{line} -> {result['path']}"
+
+
+def _why(result: dict[str, Any]) -> str:
+    """Why that checkpoint: `sept` starts from the newest and says which experience the images
+    resemble; a routed snapshot gives its experience's vote share and labelled kNN."""
+    candidates = result["candidates"]
+    if result["strategy"] == "sept":
+        vote = (f"; your images resemble experience {candidates[0]['experience']} "
+                f"({candidates[0]['vote_share']:.0%} of the routing votes)") if candidates else ""
+        return "the newest checkpoint" + vote
+    top = next((c for c in candidates if c["experience"] == result["chosen_experience"]), {})
+    why = f"{top.get('vote_share', 0):.0%} of the routing votes" if top else "the newest experience"
+    if "knn_accuracy" in top:
+        why += f", labelled kNN {top['knn_accuracy']:.2f}"
+    return why
 
 
 def _sept_summary(result: dict[str, Any]) -> str:
@@ -209,10 +221,10 @@ def _sept_summary(result: dict[str, Any]) -> str:
     return part
 
 
-def _online(files: list[Path], labels_text: str | None, out: Path, strategy: str, budget: int | None,
+def _online(files: list[Path], labels_text: str | None, out: Path, strategy: str | None, budget: int | None,
             epochs: int | None, url: str, token: str | None) -> dict[str, Any]:
-    given = {"budget": budget, "epochs": epochs}
-    fields = {"strategy": strategy, **{key: str(value) for key, value in given.items() if value is not None}}
+    given = {"strategy": strategy, "budget": budget, "epochs": epochs}
+    fields = {key: str(value) for key, value in given.items() if value is not None}
     uploads = [("images", path.name, path.read_bytes()) for path in files]
     if labels_text is not None:
         uploads.append(("labels", "labels.csv", labels_text.encode()))
@@ -226,7 +238,7 @@ def _online(files: list[Path], labels_text: str | None, out: Path, strategy: str
     return manifest
 
 
-def _offline(state_dir: Path, files: list[Path], labels_text: str | None, out: Path, strategy: str,
+def _offline(state_dir: Path, files: list[Path], labels_text: str | None, out: Path, strategy: str | None,
              budget: int | None, epochs: int | None, config: Path | None) -> dict[str, Any]:
     """Build the snapshot in this process on a stopped daemon's state dir, with the daemon's index,
     re-rank and relevance settings."""
@@ -242,8 +254,9 @@ def _offline(state_dir: Path, files: list[Path], labels_text: str | None, out: P
                                              relevance_k=settings.snapshot_relevance_k)
         try:
             labels = parse_labels_csv(labels_text) if labels_text is not None else None
-            manifest = engine.create([(path.name, path.read_bytes()) for path in files], labels, strategy, budget,
-                                     epochs=epochs)
+            chosen = {"strategy": strategy} if strategy is not None else {}  # else the engine's default
+            manifest = engine.create([(path.name, path.read_bytes()) for path in files], labels, budget=budget,
+                                     epochs=epochs, **chosen)
             for filename in ("model.safetensors", "manifest.json"):
                 _write_file(out / filename, engine.file_path(manifest["name"], filename).read_bytes())
         finally:

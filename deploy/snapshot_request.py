@@ -22,7 +22,14 @@ from typing import Any
 
 from deploy.multipart import MultipartError, parse_form_data
 from deploy.snapshot_errors import BadRequest, SnapshotError, Unavailable, UnsupportedBody
-from deploy.snapshots import MAX_TARGETS, SnapshotEngine, parse_budget, parse_epochs, parse_strategy
+from deploy.snapshots import (
+    DEFAULT_STRATEGY,
+    MAX_TARGETS,
+    SnapshotEngine,
+    parse_budget,
+    parse_epochs,
+    parse_strategy,
+)
 from streamer.decode import sniff_format
 from streamer.limits import DecodeLimits
 
@@ -131,7 +138,7 @@ def _parse_json(body: bytes, targets_dir: Path | None, max_image_bytes: int) -> 
 
 def _sept_options(fields: dict[str, Any]) -> tuple[str, int | None, int]:
     """The request's strategy, SEPT budget and epochs, checked (BadRequest names a bad one)."""
-    return (parse_strategy(fields.get("strategy", "route+sept")), parse_budget(fields.get("budget")),
+    return (parse_strategy(fields.get("strategy", DEFAULT_STRATEGY)), parse_budget(fields.get("budget")),
             parse_epochs(fields.get("epochs")))
 
 

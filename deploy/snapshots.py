@@ -76,6 +76,9 @@ from streamer.limits import DecodeLimits
 from streamer.records import RejectedRecord
 
 STRATEGIES = ("route", "sept", "route+sept")
+# what a request without a strategy gets: SEPT from the newest checkpoint scored above SEPT from
+# the routed one in most runs of the snapshot benchmark (docs/snapshots.md, "Which start").
+DEFAULT_STRATEGY = "sept"
 MAX_TARGETS = 10_000
 LABEL_CANDIDATES = 3  # top candidates compared by kNN accuracy when labels are given
 LABEL_SWITCH_Z = 2.0  # McNemar z a runner-up needs over the top vote to be chosen instead
@@ -241,7 +244,7 @@ class SnapshotEngine:
 
     # ---- building
     def create(self, targets: list[tuple[str, bytes]], labels: dict[str, str] | None = None,
-               strategy: str = "route+sept", budget: int | None = None, name: str | None = None,
+               strategy: str = DEFAULT_STRATEGY, budget: int | None = None, name: str | None = None,
                epochs: int | None = None) -> dict[str, Any]:
         """Build snapshot `name` for `targets` (filename, encoded image); returns its manifest."""
         strategy = parse_strategy(strategy)

@@ -140,6 +140,24 @@ def test_offline_snapshot_on_a_stopped_daemons_state(state, tmp_path):
     load_snapshot(out)
 
 
+def _default_strategy_used(result: dict) -> None:
+    """DEFAULT_STRATEGY, SEPT from the newest checkpoint, while the vote still routes red targets to experience 1."""
+    from deploy.snapshots import DEFAULT_STRATEGY
+
+    assert result["strategy"] == DEFAULT_STRATEGY == "sept" and result["chosen_experience"] == 2
+    assert result["candidates"][0]["experience"] == 1 and result["sept_steps"] > 0
+
+
+def test_an_online_request_without_a_strategy_gets_sept(daemon, tmp_path):
+    _default_strategy_used(request_snapshot(_target_dir(tmp_path, "red"), None, tmp_path / "out", None, 8, None,
+                                            daemon, TOKEN, None, epochs=1))
+
+
+def test_an_offline_request_without_a_strategy_gets_sept(state, tmp_path):
+    _default_strategy_used(request_snapshot(_target_dir(tmp_path, "red"), None, tmp_path / "out", None, 8, state,
+                                            None, None, None, epochs=1))
+
+
 def test_epochs_reach_the_daemon_from_the_client_and_the_cli(daemon, capsys, restore_logging, tmp_path):
     with pytest.raises(AdminError, match="HTTP 400.*epochs must be"):  # the form field is sent and checked
         request_snapshot(_target_dir(tmp_path, "red"), None, tmp_path / "out", "sept", None, None,
@@ -169,7 +187,7 @@ def test_endpoint_defaults_come_from_the_settings(monkeypatch):
 
 
 def test_summary_line_says_what_was_chosen_why_what_was_retrieved_and_whether_it_helped():
-    result = {"name": "snap-1", "path": "/out", "chosen_experience": 2,
+    result = {"name": "snap-1", "path": "/out", "strategy": "route+sept", "chosen_experience": 2,
               "chosen_experience_info": {"name": "fashion"}, "sept_steps": 12, "retrieved_count": 300,
               "target_count": 40,
               "candidates": [{"experience": 2, "vote_share": 0.7, "knn_accuracy": 0.85},
@@ -195,3 +213,7 @@ def test_summary_line_says_what_was_chosen_why_what_was_retrieved_and_whether_it
     plain = {**result, "chosen_experience_info": None, "retrieved_count": 0, "label_check": None, "sept_steps": 0,
              "candidates": [{"experience": 2, "vote_share": 0.7}]}
     assert summary_line(plain) == "snapshot snap-1: experience 2, 70% of the routing votes -> /out"
+    newest = {**result, "strategy": "sept", "chosen_experience": 3, "chosen_experience_info": {"name": "photos"}}
+    assert summary_line(newest).startswith(
+        "snapshot snap-1: experience 3 (photos), the newest checkpoint; your images resemble experience 2 (70% of "
+        "the routing votes); SEPT 12 steps")

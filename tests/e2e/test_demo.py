@@ -86,7 +86,7 @@ def test_quick_demo_tells_the_whole_story(tmp_path):
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{(state / 'daemon.log').read_text()[-3000:]}"
     out = done.stdout
     for expected in ("accuracy matrix R", "floor: raw pixels", "floor: untrained", "average forgetting", "BWT",
-                     "snapshot:", "chose experience",
+                     "snapshot:", "the routing vote put",
                      "/metrics", "/admin/status", "checkpoints:"):
         assert expected in out, f"{expected!r} missing from:\n{out}"
     assert re.search(r"^ACC \d\.\d{3} ", out, re.M), "ACC must be a number:\n" + out
@@ -97,7 +97,8 @@ def test_quick_demo_tells_the_whole_story(tmp_path):
     assert re.search(r"final encoder vs untrained \(kNN\): .* on \d of 4 domains", out), out
     token = (state / "admin.token").read_text().strip()
     assert token not in out and (state / "admin.token").stat().st_mode & 0o077 == 0
-    assert re.search(r"chose experience 2 \(fashion\b", out), "routing should pick the fashion experience:\n" + out
+    assert re.search(r"routing vote put \d+% on experience 2 \(fashion\)", out), "routing should find fashion:\n" + out
+    assert re.search(r"snapshot: +sept from experience 4's checkpoint \(photos\)", out), "sept starts from the newest:\n" + out
     assert (state / "report.png").stat().st_size > 50_000
     assert (state / "demo-snapshot" / "manifest.json").is_file()
     assert (state / "demo-snapshot" / "model.safetensors").is_file()
