@@ -21,9 +21,10 @@ and how far the budgeted index's retrieval and routing fall from a full re-embed
    - recall@50 per target image of the live index (queries embedded with its encoder) and of
      the live index's top `--rerank`x50 re-ranked by the newest encoder (what a snapshot can do);
    - SEPT's retrieval (`replay.retrieval`) of each domain's targets, at the smallest budget and
-     at the engine's default for the domain's targets and the store: the share of the fresh retrieval's samples that
-     the live index retrieves, as is (`pool_x1`) and picked from a pool `--rerank` times the
-     budget re-ranked by the newest encoder (`SnapshotEngine`'s re-rank when the index lags);
+     at the engine's default for those targets and the store: the share of the fresh
+     retrieval's samples that the live index retrieves, as is (`pool_x1`) and picked from a
+     pool `--rerank` times the budget re-ranked by the newest encoder (`SnapshotEngine`'s
+     re-rank when the index lags);
    - routing agreement: each domain's targets (`--targets` held-out items, never stored)
      routed on the live index vs on the truth.
 4. Paired on/off (`paired`): the arms above run minutes apart, and this VM's speed drifts by

@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     return parser
 
+
 def add_snapshot_parser(sub: argparse._SubParsersAction) -> None:
     """`tailord snapshot`: its options name the defaults the daemon applies when they are left out."""
     p = sub.add_parser("snapshot", help="export a checkpoint tailored to a target task")
@@ -200,7 +201,6 @@ def add_snapshot_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", type=Path, default=None, help="work offline on a stopped daemon's state")
     add_endpoint_arguments(p)
     p.set_defaults(func=cmd_snapshot)
-
 
 
 def add_endpoint_arguments(p: argparse.ArgumentParser) -> None:
