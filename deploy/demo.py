@@ -5,7 +5,8 @@
 2. a stream of four real-image domains (digits -> fashion -> textures -> photos), one
    experience each, with live progress from `/admin/status`;
 3. a snapshot for a fashion-like target task (fashion images the daemon never saw),
-   over the admin API with `route+sept`;
+   over the admin API with the default strategy (`sept`: the newest checkpoint, SSL on the
+   targets and similar stored samples; the routing vote is reported);
 4. `report.png` and a summary: ACC, forgetting, BWT, the chosen checkpoint, URLs.
 
 The daemon and the broker are stopped on success, on error and on Ctrl-C/SIGTERM.
@@ -83,7 +84,7 @@ def run_demo(quick: bool, state_dir: Path, keep: bool) -> int:
                 say(f"      published {sent:,} {name} images")
             follow_training(daemon, plan, first)
             check_interrupted()
-            say("[4/5] snapshot for a fashion-like target task (route+sept over the admin API)")
+            say("[4/5] snapshot for a fashion-like target task (sept over the admin API)")
             snapshot = make_snapshot(daemon, plan, state_dir)
             report = write_report(state_dir, state_dir / "report.png")
             say("[5/5] report written")

@@ -12,7 +12,7 @@
    deploy/snapshot_rerank.py), keep those inside the targets' k-NN manifold
    (`replay.retrieval.within_targets`: a store with nothing like the targets gives SEPT
    nothing) and continue SSL on them with the targets, from the chosen checkpoint
-   (`route+sept`) or the latest one (`sept`);
+   (`route+sept`) or the latest one (`sept`, the default);
 4. publish `snapshots/<name>/` with `model.safetensors` (the backbone alone) and
    `manifest.json` (`deploy.snapshot_files.SnapshotShelf`: where snapshots live, names,
    writing, reading and listing them).

@@ -491,7 +491,7 @@ def experiences_section(data: PageData) -> str:
 
 
 def snapshots_section(data: PageData) -> str:
-    command = "<pre>tailord snapshot --target ./my-task --out ./my-backbone --strategy route+sept</pre>"
+    command = "<pre>tailord snapshot --target ./my-task --out ./my-backbone</pre>"
     intro = ("<p>A task-tailored checkpoint is built and copied to <code>--out</code> by the command below, on "
              "the daemon's machine (it reads the admin token from the settings or the state dir; for another "
              "daemon add <code>--url</code> and <code>--token-file</code>). A listed snapshot's files are at "
