@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     seed: int = Field(0, description="seed for augmentation, probes and buffers")
     torch_threads: int | None = Field(None, ge=1, le=256, description="CPU threads for torch; unset: torch's default")
     snapshot_threads: int = Field(1, ge=1, le=256, description="torch threads of the child process that trains a snapshot's SEPT beside the daemon (training keeps its own); raise it when the machine has cores to spare")
-    snapshot_niceness: int = Field(0, ge=0, le=19, description="how much lower than training's the CPU priority of that child process is (Linux nice): raise it to favour training over snapshot latency (on 2 cores, 10 made a route+sept snapshot take ~100 s instead of ~40-60 s)")
+    snapshot_niceness: int = Field(0, ge=0, le=19, description="how much lower than training's the CPU priority of that child process is (Linux nice): raise it to favour training over snapshot latency (on 2 cores, 10 made a route+sept snapshot of 70-160 steps take ~100 s instead of ~40-60 s)")
     snapshot_rerank_pool: int = Field(16, ge=1, le=64, description="when the index lags the newest checkpoint, a SEPT snapshot retrieves this many times its budget and re-ranks them with the newest encoder (it embeds them: 25 s for 32,000 on 2 CPU cores); 1: use the lagging index as is")
     snapshot_relevance_k: int = Field(5, ge=0, le=100, description="a SEPT snapshot trains on a retrieved sample only when it is as similar to some target as that target is to its k-th nearest fellow target (the targets' k-NN manifold), so a store with nothing like the targets adds nothing; 0: train on all it retrieved")
     compile: bool = Field(False, description="torch.compile the model (faster steps, slow start)")
