@@ -13,7 +13,8 @@ def right(n: int, first: int) -> torch.Tensor:
 
 def voted(*experiences: int, shares: tuple[float, ...] = (0.4, 0.35, 0.25)) -> list[dict]:
     """Candidates in vote order; by default the vote nearly ties."""
-    return [{"experience": exp, "vote_share": share} for exp, share in zip(experiences, shares[:len(experiences)], strict=True)]
+    pairs = zip(experiences, shares[:len(experiences)], strict=True)
+    return [{"experience": exp, "vote_share": share} for exp, share in pairs]
 
 
 def test_a_dead_top_vote_is_overturned() -> None:
