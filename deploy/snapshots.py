@@ -442,7 +442,7 @@ class SnapshotEngine:
         picked, rerank, ranked_by = self._rerank(pool, images, budget, checkpoints, live.version)
         if ranked_by is None:  # ranked by the live index: the targets' vectors are `queries`
             ranked_by = (live, queries, None)
-        kept, relevance = self._keep_relevant(picked, images, *ranked_by)
+        kept, relevance = self._keep_relevant(picked, *ranked_by)
         return kept, rerank, relevance
 
     def _rerank(self, pool: list[str], images: torch.Tensor, budget: int, checkpoints: dict[int, Path],
@@ -462,12 +462,12 @@ class SnapshotEngine:
         return picked, {"index_encoder": version, "reranked_by": newest, "pool": len(ids)}, (
             fresh, queries, vectors[[row[sid] for sid in picked]])  # (B, D)
 
-    def _keep_relevant(self, retrieved: list[str], images: torch.Tensor, ranker: Encoder, queries: np.ndarray,
+    def _keep_relevant(self, retrieved: list[str], ranker: Encoder, queries: np.ndarray,
                        vectors: np.ndarray | None) -> tuple[list[str], dict[str, int] | None]:
         """The retrieved samples inside the targets' k-NN manifold (`within_targets`) under `ranker`
-        (`queries`: the targets' vectors; `vectors`: the samples', None to embed them), best first;
+        (`queries`: the targets' (T, D) vectors; `vectors`: the samples', None to embed them), best first;
         and what was kept, for the manifest (None: not tested, e.g. at most k targets)."""
-        if not retrieved or self.relevance_k == 0 or len(images) <= self.relevance_k:
+        if not retrieved or self.relevance_k == 0 or len(queries) <= self.relevance_k:
             return retrieved, None
         ids = retrieved
         if vectors is None:
